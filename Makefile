@@ -1,0 +1,42 @@
+# The two commands of the README: `make dev` runs Conveyor, `make test` runs the suite.
+# Both work on a fresh clone: they create .venv and install the project first.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: dev test lint format bench-dispatch bench-concurrency migrate clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+dev: $(STAMP)
+	$(BIN)/python -m app.cli.dev
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+migrate: $(STAMP)
+	$(BIN)/python -m app.migrate
+
+bench-dispatch: $(STAMP)
+	$(BIN)/python -m bench.dispatch
+
+bench-concurrency: $(STAMP)
+	$(BIN)/python -m bench.concurrency
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,37 @@
+"""Conveyor: durable AI generation jobs. `create_app()` wires every subsystem, one line each;
+the Celery worker builds the same app (workers/celery_app.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from app.config import Settings
+
+
+def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
+    from app import api, cli, logs, web
+    from app.db import db
+    from app.jobs.events import EventBus
+    from app.queue import make_celery
+    from app.runtime import Runtime, build_redis
+
+    settings = config if isinstance(config, Settings) else Settings(**(config or {}))
+    app = Flask(__name__)
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_request_bytes,
+        SECRET_KEY=settings.secret_key,
+        TESTING=settings.testing,
+        JSON_SORT_KEYS=False,
+    )
+    logs.init_app(app)
+    db.init_app(app, settings)
+    redis_client = build_redis(settings)
+    Runtime(
+        settings, db, redis_client, EventBus(settings, redis_client), make_celery(app, settings)
+    ).init_app(app)
+    api.init_app(app)
+    web.init_app(app)
+    cli.init_app(app)
+    return app

@@ -1,0 +1,345 @@
+"""The jobs resource. Every query is scoped to the caller: another owner's job is a 404."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from flask import Response, request
+from pydantic import ValidationError
+from sqlalchemy import select, tuple_
+
+from app.api.auth import current_principal
+from app.api.problems import ApiProblem, FieldError, validation_problem
+from app.api.spec import Api, json_response
+from app.jobs import service
+from app.jobs.schemas import (
+    BadCursor,
+    EventOut,
+    EventPage,
+    EventsQuery,
+    JobCreate,
+    JobDetail,
+    JobListQuery,
+    JobOut,
+    JobPage,
+    JobResult,
+    KindList,
+    KindOut,
+    LogEntry,
+    LogPage,
+    decode_cursor,
+    encode_cursor,
+)
+from app.jobs.states import TERMINAL, EventType, JobStatus
+from app.kinds import KINDS
+from app.models import Job, JobEvent
+from app.runtime import runtime
+
+PREFIX = "/api/v1"
+IDEMPOTENCY_HEADER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "maxLength": 255},
+    "description": "Same key and body: the same job. Same key, other body: 422.",
+}
+
+
+def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every route
+    @api.operation(
+        "/jobs",
+        "POST",
+        summary="Create a job",
+        body=JobCreate,
+        headers=[IDEMPOTENCY_HEADER],
+        responses={
+            202: (JobOut, "Accepted: the job is queued"),
+            200: (JobOut, "An Idempotency-Key replay: the existing job"),
+        },
+    )
+    def create_job(body: JobCreate) -> Response:
+        """Stores the job, then queues it. The response's Location is the job."""
+        principal = current_principal()
+        kind = KINDS.get(body.kind)
+        if kind is None:
+            raise ApiProblem(
+                422,
+                "validation-error",
+                "The request is not valid",
+                f"unknown kind {body.kind!r}",
+                [FieldError(field="kind", message=f"must be one of {', '.join(sorted(KINDS))}")],
+            )
+        try:
+            job_input = kind.Input.model_validate(body.input)
+        except ValidationError as exc:
+            raise validation_problem(exc, prefix="input") from None
+        key = _idempotency_key()
+        try:
+            created = service.create_job(
+                owner=principal.owner,
+                kind=body.kind,
+                input=job_input.model_dump(mode="json", by_alias=True, exclude_none=True),
+                priority=body.priority,
+                max_attempts=body.max_attempts,
+                idempotency_key=key,
+                fingerprint=service.request_fingerprint(body.model_dump()) if key else None,
+            )
+        except service.IdempotencyConflict as exc:
+            raise ApiProblem(
+                422,
+                "idempotency-key-reused",
+                "Idempotency-Key reused",
+                str(exc),
+                [FieldError(field="Idempotency-Key", message=str(exc))],
+            ) from None
+        job = JobOut.of(created.job, PREFIX)
+        headers = {"Location": job.links.self}
+        if not created.created:
+            headers["Idempotent-Replayed"] = "true"
+        return json_response(job, 202 if created.created else 200, headers)
+
+    @api.operation(
+        "/jobs",
+        "GET",
+        summary="List jobs",
+        query=JobListQuery,
+        responses={200: (JobPage, "Newest first, keyset-paginated")},
+    )
+    def list_jobs(query: JobListQuery) -> Response:
+        principal = current_principal()
+        statement = select(Job).where(Job.owner == principal.owner)
+        if query.status is not None:
+            statement = statement.where(Job.status == query.status.value)
+        if query.kind is not None:
+            statement = statement.where(Job.kind == query.kind)
+        if query.cursor is not None:
+            try:
+                created_at, job_id = decode_cursor(query.cursor)
+            except BadCursor as exc:
+                raise ApiProblem(
+                    422,
+                    "validation-error",
+                    "The request is not valid",
+                    str(exc),
+                    [FieldError(field="cursor", message=str(exc))],
+                ) from None
+            statement = statement.where(tuple_(Job.created_at, Job.id) < (created_at, job_id))
+        statement = statement.order_by(Job.created_at.desc(), Job.id.desc()).limit(query.limit + 1)
+        jobs = runtime().db.request_session.scalars(statement).all()
+        page, more = jobs[: query.limit], len(jobs) > query.limit
+        return json_response(
+            JobPage(
+                items=[JobOut.of(job, PREFIX) for job in page],
+                next_cursor=encode_cursor(page[-1].created_at, page[-1].id) if more else None,
+            )
+        )
+
+    @api.operation(
+        "/jobs/<uuid:job_id>", "GET", summary="Get a job", responses={200: (JobDetail, "The job")}
+    )
+    def get_job(job_id: uuid.UUID) -> Response:
+        job = _owned_job(job_id)
+        return json_response(JobDetail(**JobOut.of(job, PREFIX).model_dump(), input=job.input))
+
+    @api.operation(
+        "/jobs/<uuid:job_id>/result",
+        "GET",
+        summary="Get a finished job's result",
+        responses={
+            200: (JobResult, "The job is finished"),
+            409: (None, "The job has not finished yet"),
+        },
+    )
+    def get_result(job_id: uuid.UUID) -> Response:
+        job = _owned_job(job_id)
+        if JobStatus(job.status) not in TERMINAL:
+            raise ApiProblem(
+                409,
+                "job-not-finished",
+                "The job has not finished",
+                f"the job is {job.status}; its result exists once it has finished",
+                headers={"Retry-After": "1"},
+            )
+        summary = JobOut.of(job, PREFIX)
+        return json_response(
+            JobResult(
+                id=job.id,
+                status=summary.status,
+                output=job.output,
+                error=summary.error,
+                usage=summary.usage,
+            )
+        )
+
+    @api.operation(
+        "/jobs/<uuid:job_id>/events",
+        "GET",
+        summary="Read a job's events",
+        query=EventsQuery,
+        responses={200: (EventPage, "Events with seq > after, oldest first")},
+    )
+    def list_events(job_id: uuid.UUID, query: EventsQuery) -> Response:
+        """Served from the job's Redis Stream while it holds every event newer than `after`
+        (token deltas included), else from PostgreSQL (no deltas: the result has the text).
+        With `wait`, blocks until an event newer than `after` exists or the time passes."""
+        job = _owned_job(job_id)
+        rt = runtime()
+        if query.wait and job.last_seq <= query.after and job.status not in TERMINAL:
+            rt.db.request_session.close()  # hold no connection while waiting
+            rt.bus.wait_stream(job_id, query.after, query.wait)
+            job = _owned_job(job_id)
+        items = rt.bus.read_stream(job_id, query.after, query.limit)
+        source = "stream"
+        if items is None:
+            source = "database"
+            items = [
+                _event_dict(e)
+                for e in rt.db.request_session.scalars(
+                    select(JobEvent)
+                    .where(JobEvent.job_id == job_id, JobEvent.seq > query.after)
+                    .order_by(JobEvent.seq)
+                    .limit(query.limit)
+                )
+            ]
+        last_seq = max([job.last_seq, *(item["seq"] for item in items)])
+        return json_response(
+            EventPage(
+                items=[EventOut(**item) for item in items],
+                source=source,
+                last_seq=last_seq,
+                status=JobStatus(job.status),
+            )
+        )
+
+    @api.operation(
+        "/jobs/<uuid:job_id>/logs",
+        "GET",
+        summary="Read a job's log",
+        responses={200: (LogPage, "The job's log lines, oldest first")},
+    )
+    def list_logs(job_id: uuid.UUID) -> Response:
+        _owned_job(job_id)
+        events = runtime().db.request_session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.type == EventType.LOG.value)
+            .order_by(JobEvent.seq)
+            .limit(1000)
+        )
+        items = []
+        for event in events:
+            fields = dict(event.data)
+            level, message = fields.pop("level", "info"), fields.pop("message", "")
+            items.append(
+                LogEntry(seq=event.seq, at=event.at, level=level, message=message, fields=fields)
+            )
+        return json_response(LogPage(items=items))
+
+    @api.operation(
+        "/jobs/<uuid:job_id>/cancel",
+        "POST",
+        summary="Cancel a job",
+        responses={
+            200: (JobOut, "Canceled, or already canceled"),
+            202: (JobOut, "Running: its worker has been told to stop"),
+            409: (None, "The job already finished"),
+        },
+    )
+    def cancel_job(job_id: uuid.UUID) -> Response:
+        """A queued job is canceled at once. A running job's worker closes the model stream,
+        records the partial output and usage, and ends it as canceled within moments."""
+        job = _guarded(service.cancel_job, job_id)
+        status = 202 if job.status == JobStatus.RUNNING else 200
+        return json_response(JobOut.of(job, PREFIX), status)
+
+    @api.operation(
+        "/jobs/<uuid:job_id>/retry",
+        "POST",
+        summary="Retry a failed or canceled job",
+        responses={
+            202: (JobOut, "A new job, linked by retry_of"),
+            409: (None, "The job has not failed or been canceled"),
+        },
+    )
+    def retry_job(job_id: uuid.UUID) -> Response:
+        job = _guarded(service.retry_job, job_id)
+        out = JobOut.of(job, PREFIX)
+        return json_response(out, 202, {"Location": out.links.self})
+
+    @api.operation(
+        "/jobs/<uuid:job_id>",
+        "DELETE",
+        summary="Delete a finished job",
+        responses={204: (None, "Deleted"), 409: (None, "The job has not finished")},
+    )
+    def delete_job(job_id: uuid.UUID) -> Response:
+        _guarded(service.delete_job, job_id)
+        return Response(status=204)
+
+    @api.operation(
+        "/kinds",
+        "GET",
+        summary="List job kinds and their input schemas",
+        responses={200: (KindList, "Every kind this deployment runs")},
+    )
+    def list_kinds() -> Response:
+        return json_response(
+            KindList(
+                items=[
+                    KindOut(
+                        name=kind.name,
+                        description=kind.description,
+                        input_schema=kind.Input.model_json_schema(by_alias=True),
+                        output_schema=kind.Output.model_json_schema(),
+                    )
+                    for kind in KINDS.values()
+                ]
+            )
+        )
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise ApiProblem(
+            422,
+            "validation-error",
+            "The request is not valid",
+            "Idempotency-Key must be 1 to 255 printable characters",
+            [FieldError(field="Idempotency-Key", message="must be 1 to 255 printable characters")],
+        )
+    return key
+
+
+def _owned_job(job_id: uuid.UUID) -> Job:
+    try:
+        return service.get_job(runtime().db.request_session, current_principal().owner, job_id)
+    except service.JobNotFound:
+        raise _not_found(job_id) from None
+
+
+def _guarded(action: Any, job_id: uuid.UUID) -> Any:
+    try:
+        return action(current_principal().owner, job_id)
+    except service.JobNotFound:
+        raise _not_found(job_id) from None
+    except service.JobStateConflict as exc:
+        raise ApiProblem(
+            409, "job-state-conflict", "Not allowed in the job's state", str(exc)
+        ) from None
+
+
+def _not_found(job_id: uuid.UUID) -> ApiProblem:
+    return ApiProblem(404, "not-found", "Not found", f"no job {job_id}")
+
+
+def _event_dict(event: JobEvent) -> dict[str, Any]:
+    return {
+        "job_id": event.job_id,
+        "seq": event.seq,
+        "type": event.type,
+        "at": event.at,
+        "data": event.data,
+    }

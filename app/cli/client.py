@@ -1,0 +1,248 @@
+"""`conveyor`: the command-line client of the HTTP API.
+
+    conveyor submit chat --prompt "Write a haiku" --follow
+    conveyor submit structured --prompt "A cat" --schema schema.json --follow
+    conveyor jobs list [--status running] [--kind chat]
+    conveyor jobs show JOB_ID
+    conveyor jobs cancel JOB_ID
+
+The API address and key come from --url/--key or CONVEYOR_URL/CONVEYOR_API_KEY.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+console = Console()
+
+
+class Api:
+    def __init__(self, url: str, key: str | None, timeout: float = 40) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(
+            base_url=url.rstrip("/") + "/api/v1", headers=headers, timeout=timeout
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise click.ClickException(f"cannot reach the API: {exc}") from None
+        if response.status_code >= 400:
+            raise click.ClickException(_problem_text(response))
+        return response.json() if response.content else None
+
+
+def _problem_text(response: httpx.Response) -> str:
+    try:
+        problem = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+    lines = [f"{problem.get('title', 'Error')} (HTTP {response.status_code})"]
+    if problem.get("detail"):
+        lines.append(problem["detail"])
+    lines += [f"  {e['field']}: {e['message']}" for e in problem.get("errors") or []]
+    return "\n".join(lines)
+
+
+@click.group()
+@click.option("--url", envvar="CONVEYOR_URL", default="http://127.0.0.1:8000", show_default=True)
+@click.option("--key", envvar="CONVEYOR_API_KEY", help="API key (or CONVEYOR_API_KEY).")
+@click.pass_context
+def main(ctx: click.Context, url: str, key: str | None) -> None:
+    """Submit and follow Conveyor jobs."""
+    ctx.obj = Api(url, key)
+
+
+@main.command()
+@click.argument("kind")
+@click.option("--prompt", help="The prompt (chat and structured kinds).")
+@click.option(
+    "--schema",
+    "schema_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="JSON Schema file (structured kind).",
+)
+@click.option("--input", "input_json", help="The whole input as JSON, or @file.json.")
+@click.option("--priority", type=click.IntRange(0, 9), default=0)
+@click.option("--idempotency-key", help="Resubmitting with the same key returns the same job.")
+@click.option("--follow/--no-follow", default=False, help="Stream the job until it finishes.")
+@click.pass_obj
+def submit(
+    api: Api,
+    kind: str,
+    prompt: str | None,
+    schema_file: str | None,
+    input_json: str | None,
+    priority: int,
+    idempotency_key: str | None,
+    follow: bool,
+) -> None:
+    """Submit a job of KIND."""
+    job_input: dict[str, Any] = _load_json(input_json) if input_json else {}
+    if prompt is not None:
+        job_input["prompt"] = prompt
+    if schema_file is not None:
+        job_input["schema"] = _load_json("@" + schema_file)
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    job = api.request(
+        "POST",
+        "/jobs",
+        json={"kind": kind, "input": job_input, "priority": priority},
+        headers=headers,
+    )
+    if not follow:
+        click.echo(job["id"])
+        return
+    console.print(f"[dim]job {job['id']} queued[/dim]")
+    final = follow_job(api, job["id"])
+    sys.exit(0 if final["status"] == "succeeded" else 1)
+
+
+@main.group()
+def jobs() -> None:
+    """List, show and cancel jobs."""
+
+
+@jobs.command("list")
+@click.option("--status")
+@click.option("--kind")
+@click.option("--limit", type=click.IntRange(1, 100), default=20)
+@click.pass_obj
+def list_jobs(api: Api, status: str | None, kind: str | None, limit: int) -> None:
+    params = {k: v for k, v in {"status": status, "kind": kind, "limit": limit}.items() if v}
+    page = api.request("GET", "/jobs", params=params)
+    table = Table("id", "kind", "status", "progress", "tokens", "cost", "created")
+    for job in page["items"]:
+        usage = job["usage"]
+        table.add_row(
+            job["id"],
+            job["kind"],
+            job["status"],
+            f"{job['progress']:.0f}%",
+            str(usage["tokens_in"] + usage["tokens_out"]),
+            f"${usage['cost_usd']}",
+            job["created_at"][:19],
+        )
+    console.print(table)
+    if page["next_cursor"]:
+        console.print(f"[dim]more: --cursor {page['next_cursor']}[/dim]")
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.pass_obj
+def show(api: Api, job_id: str) -> None:
+    job = api.request("GET", f"/jobs/{job_id}")
+    if job["status"] in TERMINAL:
+        job["result"] = api.request("GET", f"/jobs/{job_id}/result")["output"]
+    click.echo(json.dumps(job, indent=2))
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@click.pass_obj
+def cancel(api: Api, job_id: str) -> None:
+    job = api.request("POST", f"/jobs/{job_id}/cancel")
+    state = "cancel requested" if job["status"] == "running" else job["status"]
+    click.echo(f"job {job_id}: {state}")
+
+
+def follow_job(api: Api, job_id: str) -> dict[str, Any]:
+    """Follows the job through the events API (long poll, resumable by seq) and renders its
+    progress and streamed text live; returns the finished job."""
+    text = Text()
+    progress = 0.0
+    status = "queued"
+    after = 0
+
+    def frame() -> Group:
+        bar = ProgressBar(total=100, completed=progress, width=40)
+        return Group(text, Text(""), Group(bar, Text(f"{progress:5.1f}%  {status}")))
+
+    with Live(frame(), console=console, refresh_per_second=12, transient=False) as live:
+        while True:
+            page = api.request("GET", f"/jobs/{job_id}/events", params={"after": after, "wait": 20})
+            for event in page["items"]:
+                after = max(after, event["seq"])
+                data = event["data"]
+                kind = event["type"]
+                if kind == "job.output.delta":
+                    text.append(data["text"])
+                    progress = max(progress, data.get("progress", progress))
+                elif kind == "job.progress":
+                    progress = data["progress"]
+                elif kind == "job.started":
+                    status, progress = "running", 0.0
+                    if data.get("attempt", 1) > 1:
+                        text.append(f"\n[attempt {data['attempt']}]\n", style="yellow")
+                elif kind == "job.retrying":
+                    status = "retrying"
+                    text.append(
+                        f"\n[{data['error']['code']}: retrying in {data['delay']:.1f} s]",
+                        style="yellow",
+                    )
+                elif kind == "job.succeeded":
+                    status, progress = "succeeded", 100.0
+                elif kind in ("job.failed", "job.canceled"):
+                    status = kind.split(".")[1]
+            live.update(frame())
+            if page["status"] in TERMINAL and after >= page["last_seq"]:
+                break
+    job = api.request("GET", f"/jobs/{job_id}")
+    if not text.plain and job["status"] == "succeeded":
+        # The stream had expired: the stored result stands in for the deltas.
+        output = api.request("GET", f"/jobs/{job_id}/result")["output"]
+        console.print(output.get("text") or json.dumps(output, indent=2))
+    console.print(summary_line(job))
+    return job
+
+
+def summary_line(job: dict[str, Any]) -> str:
+    started = datetime.fromisoformat(job["created_at"])
+    finished = datetime.fromisoformat(job["finished_at"]) if job["finished_at"] else None
+    seconds = (finished - started).total_seconds() if finished else float("nan")
+    usage = job["usage"]
+    tokens = usage["tokens_in"] + usage["tokens_out"]
+    cost = Decimal(usage["cost_usd"])
+    line = (
+        f"job {job['id'][:8]}… {job['status']} in {seconds:.1f} s · {tokens} tokens · ${cost:.4f}"
+    )
+    if job.get("error"):
+        line += f" · {job['error']['code']}: {job['error']['message']}"
+    return line
+
+
+def _load_json(value: str) -> Any:
+    try:
+        raw = Path(value[1:]).read_text() if value.startswith("@") else value
+        return json.loads(raw)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise click.BadParameter(f"not JSON: {exc}") from None
+
+
+def wait_for_api(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url.rstrip("/") + "/api/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise click.ClickException(f"the API at {url} did not come up within {timeout:g} s")

@@ -1,0 +1,111 @@
+"""Typed settings, read once from the environment (and an optional `.env` file).
+
+Every setting is documented in docs/configuration.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _alias(name: str) -> AliasChoices:
+    """Accept the conventional unprefixed name as well as the CONVEYOR_ one."""
+    return AliasChoices(name, f"CONVEYOR_{name}")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CONVEYOR_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    # Services
+    database_url: str = Field(
+        "postgresql+psycopg://postgres@127.0.0.1:5432/conveyor",
+        validation_alias=_alias("DATABASE_URL"),
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_alias("REDIS_URL"))
+    broker_url: str | None = Field(None, validation_alias=_alias("BROKER_URL"))
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(20, ge=0)
+    db_statement_timeout_ms: int = Field(15_000, ge=100)
+
+    # Model endpoint
+    openai_api_key: str | None = Field(None, validation_alias=_alias("OPENAI_API_KEY"))
+    openai_base_url: str | None = Field(None, validation_alias=_alias("OPENAI_BASE_URL"))
+    llm_timeout: float = Field(60.0, gt=0, description="read timeout of one model call, seconds")
+    llm_connect_timeout: float = Field(5.0, gt=0)
+    default_model: str = "gpt-4o-mini"
+    models: dict[str, str] = Field(default_factory=dict, description="kind -> model")
+    pricing_file: Path | None = None
+
+    # Job lifecycle
+    job_max_attempts: int = Field(3, ge=1, le=20)
+    lease_seconds: float = Field(30.0, gt=0)
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    sweeper_interval: float = Field(15.0, gt=0)
+    dispatch_grace_seconds: float = Field(
+        30.0, gt=0, description="a queued job unclaimed this long is published again"
+    )
+    retry_base_delay: float = Field(1.0, ge=0)
+    retry_max_delay: float = Field(60.0, ge=0)
+    job_soft_time_limit: float = Field(600.0, gt=0)
+    job_time_limit: float = Field(660.0, gt=0)
+    progress_write_interval: float = Field(1.0, ge=0)
+    delta_flush_interval: float = Field(0.05, ge=0)
+
+    # Events
+    event_stream_maxlen: int = Field(10_000, ge=100)
+    event_stream_ttl: int = Field(86_400, ge=60)
+
+    # API
+    max_request_bytes: int = Field(256 * 1024, ge=1024)
+    ready_timeout: float = Field(1.0, gt=0)
+    secret_key: str | None = Field(None, validation_alias=_alias("SECRET_KEY"))
+
+    # Worker
+    worker_pool: str = "threads"
+    worker_concurrency: int = Field(200, ge=1)
+
+    # Testing switches a test config may set; never set in production.
+    testing: bool = False
+
+    @field_validator("worker_pool")
+    @classmethod
+    def _known_pool(cls, value: str) -> str:
+        if value not in {"threads", "gevent", "prefork", "solo"}:
+            raise ValueError("worker_pool must be threads, gevent, prefork or solo")
+        return value
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    def model_for(self, kind: str) -> str:
+        return self.models.get(kind, self.default_model)
+
+
+def testing_settings(**overrides: object) -> Settings:
+    """Settings for the test suite: short leases and intervals so recovery is observable."""
+    base: dict[str, object] = {
+        "testing": True,
+        "lease_seconds": 3.0,
+        "heartbeat_seconds": 1.0,
+        "sweeper_interval": 1.0,
+        "dispatch_grace_seconds": 2.0,
+        "retry_base_delay": 0.2,
+        "retry_max_delay": 2.0,
+        "progress_write_interval": 0.2,
+        "llm_timeout": 10.0,
+        "openai_api_key": "sim",
+        "secret_key": "test-secret",
+        "worker_concurrency": 8,
+    }
+    base.update(overrides)
+    return Settings(**base)  # type: ignore[arg-type]

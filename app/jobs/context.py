@@ -1,0 +1,220 @@
+"""`JobContext`: everything a kind may touch while it runs one attempt of a job.
+
+`ctx.llm` (streaming calls that account tokens and cost and stop on cancellation),
+`ctx.progress`, `ctx.log`, `ctx.emit`. The context also owns the attempt's event `seq`
+counter (see service.py for why the lease holder allocates seqs locally) and the coalescing of
+token deltas.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from app.config import Settings
+from app.jobs import service
+from app.jobs.events import Event
+from app.jobs.service import Claim, LeaseLost
+from app.jobs.states import EventType, JobStatus
+from app.llm.client import CallRecord, Completion, Interrupted, ModelClient
+from app.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+class JobCanceled(Exception):
+    """The job's owner canceled it while it ran."""
+
+
+class JobContext:
+    def __init__(self, claim: Claim, rt: Runtime, models: ModelClient) -> None:
+        self.claim = claim
+        self.job_id = claim.job_id
+        self.attempt = claim.attempt
+        self.settings: Settings = rt.settings
+        self._rt = rt
+        self._seq = claim.seq
+        self._cancel = threading.Event()
+        self._lease_lost = threading.Event()
+        self._closer: Callable[[], None] | None = None
+        self._closer_lock = threading.Lock()
+        self._pending: list[str] = []
+        self._last_flush = 0.0
+        self._progress = 0.0
+        self._last_progress_write = 0.0
+        self.text_so_far: list[str] = []
+        self.tokens_streamed = 0
+        self.llm = JobLLM(self, models)
+
+    # Signals from other threads (lease keeper, cancel listener) --------------------------------
+
+    def request_cancel(self) -> None:
+        self._cancel.set()
+        self._interrupt()
+
+    def lose_lease(self) -> None:
+        self._lease_lost.set()
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        with self._closer_lock:
+            closer = self._closer
+        if closer is not None:
+            try:
+                closer()
+            except Exception:  # closing a half-read stream may raise; the reader handles it
+                logger.debug("closing the model stream raised", exc_info=True)
+
+    def set_closer(self, closer: Callable[[], None] | None) -> None:
+        with self._closer_lock:
+            self._closer = closer
+
+    @property
+    def interrupted(self) -> bool:
+        return self._cancel.is_set() or self._lease_lost.is_set()
+
+    def check(self) -> None:
+        """Raises if the job must stop now: lease taken away, or canceled."""
+        if self._lease_lost.is_set():
+            raise LeaseLost(f"job {self.job_id} attempt {self.attempt} lost its lease")
+        if self._cancel.is_set():
+            raise JobCanceled
+
+    # What kinds call --------------------------------------------------------------------------
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def delta(self, text: str) -> None:
+        """Streamed output; coalesced so a fast model does not flood browsers."""
+        self._pending.append(text)
+        self.text_so_far.append(text)
+        self.tokens_streamed += 1
+        if time.monotonic() - self._last_flush >= self.settings.delta_flush_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        self._last_flush = time.monotonic()
+        event = Event(
+            self.job_id,
+            self.claim.owner,
+            self.next_seq(),
+            EventType.OUTPUT_DELTA,
+            {"text": text, "progress": round(self._progress, 2)},
+        )
+        if (
+            not self._rt.bus.publish([event])
+            and self._rt.bus.stream_tail_seq(self.job_id) > event.seq
+        ):
+            # Redis refused our seq because a newer attempt already wrote past it.
+            self.lose_lease()
+
+    def progress(self, percent: float, *, force: bool = False) -> None:
+        """Progress on the 0-100 scale. Kept in memory at every call and written (with its
+        event) at most every `progress_write_interval` seconds."""
+        self._progress = min(100.0, max(0.0, float(percent)))
+        due = time.monotonic() - self._last_progress_write >= self.settings.progress_write_interval
+        if force or due:
+            self.flush()
+            self._last_progress_write = time.monotonic()
+            service.fenced_update(
+                self.claim,
+                self.next_seq(),
+                EventType.PROGRESS,
+                {"progress": round(self._progress, 2)},
+                progress=self._progress,
+            )
+
+    def log(self, message: str, level: str = "info", **fields: Any) -> None:
+        self.flush()
+        service.fenced_update(
+            self.claim,
+            self.next_seq(),
+            EventType.LOG,
+            {"level": level, "message": message, **fields},
+        )
+        logger.log(logging.getLevelName(level.upper()), message, extra={"job_id": self.job_id})
+
+    def emit(self, event_type: str, data: dict[str, Any]) -> None:
+        """A kind-specific durable event (e.g. `character.section`)."""
+        self.flush()
+        service.fenced_update(self.claim, self.next_seq(), event_type, data)  # type: ignore[arg-type]
+
+    # What the runner calls --------------------------------------------------------------------
+
+    def finish(self, status: JobStatus, data: dict[str, Any], **values: Any) -> None:
+        self.flush()
+        service.finish_job(self.claim, self.next_seq(), status, data, **values)
+
+    def schedule_retry(self, delay: float, code: str, message: str) -> None:
+        self.flush()
+        service.schedule_retry(self.claim, self.next_seq(), delay, code, message)
+
+
+class JobLLM:
+    """Model calls bound to one job attempt: every call is recorded with its tokens and cost,
+    whatever its outcome, and stops when the job is canceled or its lease is lost."""
+
+    def __init__(self, ctx: JobContext, models: ModelClient) -> None:
+        self._ctx = ctx
+        self._models = models
+
+    def model_for_job(self) -> str:
+        return self._ctx.claim.model or self._ctx.settings.model_for(self._ctx.claim.kind)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        stream_deltas: bool = True,
+        progress_of: Callable[[int], float] | None = None,
+        **options: Any,
+    ) -> Completion:
+        ctx = self._ctx
+        ctx.check()
+
+        def on_delta(text: str) -> None:
+            if stream_deltas:
+                ctx.delta(text)
+            if progress_of is not None:
+                ctx.progress(progress_of(ctx.tokens_streamed))
+
+        record: CallRecord | None = None
+        try:
+            completion = self._models.stream_chat(
+                model=options.pop("model", None) or self.model_for_job(),
+                messages=messages,
+                on_delta=on_delta,
+                interrupted=lambda: ctx.interrupted,
+                register_closer=ctx.set_closer,
+                **options,
+            )
+            record = completion.record
+            return completion
+        except Interrupted as exc:
+            record = exc.record  # type: ignore[attr-defined]
+            ctx.check()
+            raise
+        except Exception as exc:
+            record = getattr(exc, "record", None)
+            raise
+        finally:
+            if record is not None:
+                service.record_model_call(ctx.claim, record.as_row(self._models.prices))
+
+
+def token_progress(expected_tokens: int | None) -> Callable[[int], float]:
+    """Progress estimated from streamed tokens: linear against max_tokens when known, else an
+    asymptote that never claims 100% before the model says it is done."""
+    if expected_tokens:
+        return lambda n: min(99.0, 100.0 * n / expected_tokens)
+    return lambda n: 95.0 * (1.0 - math.exp(-n / 150.0))

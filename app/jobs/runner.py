@@ -1,0 +1,142 @@
+"""Runs one delivery of a job: claim, run the kind, record the outcome.
+
+Called by the thin Celery task. Every outcome is written as a fenced transition; an error is
+recorded first and then either retried (a new attempt, visible as `job.retrying`) or failed
+with a precise code. Nothing is swallowed: an unexpected exception is recorded as
+`internal_error` and re-raised so Celery and the logs see it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from enum import StrEnum
+
+from celery.exceptions import SoftTimeLimitExceeded
+from flask import current_app
+from pydantic import ValidationError
+
+from app.jobs import service
+from app.jobs.context import JobCanceled, JobContext
+from app.jobs.leases import active_jobs
+from app.jobs.service import LeaseLost
+from app.jobs.states import JobStatus
+from app.kinds import KindError, get_kind
+from app.llm.client import ModelClient
+from app.llm.errors import ModelError
+from app.runtime import Runtime, runtime
+
+logger = logging.getLogger(__name__)
+
+_models: dict[int, ModelClient] = {}
+
+
+class Outcome(StrEnum):
+    SKIPPED = "skipped"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    CANCELED = "canceled"
+    LEASE_LOST = "lease_lost"
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def model_client(rt: Runtime) -> ModelClient:
+    """One client per process and runtime: its connection pool is shared by all slots."""
+    key = id(rt)
+    if key not in _models:
+        _models[key] = ModelClient(rt.settings)
+    return _models[key]
+
+
+def execute_job(job_id: uuid.UUID) -> Outcome:
+    rt = runtime()
+    claim = service.claim_job(job_id, worker_name())
+    if claim is None:
+        logger.info(
+            "not claimable (duplicate delivery, canceled or early retry)", extra={"job_id": job_id}
+        )
+        return Outcome.SKIPPED
+    active_jobs.ensure_started(current_app._get_current_object())  # type: ignore[attr-defined]
+    ctx = JobContext(claim, rt, model_client(rt))
+    active_jobs.track(ctx)
+    try:
+        return _run_attempt(ctx)
+    finally:
+        active_jobs.untrack(ctx)
+
+
+def _run_attempt(ctx: JobContext) -> Outcome:
+    claim = ctx.claim
+    try:
+        kind = get_kind(claim.kind)
+        job_input = kind.Input.model_validate(claim.input)
+        output = kind.run(ctx, job_input)
+        ctx.check()
+        ctx.finish(
+            JobStatus.SUCCEEDED,
+            {"attempt": claim.attempt},
+            output=output.model_dump(mode="json"),
+            progress=100.0,
+            error_code=None,
+            error_message=None,
+        )
+        return Outcome.SUCCEEDED
+    except LeaseLost:
+        logger.warning("stopped: lease lost", extra={"job_id": ctx.job_id})
+        return Outcome.LEASE_LOST
+    except JobCanceled:
+        partial = "".join(ctx.text_so_far)
+        ctx.finish(
+            JobStatus.CANCELED,
+            {"reason": "requested", "attempt": claim.attempt},
+            output={"partial_text": partial} if partial else None,
+        )
+        return Outcome.CANCELED
+    except ModelError as exc:
+        return _model_failure(ctx, exc)
+    except (ValidationError, KindError) as exc:
+        _fail(ctx, "invalid_input", str(exc))
+        return Outcome.FAILED
+    except SoftTimeLimitExceeded:
+        _fail(
+            ctx,
+            "time_limit_exceeded",
+            f"the job ran longer than {ctx.settings.job_soft_time_limit:g} s",
+        )
+        return Outcome.FAILED
+    except Exception as exc:
+        _fail(ctx, "internal_error", f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _model_failure(ctx: JobContext, exc: ModelError) -> Outcome:
+    attempts_left = ctx.attempt < ctx.claim.max_attempts
+    if exc.retryable and attempts_left:
+        settings = ctx.settings
+        delay = service.retry_delay(
+            ctx.attempt, settings.retry_base_delay, settings.retry_max_delay, exc.retry_after
+        )
+        logger.info("retrying in %.2f s after %s", delay, exc.code, extra={"job_id": ctx.job_id})
+        ctx.schedule_retry(delay, exc.code, exc.message)
+        return Outcome.RETRYING
+    message = exc.message
+    if exc.retryable:
+        message = f"{message} (gave up after {ctx.attempt} attempts)"
+    _fail(ctx, exc.code, message)
+    return Outcome.FAILED
+
+
+def _fail(ctx: JobContext, code: str, message: str) -> None:
+    logger.warning("failed: %s: %s", code, message, extra={"job_id": ctx.job_id})
+    ctx.finish(
+        JobStatus.FAILED,
+        {"attempt": ctx.attempt, "error": {"code": code, "message": message}},
+        error_code=code,
+        error_message=message[:4000],
+    )

@@ -1,0 +1,206 @@
+"""The job's public shapes: what the API accepts and returns, and the event envelope."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.jobs.states import JobStatus
+from app.models import Job
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(min_length=1, max_length=64, examples=["chat"])
+    input: dict[str, Any] = Field(description="The kind's input; see GET /kinds for its schema.")
+    priority: int = Field(0, ge=0, le=9, description="0 (default) to 9 (most urgent)")
+    max_attempts: int | None = Field(None, ge=1, le=10)
+
+
+class JobError(BaseModel):
+    code: str
+    message: str | None
+
+
+class Usage(BaseModel):
+    tokens_in: int
+    tokens_out: int
+    cost_usd: str = Field(description="Decimal string, US dollars")
+
+
+class JobLinks(BaseModel):
+    self: str
+    result: str
+    events: str
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    kind: str
+    status: JobStatus
+    progress: float = Field(ge=0, le=100)
+    attempt: int
+    max_attempts: int
+    priority: int
+    model: str | None
+    error: JobError | None
+    usage: Usage
+    cancel_requested: bool
+    retry_of: uuid.UUID | None
+    retry_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    links: JobLinks
+
+    @classmethod
+    def of(cls, job: Job, prefix: str) -> JobOut:
+        base = f"{prefix}/jobs/{job.id}"
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            status=JobStatus(job.status),
+            progress=job.progress,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            priority=job.priority,
+            model=job.model,
+            error=JobError(code=job.error_code, message=job.error_message)
+            if job.error_code and job.status == JobStatus.FAILED
+            else None,
+            usage=Usage(
+                tokens_in=job.tokens_in, tokens_out=job.tokens_out, cost_usd=str(job.cost_usd)
+            ),
+            cancel_requested=job.cancel_requested_at is not None,
+            retry_of=job.retry_of,
+            retry_at=job.retry_at,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            links=JobLinks(self=base, result=f"{base}/result", events=f"{base}/events"),
+        )
+
+
+class JobDetail(JobOut):
+    input: dict[str, Any]
+
+
+class JobResult(BaseModel):
+    id: uuid.UUID
+    status: JobStatus
+    output: dict[str, Any] | None
+    error: JobError | None
+    usage: Usage
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page")
+
+
+class JobListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: JobStatus | None = None
+    kind: str | None = Field(None, max_length=64)
+    limit: int = Field(20, ge=1, le=100)
+    cursor: str | None = Field(None, max_length=200)
+
+
+class EventOut(BaseModel):
+    job_id: uuid.UUID
+    seq: int
+    type: str
+    at: datetime
+    data: dict[str, Any]
+
+
+class EventsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    after: int = Field(0, ge=0, description="Return events with a seq greater than this")
+    wait: float = Field(0, ge=0, le=30, description="Seconds to wait for a new event (long poll)")
+    limit: int = Field(500, ge=1, le=1000)
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    source: str = Field(description="`stream` (every event) or `database` (no token deltas)")
+    last_seq: int
+    status: JobStatus
+
+
+class LogEntry(BaseModel):
+    seq: int
+    at: datetime
+    level: str
+    message: str
+    fields: dict[str, Any]
+
+
+class LogPage(BaseModel):
+    items: list[LogEntry]
+
+
+class KindOut(BaseModel):
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+
+
+class KindList(BaseModel):
+    items: list[KindOut]
+
+
+class Stats(BaseModel):
+    by_status: dict[str, int]
+    by_kind: dict[str, dict[str, int]]
+    tokens_in: int
+    tokens_out: int
+    cost_usd: str
+    duration_seconds: dict[str, float | int | None]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class ReadyCheck(BaseModel):
+    ok: bool
+    detail: str | None = None
+    latency_ms: float | None = None
+
+
+class Ready(BaseModel):
+    status: str = Field(description="healthy, degraded (no worker answered) or unhealthy")
+    checks: dict[str, ReadyCheck]
+
+
+# Keyset cursors ---------------------------------------------------------------------------------
+
+
+class BadCursor(ValueError):
+    pass
+
+
+def encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), str(job_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        return datetime.fromisoformat(created), uuid.UUID(job_id)
+    except (ValueError, TypeError) as exc:
+        raise BadCursor("not a cursor this API returned") from exc

@@ -1,0 +1,587 @@
+"""The job state machine: every transition is one conditional UPDATE plus its event, in one
+transaction. Whoever wins the compare-and-set owns the transition; the others see zero rows.
+
+Who writes a job's events (and so allocates its `seq`):
+- nobody holds a lease (queued, terminal): the API and the sweeper, with `last_seq + 1` in SQL;
+- a worker holds the lease (running): only that worker, from a local counter it took at claim,
+  so token deltas need no database write. Its writes are fenced by `attempt`; when the sweeper
+  takes an expired lease it starts after the newest seq in PostgreSQL *and* the Redis Stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import delete, func, insert, literal_column, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from app.jobs.events import Event, record_event
+from app.jobs.states import TERMINAL, TERMINAL_EVENTS, EventType, JobStatus
+from app.models import Job, ModelCall
+from app.runtime import runtime
+
+logger = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "conveyor.run_job"
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+class JobError(Exception):
+    """A request the job's current state does not allow."""
+
+
+class JobNotFound(JobError):
+    pass
+
+
+class JobStateConflict(JobError):
+    def __init__(self, job: Job, message: str) -> None:
+        super().__init__(message)
+        self.job = job
+
+
+class IdempotencyConflict(JobError):
+    pass
+
+
+class LeaseLost(Exception):
+    """This worker's attempt is no longer the job's current one; it must stop writing."""
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def request_fingerprint(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# Creating and dispatching ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Created:
+    job: Job
+    created: bool  # False when an Idempotency-Key replay returned the existing job
+
+
+def create_job(
+    *,
+    owner: str,
+    kind: str,
+    input: dict[str, Any],
+    priority: int = 0,
+    max_attempts: int | None = None,
+    idempotency_key: str | None = None,
+    fingerprint: str | None = None,
+    retry_of: uuid.UUID | None = None,
+) -> Created:
+    rt = runtime()
+    job_id = uuid.uuid4()
+    started = now()
+    values = {
+        "id": job_id,
+        "owner": owner,
+        "kind": kind,
+        "status": JobStatus.QUEUED.value,
+        "input": input,
+        "priority": priority,
+        "max_attempts": max_attempts or rt.settings.job_max_attempts,
+        "idempotency_key": idempotency_key,
+        "request_hash": fingerprint,
+        "model": rt.settings.model_for(kind),
+        "retry_of": retry_of,
+        "last_seq": 1,
+        "created_at": started,
+        "updated_at": started,
+        # Counted as dispatched now: if the publish below fails, the sweeper sees a queued job
+        # whose dispatch is older than the grace period and publishes it again.
+        "dispatched_at": started,
+    }
+    with rt.db.transaction() as session:
+        statement = pg_insert(Job).values(**values).returning(Job)
+        if idempotency_key is not None:
+            statement = statement.on_conflict_do_nothing(
+                index_elements=["owner", "idempotency_key"]
+            )
+        job = session.scalars(statement).one_or_none()
+        if job is None:
+            return _replay_idempotent(session, owner, idempotency_key, fingerprint)
+        event = record_event(
+            session,
+            Event(job_id, owner, 1, EventType.QUEUED, {"kind": kind, "retry_of": _str(retry_of)}),
+        )
+    rt.bus.publish([event])
+    dispatch(job_id, priority)
+    return Created(job, created=True)
+
+
+def _replay_idempotent(
+    session: Session, owner: str, key: str | None, fingerprint: str | None
+) -> Created:
+    existing = session.scalars(
+        select(Job).where(Job.owner == owner, Job.idempotency_key == key)
+    ).one()
+    if existing.request_hash != fingerprint:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was already used with a different request body"
+        )
+    return Created(existing, created=False)
+
+
+def dispatch(job_id: uuid.UUID, priority: int = 0, countdown: float | None = None) -> bool:
+    """Publish the task. The row is already committed, so a failure here loses nothing."""
+    try:
+        runtime().celery.send_task(
+            RUN_JOB_TASK,
+            args=[str(job_id)],
+            countdown=countdown,
+            # Redis emulates priorities with one list per step, 0 first; ours: 9 is most urgent.
+            priority=9 - priority,
+        )
+    except Exception as exc:  # kombu raises several unrelated types for a broker outage
+        logger.warning("publish failed, the sweeper will retry: %s", exc, extra={"job_id": job_id})
+        return False
+    return True
+
+
+# Reading --------------------------------------------------------------------------------------
+
+
+def get_job(session: Session, owner: str, job_id: uuid.UUID) -> Job:
+    job = session.scalars(select(Job).where(Job.id == job_id, Job.owner == owner)).one_or_none()
+    if job is None:
+        raise JobNotFound(f"no job {job_id}")
+    return job
+
+
+# Requests from the API ------------------------------------------------------------------------
+
+
+def cancel_job(owner: str, job_id: uuid.UUID) -> Job:
+    """A queued job is canceled at once; a running one is asked to stop (its worker ends it)."""
+    rt = runtime()
+    with rt.db.transaction() as session:
+        job = session.scalars(
+            select(Job).where(Job.id == job_id, Job.owner == owner).with_for_update()
+        ).one_or_none()
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        status = JobStatus(job.status)
+        if status is JobStatus.CANCELED:
+            return job
+        if status in TERMINAL:
+            raise JobStateConflict(job, f"the job already {status.value}; it cannot be canceled")
+        if status is JobStatus.QUEUED:
+            event = _finish_unleased(session, job, JobStatus.CANCELED, {"reason": "requested"})
+        else:
+            job.cancel_requested_at = job.cancel_requested_at or now()
+            job.updated_at = now()
+            event = None
+    if event is not None:
+        rt.bus.publish([event])
+    else:
+        rt.bus.signal_cancel(job_id)
+    return job
+
+
+def retry_job(owner: str, job_id: uuid.UUID) -> Job:
+    """A new job with the same input, linked to the old one through `retry_of`."""
+    with runtime().db.transaction() as session:
+        old = get_job(session, owner, job_id)
+        if JobStatus(old.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
+            raise JobStateConflict(old, "only failed or canceled jobs can be retried")
+        kind, job_input, priority = old.kind, old.input, old.priority
+    return create_job(
+        owner=owner, kind=kind, input=job_input, priority=priority, retry_of=job_id
+    ).job
+
+
+def delete_job(owner: str, job_id: uuid.UUID) -> None:
+    rt = runtime()
+    with rt.db.transaction() as session:
+        job = get_job(session, owner, job_id)
+        if JobStatus(job.status) not in TERMINAL:
+            raise JobStateConflict(job, "only finished jobs can be deleted; cancel it first")
+        session.execute(delete(Job).where(Job.id == job_id, Job.status.in_(list(TERMINAL))))
+    rt.bus.delete_stream(job_id)
+
+
+def _finish_unleased(
+    session: Session, job: Job, status: JobStatus, data: dict[str, Any], **values: Any
+) -> Event:
+    """Terminal transition of a job no worker holds (row locked by the caller)."""
+    job.status = status.value
+    job.finished_at = job.updated_at = now()
+    job.lease_expires_at = None
+    job.last_seq += 1
+    for name, value in values.items():
+        setattr(job, name, value)
+    session.flush()
+    return record_event(
+        session, Event(job.id, job.owner, job.last_seq, TERMINAL_EVENTS[status], data)
+    )
+
+
+# The worker's side ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: uuid.UUID
+    owner: str
+    kind: str
+    input: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    priority: int
+    model: str | None
+    seq: int  # the seq of this attempt's job.started event
+
+
+def claim_job(job_id: uuid.UUID, worker: str) -> Claim | None:
+    """Compare-and-set queued -> running. None: a duplicate delivery, an early retry delivery,
+    a canceled or deleted job. The caller acknowledges and does nothing."""
+    rt = runtime()
+    lease = timedelta(seconds=rt.settings.lease_seconds)
+    with rt.db.transaction() as session:
+        row = session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.QUEUED.value,
+                (Job.retry_at.is_(None)) | (Job.retry_at <= func.now()),
+                Job.attempt < Job.max_attempts,
+            )
+            .values(
+                status=JobStatus.RUNNING.value,
+                attempt=Job.attempt + 1,
+                lease_expires_at=func.now() + lease,
+                worker=worker,
+                progress=0.0,
+                retry_at=None,
+                started_at=func.coalesce(Job.started_at, func.now()),
+                updated_at=func.now(),
+                last_seq=Job.last_seq + 1,
+            )
+            .returning(
+                Job.owner,
+                Job.kind,
+                Job.input,
+                Job.attempt,
+                Job.max_attempts,
+                Job.priority,
+                Job.model,
+                Job.last_seq,
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        claim = Claim(
+            job_id,
+            row.owner,
+            row.kind,
+            row.input,
+            row.attempt,
+            row.max_attempts,
+            row.priority,
+            row.model,
+            row.last_seq,
+        )
+        event = record_event(
+            session,
+            Event(
+                job_id,
+                claim.owner,
+                claim.seq,
+                EventType.STARTED,
+                {"attempt": claim.attempt, "worker": worker},
+            ),
+        )
+    rt.bus.publish([event])
+    return claim
+
+
+def fenced_update(
+    claim: Claim, seq: int, event_type: EventType, data: dict[str, Any], **values: Any
+) -> Event:
+    """One write of the lease holder: its state change and its event, or LeaseLost."""
+    rt = runtime()
+    with rt.db.transaction() as session:
+        owner = session.scalar(
+            update(Job)
+            .where(
+                Job.id == claim.job_id,
+                Job.attempt == claim.attempt,
+                Job.status == JobStatus.RUNNING.value,
+            )
+            .values(last_seq=seq, updated_at=func.now(), **values)
+            .returning(Job.owner)
+        )
+        if owner is None:
+            raise LeaseLost(f"job {claim.job_id} attempt {claim.attempt} no longer holds the lease")
+        event = record_event(session, Event(claim.job_id, owner, seq, event_type, data))
+    rt.bus.publish([event])
+    return event
+
+
+def finish_job(
+    claim: Claim, seq: int, status: JobStatus, data: dict[str, Any], **values: Any
+) -> Event:
+    return fenced_update(
+        claim,
+        seq,
+        TERMINAL_EVENTS[status],
+        data,
+        status=status.value,
+        finished_at=func.now(),
+        lease_expires_at=None,
+        **values,
+    )
+
+
+def schedule_retry(claim: Claim, seq: int, delay: float, code: str, message: str) -> Event:
+    retry_at = now() + timedelta(seconds=delay)
+    event = fenced_update(
+        claim,
+        seq,
+        EventType.RETRYING,
+        {
+            "attempt": claim.attempt,
+            "delay": round(delay, 3),
+            "retry_at": retry_at.isoformat(),
+            "error": {"code": code, "message": message},
+        },
+        status=JobStatus.QUEUED.value,
+        retry_at=retry_at,
+        lease_expires_at=None,
+        dispatched_at=retry_at,
+        error_code=code,
+        error_message=message,
+    )
+    dispatch(claim.job_id, claim.priority, countdown=delay)
+    return event
+
+
+def retry_delay(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
+    """Exponential backoff with jitter; a provider's Retry-After is a floor, never shortened."""
+    backoff = min(cap, base * 2 ** max(0, attempt - 1))
+    delay = random.uniform(backoff / 2, backoff)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
+
+
+def record_model_call(claim: Claim, call: dict[str, Any]) -> None:
+    """One row per model call attempt, and the job's running totals.
+
+    Not fenced by attempt on purpose: the money was spent whether or not this attempt still
+    holds the lease, and increments commute, so no newer write is clobbered."""
+    with runtime().db.transaction() as session:
+        session.execute(
+            insert(ModelCall).values(job_id=claim.job_id, attempt=claim.attempt, **call)
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == claim.job_id)
+            .values(
+                tokens_in=Job.tokens_in + call["tokens_in"],
+                tokens_out=Job.tokens_out + call["tokens_out"],
+                cost_usd=Job.cost_usd + Decimal(call["cost_usd"]),
+            )
+        )
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    job_id: uuid.UUID
+    cancel_requested: bool
+
+
+def renew_leases(held: list[tuple[uuid.UUID, int]]) -> dict[uuid.UUID, LeaseState]:
+    """Extends every lease this worker process still holds, in one statement. A job missing
+    from the answer has been taken away (sweeper, deletion): its worker must stop."""
+    if not held:
+        return {}
+    rt = runtime()
+    lease = timedelta(seconds=rt.settings.lease_seconds)
+    with rt.db.transaction() as session:
+        rows = session.execute(
+            update(Job)
+            .where(
+                tuple_(Job.id, Job.attempt).in_(held),
+                Job.status == JobStatus.RUNNING.value,
+            )
+            .values(lease_expires_at=func.now() + lease)
+            .returning(Job.id, Job.cancel_requested_at)
+        ).all()
+    return {row.id: LeaseState(row.id, row.cancel_requested_at is not None) for row in rows}
+
+
+# The sweeper ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepReport:
+    republished: int = 0
+    recovered: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+
+def sweep(batch: int = 500) -> SweepReport:
+    """Nothing stays queued or running forever: re-publish what nobody claimed, take back
+    expired leases. Safe to run concurrently (SKIP LOCKED, and every change is a CAS)."""
+    report = SweepReport()
+    _recover_expired_leases(report, batch)
+    _republish_unclaimed(report, batch)
+    if report.republished or report.recovered or report.failed or report.canceled:
+        logger.info("sweep: %s", report)
+    return report
+
+
+def _recover_expired_leases(report: SweepReport, batch: int) -> None:
+    rt = runtime()
+    events: list[Event] = []
+    to_dispatch: list[tuple[uuid.UUID, int, float]] = []
+    with rt.db.transaction() as session:
+        expired = session.scalars(
+            select(Job)
+            .where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < func.now())
+            .order_by(Job.lease_expires_at)
+            .limit(batch)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job in expired:
+            # The lost worker may have streamed deltas past the last seq it wrote here.
+            job.last_seq = max(job.last_seq, rt.bus.stream_tail_seq(job.id))
+            lost = {"reason": "worker_lost", "attempt": job.attempt, "worker": job.worker}
+            if job.cancel_requested_at is not None:
+                events.append(_finish_unleased(session, job, JobStatus.CANCELED, lost))
+                report.canceled += 1
+            elif job.attempt >= job.max_attempts:
+                message = f"the worker running attempt {job.attempt} stopped answering"
+                events.append(
+                    _finish_unleased(
+                        session,
+                        job,
+                        JobStatus.FAILED,
+                        {**lost, "error": {"code": "worker_lost", "message": message}},
+                        error_code="worker_lost",
+                        error_message=message,
+                    )
+                )
+                report.failed += 1
+            else:
+                delay = retry_delay(
+                    job.attempt, rt.settings.retry_base_delay, rt.settings.retry_max_delay
+                )
+                job.status = JobStatus.QUEUED.value
+                job.lease_expires_at = None
+                job.retry_at = job.dispatched_at = now() + timedelta(seconds=delay)
+                job.updated_at = now()
+                job.last_seq += 1
+                job.error_code, job.error_message = "worker_lost", "the worker stopped answering"
+                events.append(
+                    record_event(
+                        session,
+                        Event(
+                            job.id,
+                            job.owner,
+                            job.last_seq,
+                            EventType.RETRYING,
+                            {
+                                **lost,
+                                "delay": round(delay, 3),
+                                "retry_at": job.retry_at.isoformat(),
+                                "error": {"code": "worker_lost", "message": job.error_message},
+                            },
+                        ),
+                    )
+                )
+                to_dispatch.append((job.id, job.priority, delay))
+                report.recovered += 1
+    rt.bus.publish(events)
+    for job_id, priority, delay in to_dispatch:
+        dispatch(job_id, priority, countdown=delay)
+
+
+def _republish_unclaimed(report: SweepReport, batch: int) -> None:
+    rt = runtime()
+    grace = timedelta(seconds=rt.settings.dispatch_grace_seconds)
+    with rt.db.transaction() as session:
+        stale = (
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.QUEUED.value,
+                Job.dispatched_at < func.now() - grace,
+            )
+            .order_by(Job.dispatched_at)
+            .limit(batch)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        rows = session.execute(
+            update(Job)
+            .where(Job.id.in_(stale))
+            .values(dispatched_at=func.now())
+            .returning(Job.id, Job.priority)
+        ).all()
+    for row in rows:
+        if dispatch(row.id, row.priority):
+            report.republished += 1
+
+
+# Statistics -----------------------------------------------------------------------------------
+
+
+def job_stats(session: Session, owner: str) -> dict[str, Any]:
+    counts = session.execute(
+        select(Job.status, Job.kind, func.count())
+        .where(Job.owner == owner)
+        .group_by(Job.status, Job.kind)
+    ).all()
+    totals = session.execute(
+        select(
+            func.coalesce(func.sum(Job.tokens_in), 0),
+            func.coalesce(func.sum(Job.tokens_out), 0),
+            func.coalesce(func.sum(Job.cost_usd), 0),
+        ).where(Job.owner == owner)
+    ).one()
+    seconds = func.extract("epoch", Job.finished_at - Job.started_at)
+    percentiles = session.execute(
+        select(
+            func.percentile_cont(literal_column("ARRAY[0.5, 0.9, 0.99]"))
+            .within_group(seconds)
+            .label("p"),
+            func.count(),
+        ).where(Job.owner == owner, Job.status == JobStatus.SUCCEEDED.value)
+    ).one()
+    by_status: dict[str, int] = {status.value: 0 for status in JobStatus}
+    by_kind: dict[str, dict[str, int]] = {}
+    for status, kind, count in counts:
+        by_status[status] += count
+        by_kind.setdefault(kind, {})[status] = count
+    p50, p90, p99 = percentiles.p or (None, None, None)
+    return {
+        "by_status": by_status,
+        "by_kind": by_kind,
+        "tokens_in": int(totals[0]),
+        "tokens_out": int(totals[1]),
+        "cost_usd": str(totals[2]),
+        "duration_seconds": {"p50": p50, "p90": p90, "p99": p99, "count": percentiles[1]},
+    }
+
+
+def _str(value: object | None) -> str | None:
+    return None if value is None else str(value)

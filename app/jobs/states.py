@@ -1,0 +1,44 @@
+"""The one status enum and the event types: identical in the database, API, events and UI."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+
+
+class EventType(StrEnum):
+    QUEUED = "job.queued"
+    STARTED = "job.started"
+    PROGRESS = "job.progress"
+    OUTPUT_DELTA = "job.output.delta"
+    LOG = "job.log"
+    RETRYING = "job.retrying"
+    CANCEL_REQUESTED = "job.cancel_requested"
+    SUCCEEDED = "job.succeeded"
+    FAILED = "job.failed"
+    CANCELED = "job.canceled"
+
+
+# Token deltas are the only events not written to PostgreSQL: they are coalesced, replayable
+# from the Redis Stream, and the full text is stored with the result.
+EPHEMERAL_EVENTS = frozenset({EventType.OUTPUT_DELTA})
+
+TERMINAL_EVENTS = {
+    JobStatus.SUCCEEDED: EventType.SUCCEEDED,
+    JobStatus.FAILED: EventType.FAILED,
+    JobStatus.CANCELED: EventType.CANCELED,
+}

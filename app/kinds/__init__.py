@@ -1,0 +1,24 @@
+"""The registry of job kinds. A kind is one module: `Input`, `Output`, `run(ctx, input)`.
+
+Adding a kind is adding a module and a line here; the API, events and docs pick it up.
+"""
+
+from __future__ import annotations
+
+from app.kinds import chat, structured
+from app.kinds.base import Kind, KindError
+
+KINDS: dict[str, Kind] = {
+    module.NAME: Kind(module.NAME, module.DESCRIPTION, module.Input, module.Output, module.run)
+    for module in (chat, structured)
+}
+
+
+def get_kind(name: str) -> Kind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise KindError(f"unknown kind {name!r}; known kinds: {', '.join(sorted(KINDS))}") from None
+
+
+__all__ = ["KINDS", "Kind", "KindError", "get_kind"]

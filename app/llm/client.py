@@ -1,0 +1,254 @@
+"""The model client: the official `openai` client against any OpenAI-compatible endpoint.
+
+Created lazily (importing or starting a process never touches the network), with an explicit
+timeout and `max_retries=0`, because Conveyor owns the retry budget: a retry is a new attempt
+of the job, recorded and visible, not a hidden loop inside the client.
+
+Streams are read as raw SSE lines and decoded with `json.loads`: building the client's typed
+chunk objects costs about five times more CPU per chunk, and on two cores CPU per streamed
+job, not the number of slots, is what caps a worker (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import openai
+
+from app.config import Settings
+from app.llm.errors import ModelError, classify_status_error, classify_transport_error
+from app.llm.pricing import PriceTable
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROVIDER = "api.openai.com"
+
+
+@dataclass
+class CallRecord:
+    """What one model call cost and how it ended; becomes a `model_calls` row."""
+
+    model: str
+    provider: str
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    tokens_in: int = 0
+    tokens_out: int = 0
+    usage_reported: bool = False
+    ttft_ms: float | None = None
+    latency_ms: float = 0.0
+    outcome: str = "ok"
+    error_message: str | None = None
+
+    def as_row(self, prices: PriceTable) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "cost_usd": prices.cost(self.model, self.tokens_in, self.tokens_out),
+            "latency_ms": round(self.latency_ms, 2),
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
+            "outcome": self.outcome,
+            "error_message": self.error_message,
+            "started_at": self.started_at,
+        }
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str | None
+    record: CallRecord
+
+
+class Interrupted(Exception):
+    """The caller asked the stream to stop (cancellation, lost lease)."""
+
+
+class ModelClient:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._client: openai.OpenAI | None = None
+        self._lock = threading.Lock()
+        self.prices = PriceTable.load(settings.pricing_file)
+        self.provider = (
+            urlsplit(settings.openai_base_url).netloc
+            if settings.openai_base_url
+            else DEFAULT_PROVIDER
+        )
+
+    @property
+    def client(self) -> openai.OpenAI:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._create()
+        return self._client
+
+    def _create(self) -> openai.OpenAI:
+        if not self._settings.openai_api_key:
+            raise ModelError("model_auth_failed", "OPENAI_API_KEY is not set", retryable=False)
+        return openai.OpenAI(
+            api_key=self._settings.openai_api_key,
+            base_url=self._settings.openai_base_url,
+            max_retries=0,
+            timeout=openai.Timeout(
+                self._settings.llm_timeout, connect=self._settings.llm_connect_timeout
+            ),
+        )
+
+    def stream_chat(
+        self,
+        *,
+        model: str,
+        messages: list[dict[str, Any]],
+        on_delta: Callable[[str], None],
+        interrupted: Callable[[], bool],
+        register_closer: Callable[[Callable[[], None] | None], None],
+        response_format: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Completion:
+        """One streamed chat completion. Always returns or raises with `record` filled in:
+        ModelError and Interrupted carry it as `exc.record`."""
+        record = CallRecord(model=model, provider=self.provider)
+        started = time.perf_counter()
+        request: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "response_format": response_format,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        request = {name: value for name, value in request.items() if value is not None}
+        parts: list[str] = []
+        try:
+            with self._open_stream(request, register_closer) as lines:
+                finish_reason = _consume(lines, record, parts, on_delta, interrupted, started)
+            if interrupted():
+                raise Interrupted
+            if finish_reason is None:
+                raise ModelError(
+                    "model_stream_dropped", "the stream ended without a finish", retryable=True
+                )
+            if finish_reason == "content_filter":
+                raise ModelError(
+                    "content_policy",
+                    "the model's content filter stopped the answer",
+                    retryable=False,
+                )
+        except (ModelError, Interrupted) as exc:
+            _close_record(record, started, parts, messages, exc)
+            exc.record = record  # type: ignore[attr-defined]
+            raise
+        except Exception as exc:
+            if interrupted():
+                # Closing the response from another thread is how a blocked read is stopped.
+                error: Exception = Interrupted()
+            else:
+                error = classify_transport_error(exc)
+            _close_record(record, started, parts, messages, error)
+            error.record = record  # type: ignore[attr-defined]
+            raise error from exc
+        finally:
+            register_closer(None)
+        _close_record(record, started, parts, messages, None)
+        return Completion("".join(parts), finish_reason, record)
+
+    @contextmanager
+    def _open_stream(
+        self, request: dict[str, Any], register_closer: Callable[[Callable[[], None] | None], None]
+    ) -> Iterator[Iterator[str]]:
+        try:
+            manager = self.client.chat.completions.with_streaming_response.create(**request)
+            response = manager.__enter__()
+        except openai.APIStatusError as exc:
+            raise classify_status_error(exc) from exc
+        try:
+            register_closer(response.close)
+            yield response.iter_lines()
+        finally:
+            manager.__exit__(None, None, None)
+
+
+def _consume(
+    lines: Iterator[str],
+    record: CallRecord,
+    parts: list[str],
+    on_delta: Callable[[str], None],
+    interrupted: Callable[[], bool],
+    started: float,
+) -> str | None:
+    """Reads the stream into `parts` and `record`; returns the finish reason, if one came."""
+    finish_reason: str | None = None
+    for chunk in _sse_chunks(lines):
+        if interrupted():
+            raise Interrupted
+        if "error" in chunk:
+            raise ModelError(
+                "model_unavailable", f"error in stream: {chunk['error']}", retryable=True
+            )
+        if usage := chunk.get("usage"):
+            record.tokens_in = int(usage.get("prompt_tokens") or 0)
+            record.tokens_out = int(usage.get("completion_tokens") or 0)
+            record.usage_reported = True
+        for choice in chunk.get("choices") or ():
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                if record.ttft_ms is None:
+                    record.ttft_ms = (time.perf_counter() - started) * 1000
+                parts.append(text)
+                on_delta(text)
+            finish_reason = choice.get("finish_reason") or finish_reason
+    return finish_reason
+
+
+def _sse_chunks(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        try:
+            chunk = json.loads(payload)
+        except json.JSONDecodeError as exc:
+            raise ModelError(
+                "model_bad_response", f"malformed chunk from the model: {exc}", retryable=True
+            ) from exc
+        if not isinstance(chunk, dict):
+            raise ModelError(
+                "model_bad_response", "a stream chunk was not an object", retryable=True
+            )
+        yield chunk
+
+
+def _close_record(
+    record: CallRecord,
+    started: float,
+    parts: list[str],
+    messages: list[dict[str, Any]],
+    error: BaseException | None,
+) -> None:
+    record.latency_ms = (time.perf_counter() - started) * 1000
+    if not record.usage_reported:
+        # The provider sends usage only at the end of a complete stream. For a call cut short
+        # the tokens were still billed: estimate them (about 4 characters a token).
+        record.tokens_in = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 1
+        record.tokens_out = len(parts)
+    if isinstance(error, Interrupted):
+        record.outcome = "interrupted"
+    elif isinstance(error, ModelError):
+        record.outcome = error.code
+        record.error_message = error.message

@@ -1,0 +1,88 @@
+"""Cost of a model call: USD per million input and output tokens.
+
+The defaults are list prices of common models; a JSON file named by `CONVEYOR_PRICING_FILE`
+(`{"model-name": {"input": 0.15, "output": 0.60}}`) adds models or overrides them. A model with
+no price costs 0 and is logged once, so an operator notices instead of a job failing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MILLION = Decimal(1_000_000)
+
+
+@dataclass(frozen=True)
+class Price:
+    input: Decimal
+    output: Decimal
+
+    def cost(self, tokens_in: int, tokens_out: int) -> Decimal:
+        return (self.input * tokens_in + self.output * tokens_out) / MILLION
+
+
+def _price(input_usd: str, output_usd: str) -> Price:
+    return Price(Decimal(input_usd), Decimal(output_usd))
+
+
+DEFAULT_PRICES: dict[str, Price] = {
+    "gpt-4o-mini": _price("0.15", "0.60"),
+    "gpt-4o": _price("2.50", "10.00"),
+    "gpt-4.1": _price("2.00", "8.00"),
+    "gpt-4.1-mini": _price("0.40", "1.60"),
+    "gpt-4.1-nano": _price("0.10", "0.40"),
+    "o3-mini": _price("1.10", "4.40"),
+    "o4-mini": _price("1.10", "4.40"),
+    "gpt-3.5-turbo": _price("0.50", "1.50"),
+    # The simulator's own models, priced like a small hosted model so demos show real figures.
+    "sim-small": _price("0.15", "0.60"),
+    "sim-large": _price("2.50", "10.00"),
+}
+
+
+class PricingError(ValueError):
+    pass
+
+
+class PriceTable:
+    def __init__(self, prices: dict[str, Price]) -> None:
+        self._prices = prices
+        self._warned: set[str] = set()
+
+    @classmethod
+    def load(cls, path: Path | None) -> PriceTable:
+        prices = dict(DEFAULT_PRICES)
+        if path is not None:
+            prices.update(read_price_file(path))
+        return cls(prices)
+
+    def cost(self, model: str, tokens_in: int, tokens_out: int) -> Decimal:
+        price = self._prices.get(model)
+        if price is None:
+            if model not in self._warned:
+                self._warned.add(model)
+                logger.warning("no price for model %r: its calls are recorded at $0", model)
+            return Decimal(0)
+        return price.cost(tokens_in, tokens_out)
+
+
+def read_price_file(path: Path) -> dict[str, Price]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PricingError(f"cannot read pricing file {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise PricingError(f"{path}: expected an object of model -> {{input, output}}")
+    prices = {}
+    for model, entry in raw.items():
+        try:
+            prices[model] = Price(Decimal(str(entry["input"])), Decimal(str(entry["output"])))
+        except (KeyError, TypeError, ArithmeticError) as exc:
+            raise PricingError(f"{path}: bad price for {model!r}: {exc}") from exc
+    return prices

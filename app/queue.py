@@ -1,0 +1,75 @@
+"""The Celery app, configured from settings. The web process uses it only to publish
+(`send_task` by name, so it never imports the worker's task modules)."""
+
+from __future__ import annotations
+
+from celery import Celery, Task
+from flask import Flask
+
+from app.config import Settings
+
+SWEEP_TASK = "conveyor.sweep"
+QUEUE = "conveyor"
+
+
+def make_celery(app: Flask, settings: Settings) -> Celery:
+    class AppContextTask(Task):
+        # Tasks reach the database and settings through the Flask app; without its context
+        # they would fail at the first `runtime()` call, not at import.
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery = Celery(app.import_name, task_cls=AppContextTask)
+    celery.conf.update(celery_config(settings))
+    celery.set_default()
+    return celery
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    return {
+        "broker_url": settings.celery_broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 3,
+        "broker_transport_options": {
+            # Longer than any job may run, so Redis redelivers only what a dead worker held.
+            # A redelivery of a live job is harmless anyway: the claim is a compare-and-set.
+            "visibility_timeout": max(3600, int(settings.job_time_limit) * 2),
+            "socket_timeout": 5,
+            "socket_connect_timeout": 3,
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        "task_default_queue": QUEUE,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_soft_time_limit": settings.job_soft_time_limit,
+        "task_time_limit": settings.job_time_limit,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        "worker_pool": settings.worker_pool,
+        "worker_concurrency": settings.worker_concurrency,
+        # A broker blip must not abort hundreds of model calls mid-stream; their acks may be
+        # lost, and the redelivered messages are no-ops thanks to the claim.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            "sweep": {"task": SWEEP_TASK, "schedule": settings.sweeper_interval},
+        },
+        "include": ["workers.tasks"],
+    }

@@ -1,0 +1,46 @@
+"""The per-application runtime: settings and the clients every subsystem shares.
+
+Built once by `create_app()` (in the web process and in every worker process alike) and reached
+through `runtime()` inside an app context, so no module reads configuration at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from celery import Celery
+from flask import Flask, current_app
+
+from app.config import Settings
+from app.db import Database
+from app.jobs.events import EventBus
+
+EXTENSION_KEY = "conveyor"
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    redis: redis.Redis
+    bus: EventBus
+    celery: Celery
+
+    def init_app(self, app: Flask) -> None:
+        app.extensions[EXTENSION_KEY] = self
+
+
+def build_redis(settings: Settings) -> redis.Redis:
+    # Short socket timeouts: the API must answer (or 503) quickly when Redis stalls.
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+        health_check_interval=30,
+        max_connections=None,
+    )
+
+
+def runtime() -> Runtime:
+    return current_app.extensions[EXTENSION_KEY]

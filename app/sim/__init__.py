@@ -1,0 +1,34 @@
+"""Conveyor's OpenAI-compatible model simulator: offline endpoint, test peer, fault injector.
+
+Run it with `python -m app.sim --port 8100` (see `python -m app.sim --help`), or from tests
+with `SimulatorProcess`. It speaks the OpenAI wire format for:
+
+- `GET /v1/models` and `POST /v1/chat/completions` (streamed or not, `response_format`
+  json_object / json_schema, `max_tokens` / `max_completion_tokens`, usage).
+- Admin: `GET /_sim/stats`, `POST /_sim/reset`, `GET|POST /_sim/config`.
+
+Answers are deterministic: a function of the request's messages only. Per-request knobs go in
+the last user message as `[[sim fault=429 times=2 retry_after=1 ttft=0.5 tps=50 tokens=40
+duration=2]]` (any subset), or as headers `X-Sim-Fault`, `X-Sim-Times`, ... (the message
+wins). Faults: 429, 500, 400, 401, hang, drop, malformed, invalid_json, schema_mismatch, and
+`none` to opt out of the run's random faults (`--faults "429=0.05,500=0.02"`).
+"""
+
+from app.sim.config import SimConfig
+from app.sim.directives import Directives, parse_directive_text, parse_headers
+from app.sim.faults import FAULT_KINDS, FaultRates
+from app.sim.process import SimulatorError, SimulatorProcess
+from app.sim.server import MODEL_IDS, make_app
+
+__all__ = [
+    "FAULT_KINDS",
+    "MODEL_IDS",
+    "Directives",
+    "FaultRates",
+    "SimConfig",
+    "SimulatorError",
+    "SimulatorProcess",
+    "make_app",
+    "parse_directive_text",
+    "parse_headers",
+]

@@ -1,0 +1,78 @@
+"""The admin API under /_sim/: counters for tests, and run defaults changed at run time."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from aiohttp import web
+
+from app.sim.faults import FaultRates, FaultSpecError
+from app.sim.state import STATE
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].stats.as_dict())
+
+
+async def post_reset(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.reset()
+    return web.json_response(state.stats.as_dict())
+
+
+async def get_config(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].config.as_dict())
+
+
+async def post_config(request: web.Request) -> web.Response:
+    """Change run defaults.
+
+    Body: any of {"ttft": s, "tps": n, "faults": "429=0.1", "retry_after": s, "seed": n}.
+    """
+    config = request.app[STATE].config
+    try:
+        changes = await request.json()
+        if not isinstance(changes, dict):
+            raise ValueError("the body must be a JSON object")
+        unknown = set(changes) - {"ttft", "tps", "faults", "retry_after", "seed"}
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        # Validate everything before changing anything, so a bad request changes nothing.
+        ttft = _seconds(changes, "ttft", config.ttft)
+        tps = _seconds(changes, "tps", config.tps)
+        retry_after = _seconds(changes, "retry_after", config.retry_after)
+        faults = _fault_rates(changes.get("faults"), config.faults)
+    except (ValueError, FaultSpecError) as error:
+        return web.json_response({"error": {"message": str(error)}}, status=400)
+    config.ttft, config.tps, config.retry_after, config.faults = ttft, tps, retry_after, faults
+    if "seed" in changes:
+        config.seed = changes["seed"]
+        config.rng = random.Random(config.seed)
+    return web.json_response(config.as_dict())
+
+
+def _seconds(changes: dict[str, Any], key: str, current: float) -> float:
+    if key not in changes:
+        return current
+    value = changes[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{key} must be a number >= 0")
+    return float(value)
+
+
+def _fault_rates(value: Any, current: FaultRates) -> FaultRates:
+    if value is None:
+        return current
+    if isinstance(value, dict):  # {"429": 0.1} is accepted as well as "429=0.1"
+        value = ",".join(f"{kind}={rate}" for kind, rate in value.items())
+    if not isinstance(value, str):
+        raise ValueError('faults must be a string like "429=0.05,500=0.02"')
+    return FaultRates.parse(value)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/_sim/stats", get_stats)
+    app.router.add_post("/_sim/reset", post_reset)
+    app.router.add_get("/_sim/config", get_config)
+    app.router.add_post("/_sim/config", post_config)

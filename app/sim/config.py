@@ -1,0 +1,37 @@
+"""Run-wide simulator settings: the defaults every request falls back to."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from app.sim.faults import FaultRates
+
+DEFAULT_TTFT = 0.05
+DEFAULT_TPS = 200.0
+DEFAULT_RETRY_AFTER = 1.0
+
+
+@dataclass
+class SimConfig:
+    """Mutable on purpose: the admin API changes these while the server runs."""
+
+    ttft: float = DEFAULT_TTFT
+    tps: float = DEFAULT_TPS
+    faults: FaultRates = field(default_factory=FaultRates)
+    retry_after: float = DEFAULT_RETRY_AFTER
+    seed: int | None = None
+    # Seeded once so a run with the same seed and request order injects the same faults.
+    rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "ttft": self.ttft,
+            "tps": self.tps,
+            "faults": str(self.faults),
+            "retry_after": self.retry_after,
+            "seed": self.seed,
+        }

@@ -1,0 +1,163 @@
+"""Per-request knobs: `[[sim key=value ...]]` in the last user message, or X-Sim-* headers.
+
+Tests and benchmarks steer single calls through the real client this way, without any
+side channel: the directive travels inside the prompt the code under test sends anyway.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from app.sim.faults import FAULT_KINDS
+from app.sim.text import message_text
+
+_DIRECTIVE = re.compile(r"\[\[\s*sim\b(?P<body>[^\]]*)\]\]", re.IGNORECASE)
+_PAIR = re.compile(r"(?P<key>[A-Za-z_]+)\s*=\s*(?P<value>[^\s\]]+)")
+
+HEADER_PREFIX = "X-Sim-"
+NO_FAULT = "none"
+
+
+class DirectiveError(ValueError):
+    """A directive a test author wrote wrong; answered with a 400 so the typo is noticed."""
+
+
+@dataclass(frozen=True)
+class Directives:
+    """Knobs for one request; None means "not given here, fall back"."""
+
+    fault: str | None = None
+    times: int | None = None
+    retry_after: float | None = None
+    ttft: float | None = None
+    tps: float | None = None
+    tokens: int | None = None
+    duration: float | None = None
+
+    def over(self, fallback: Directives) -> Directives:
+        """These directives, with fields they leave unset taken from `fallback`."""
+        given = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(fallback, **{k: v for k, v in given.items() if v is not None})
+
+
+def _parse_fault(value: str) -> str:
+    kind = value.strip().lower()
+    # "none" asks for a normal answer even when the run injects random faults.
+    if kind not in FAULT_KINDS and kind != NO_FAULT:
+        raise DirectiveError(
+            f"unknown sim fault {value!r}; kinds: {', '.join(sorted(FAULT_KINDS))}"
+        )
+    return kind
+
+
+def _parse_count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("negative")
+    return number
+
+
+def _parse_seconds(value: str) -> float:
+    number = float(value)
+    if not number >= 0:  # also rejects NaN
+        raise ValueError("negative")
+    return number
+
+
+_PARSERS: dict[str, Any] = {
+    "fault": _parse_fault,
+    "times": _parse_count,
+    "retry_after": _parse_seconds,
+    "ttft": _parse_seconds,
+    "tps": _parse_seconds,
+    "tokens": _parse_count,
+    "duration": _parse_seconds,
+}
+
+
+def parse_pairs(pairs: Mapping[str, str]) -> Directives:
+    values: dict[str, Any] = {}
+    for raw_key, raw_value in pairs.items():
+        key = raw_key.strip().lower().replace("-", "_")
+        parser = _PARSERS.get(key)
+        if parser is None:
+            raise DirectiveError(f"unknown sim knob {raw_key!r}; knobs: {', '.join(_PARSERS)}")
+        try:
+            values[key] = parser(raw_value)
+        except DirectiveError:
+            raise
+        except ValueError as error:
+            raise DirectiveError(f"bad value for sim knob {raw_key}: {raw_value!r}") from error
+    return Directives(**values)
+
+
+def parse_directive_text(text: str) -> tuple[Directives, str]:
+    """Directives found in `text` (a later block wins) and the text without them."""
+    pairs: dict[str, str] = {}
+    for block in _DIRECTIVE.finditer(text):
+        for pair in _PAIR.finditer(block.group("body")):
+            pairs[pair.group("key")] = pair.group("value")
+    cleaned = _DIRECTIVE.sub("", text).strip()
+    return parse_pairs(pairs), cleaned
+
+
+def parse_headers(headers: Mapping[str, str]) -> Directives:
+    """Directives from X-Sim-* headers (X-Sim-Fault, X-Sim-Retry-After, ...)."""
+    pairs = {
+        name[len(HEADER_PREFIX) :]: value
+        for name, value in headers.items()
+        if name.lower().startswith(HEADER_PREFIX.lower())
+    }
+    return parse_pairs(pairs)
+
+
+def directive_message(messages: Sequence[Any]) -> str:
+    """The text of the last user message that carries a directive, else of the last user
+    message. Looking past the last message lets a follow-up turn (a repair request, say)
+    keep the conversation's knobs."""
+    last_user = ""
+    for message in reversed(messages):
+        if isinstance(message, Mapping) and message.get("role") == "user":
+            text = message_text(message)
+            if _DIRECTIVE.search(text):
+                return text
+            last_user = last_user or text
+    return last_user
+
+
+def request_directives(messages: Sequence[Any], headers: Mapping[str, str]) -> Directives:
+    """The knobs of one request: the message directive wins over headers."""
+    from_text, _ = parse_directive_text(directive_message(messages))
+    return from_text.over(parse_headers(headers))
+
+
+def fault_key(messages: Sequence[Any]) -> int:
+    """What `times=N` counts: requests carrying the same directive message, so every turn of
+    one conversation draws on the same budget."""
+    return zlib.crc32(directive_message(messages).encode())
+
+
+class FaultCounter:
+    """Counts requests per messages hash so `times=N` faults only the first N of them."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._counts: OrderedDict[int, int] = OrderedDict()
+        self._max_keys = max_keys
+
+    def should_fault(self, key: int, times: int | None) -> bool:
+        if times is None:
+            return True
+        count = self._counts.pop(key, 0) + 1
+        self._counts[key] = count
+        # Forget the oldest hashes so a long benchmark cannot grow this without bound.
+        while len(self._counts) > self._max_keys:
+            self._counts.popitem(last=False)
+        return count <= times
+
+    def reset(self) -> None:
+        self._counts.clear()

@@ -1,0 +1,122 @@
+"""The aiohttp application: OpenAI-compatible endpoints plus the /_sim/ admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from aiohttp import web
+
+from app.sim import admin
+from app.sim.answer import ChatRequest, InvalidRequest, compose_answer
+from app.sim.config import SimConfig
+from app.sim.directives import DirectiveError, Directives, fault_key, request_directives
+from app.sim.faults import HTTP_FAULTS, error_body
+from app.sim.pacing import schedule
+from app.sim.state import STATE, SimState
+from app.sim.streaming import Reply, send_stream, send_whole
+from app.sim.text import seed_for
+
+log = logging.getLogger(__name__)
+
+MODEL_IDS = ("sim-small", "sim-large", "gpt-4o-mini", "gpt-4o")
+OWNER = "conveyor-sim"
+# Prompts can be long; OpenAI accepts far more than aiohttp's 1 MiB default.
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+
+
+def make_app(config: SimConfig | None = None) -> web.Application:
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app[STATE] = SimState(config or SimConfig())
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    admin.add_routes(app)
+    return app
+
+
+def _model(model_id: str) -> dict[str, object]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": OWNER}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model(m) for m in MODEL_IDS]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    # Any model name works in completions, so every name "exists" here too.
+    return web.json_response(_model(request.match_info["model"]))
+
+
+def _error(
+    status: int,
+    message: str,
+    error_type: str,
+    code: str | None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.json_response(error_body(message, error_type, code), status=status, headers=headers)
+
+
+def _invalid(message: str) -> web.Response:
+    return _error(400, message, "invalid_request_error", None)
+
+
+def _fault_response(fault: str, knobs: Directives, state: SimState) -> web.Response:
+    status, error_type, code, message = HTTP_FAULTS[fault]
+    if status == 429:
+        retry_after = (
+            knobs.retry_after if knobs.retry_after is not None else state.config.retry_after
+        )
+        return _error(status, message, error_type, code, {"Retry-After": f"{retry_after:g}"})
+    return _error(status, message, error_type, code)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    arrived = asyncio.get_running_loop().time()
+    state = request.app[STATE]
+    stats = state.stats
+    stats.requests += 1
+    try:
+        chat = ChatRequest.from_body(await request.json())
+        knobs = request_directives(chat.messages, request.headers)
+    except ValueError as error:  # bad JSON, InvalidRequest and DirectiveError alike
+        stats.by_outcome["invalid_request"] += 1
+        message = str(error)
+        if not isinstance(error, InvalidRequest | DirectiveError):
+            message = "We could not parse the JSON body of your request."
+        return _invalid(message)
+
+    messages_hash = seed_for(chat.messages)
+    fault = state.choose_fault(knobs, fault_key(chat.messages))
+    stats.by_outcome[fault or "ok"] += 1
+    if fault is not None:
+        log.debug("injecting fault %s (knobs %s)", fault, knobs)
+    if fault in HTTP_FAULTS:
+        return _fault_response(fault, knobs, state)
+    try:
+        answer = compose_answer(chat, messages_hash, knobs.tokens, fault)
+    except InvalidRequest as error:
+        return _invalid(str(error))
+
+    config = state.config
+    reply = Reply(
+        completion_id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        created=int(time.time()),
+        model=chat.model,
+        answer=answer,
+        timing=schedule(
+            len(answer.pieces),
+            ttft=knobs.ttft if knobs.ttft is not None else config.ttft,
+            tps=knobs.tps if knobs.tps is not None else config.tps,
+            duration=knobs.duration,
+        ),
+        fault=fault,
+        include_usage=chat.include_usage,
+        arrived=arrived,
+    )
+    if chat.stream:
+        return await send_stream(request, reply, stats)
+    return await send_whole(request, reply, stats)

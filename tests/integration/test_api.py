@@ -1,0 +1,229 @@
+"""The HTTP contract: auth, tenancy, validation as problem+json, pagination, OpenAPI."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from app.jobs import service
+from tests.conftest import Tenant
+
+PROBLEM = "application/problem+json"
+
+
+def assert_problem(response, status: int, field: str | None = None) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.headers["Content-Type"] == PROBLEM
+    problem = response.get_json()
+    assert problem["status"] == status and problem["title"] and problem["type"]
+    if field is not None:
+        assert field in [e["field"] for e in problem["errors"]], problem
+    return problem
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"input": {"prompt": "x"}}, "kind"),
+        ({"kind": "chat"}, "input"),
+        ({"kind": "nope", "input": {"prompt": "x"}}, "kind"),
+        ({"kind": "chat", "input": {}}, "input"),
+        ({"kind": "chat", "input": {"prompt": 42}}, "input.prompt"),
+        ({"kind": "chat", "input": {"prompt": ""}}, "input.prompt"),
+        ({"kind": "chat", "input": {"prompt": "x", "max_tokens": "many"}}, "input.max_tokens"),
+        ({"kind": "chat", "input": {"prompt": "x", "max_tokens": -1}}, "input.max_tokens"),
+        ({"kind": "chat", "input": {"prompt": "x", "temperature": 9}}, "input.temperature"),
+        ({"kind": "chat", "input": {"prompt": "x", "surprise": 1}}, "input.surprise"),
+        (
+            {"kind": "chat", "input": {"messages": [{"role": "robot", "content": "x"}]}},
+            "input.messages.0.role",
+        ),
+        ({"kind": "chat", "input": {"prompt": "x"}, "priority": 10}, "priority"),
+        ({"kind": "chat", "input": {"prompt": "x"}, "priority": "high"}, "priority"),
+        ({"kind": "chat", "input": "just a string"}, "input"),
+        ({"kind": ["chat"], "input": {"prompt": "x"}}, "kind"),
+        ({"kind": "chat", "input": {"prompt": "x"}, "extra": True}, "extra"),
+        ({"kind": "structured", "input": {"prompt": "x"}}, "input.schema"),
+        (
+            {"kind": "structured", "input": {"prompt": "x", "schema": {"type": "array"}}},
+            "input.schema",
+        ),
+        ({"kind": "structured", "input": {"prompt": "x", "schema": {"type": 12}}}, "input.schema"),
+    ],
+)
+def test_invalid_job_bodies_are_422_naming_the_field(
+    tenant: Tenant, body: dict, field: str
+) -> None:
+    assert_problem(tenant.post("/api/v1/jobs", json=body), 422, field)
+
+
+def test_a_body_that_is_not_an_object_is_422(tenant: Tenant) -> None:
+    assert_problem(tenant.post("/api/v1/jobs", json=[1, 2]), 422)
+
+
+def test_malformed_json_is_400(tenant: Tenant) -> None:
+    response = tenant.post(
+        "/api/v1/jobs", data=b'{"kind": "chat", "input": {', content_type="application/json"
+    )
+    assert_problem(response, 400)
+
+
+def test_non_json_body_is_415(tenant: Tenant) -> None:
+    assert_problem(tenant.post("/api/v1/jobs", data="kind=chat", content_type="text/plain"), 415)
+
+
+def test_oversized_body_is_413(tenant: Tenant, app) -> None:
+    size = app.config["MAX_CONTENT_LENGTH"] + 1
+    body = b'{"kind": "chat", "input": {"prompt": "' + b"x" * size + b'"}}'
+    assert_problem(tenant.post("/api/v1/jobs", data=body, content_type="application/json"), 413)
+
+
+def test_prompt_longer_than_the_limit_is_422(tenant: Tenant) -> None:
+    body = {"kind": "chat", "input": {"prompt": "x" * 100_001}}
+    assert_problem(tenant.post("/api/v1/jobs", json=body), 422, "input.prompt")
+
+
+def test_invalid_unicode_is_a_4xx_not_a_500(tenant: Tenant) -> None:
+    response = tenant.post(
+        "/api/v1/jobs",
+        data=b'{"kind": "chat", "input": {"prompt": "\xff"}}',
+        content_type="application/json",
+    )
+    assert 400 <= response.status_code < 500
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("limit=ten", "limit"),
+        ("status=done", "status"),
+        ("cursor=%%%", "cursor"),
+        ("bogus=1", "bogus"),
+    ],
+)
+def test_invalid_list_queries_are_422(tenant: Tenant, query: str, field: str) -> None:
+    assert_problem(tenant.get(f"/api/v1/jobs?{query}"), 422, field)
+
+
+def test_invalid_events_query_is_422(tenant: Tenant) -> None:
+    job_id = service.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
+    assert_problem(tenant.get(f"/api/v1/jobs/{job_id}/events?after=-1"), 422, "after")
+    assert_problem(tenant.get(f"/api/v1/jobs/{job_id}/events?wait=600"), 422, "wait")
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer nope", "Basic abc", "bearer  "])
+def test_missing_or_bad_keys_are_401(app, header: str | None) -> None:
+    headers = {"Authorization": header} if header is not None else {}
+    response = app.test_client().get("/api/v1/jobs", headers=headers)
+    assert_problem(response, 401)
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_a_revoked_key_is_refused(app, tenant: Tenant) -> None:
+    from app.api import auth
+
+    auth.revoke_api_key(tenant.key[:12])
+    assert_problem(tenant.get("/api/v1/jobs"), 401)
+
+
+def test_another_owners_job_is_404_everywhere(new_tenant) -> None:
+    alice, mallory = new_tenant(), new_tenant()
+    job_id = alice.submit("chat", {"prompt": "private"})["id"]
+    for path in ("", "/result", "/events", "/logs"):
+        assert_problem(mallory.get(f"/api/v1/jobs/{job_id}{path}"), 404)
+    for action in ("/cancel", "/retry"):
+        assert_problem(mallory.post(f"/api/v1/jobs/{job_id}{action}"), 404)
+    assert_problem(mallory.delete(f"/api/v1/jobs/{job_id}"), 404)
+    assert mallory.get("/api/v1/jobs").get_json()["items"] == []
+    assert mallory.get("/api/v1/stats").get_json()["by_status"]["queued"] == 0
+    assert alice.get(f"/api/v1/jobs/{job_id}").status_code == 200
+
+
+def test_unknown_job_and_bad_ids_are_404(tenant: Tenant) -> None:
+    assert_problem(tenant.get(f"/api/v1/jobs/{uuid.uuid4()}"), 404)
+    assert_problem(tenant.get("/api/v1/jobs/not-a-uuid"), 404)
+    assert_problem(tenant.get("/api/v1/nothing-here"), 404)
+
+
+def test_wrong_method_is_405_problem(tenant: Tenant) -> None:
+    assert_problem(tenant.client.put("/api/v1/jobs", headers=tenant.headers), 405)
+
+
+def test_result_is_409_until_the_job_finishes(tenant: Tenant) -> None:
+    job_id = service.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
+    service.cancel_job(tenant.owner, job_id)  # terminal now
+    queued = service.create_job(
+        owner=tenant.owner, kind="chat", input={"prompt": "[[sim ttft=5]]"}
+    ).job.id
+    assert_problem(tenant.get(f"/api/v1/jobs/{queued}/result"), 409)
+    assert tenant.get(f"/api/v1/jobs/{job_id}/result").status_code == 200
+    service.cancel_job(tenant.owner, queued)
+
+
+def test_keyset_pagination_walks_every_job_once(tenant: Tenant) -> None:
+    created = {
+        str(service.create_job(owner=tenant.owner, kind="chat", input={"prompt": f"p{i}"}).job.id)
+        for i in range(7)
+    }
+    seen, cursor = [], None
+    while True:
+        query = "limit=3" + (f"&cursor={cursor}" if cursor else "")
+        page = tenant.get(f"/api/v1/jobs?{query}").get_json()
+        seen += [job["id"] for job in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 7
+    assert set(seen) == created
+
+
+def test_list_filters_by_status_and_kind(tenant: Tenant) -> None:
+    job_id = service.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
+    service.cancel_job(tenant.owner, job_id)
+    canceled = tenant.get("/api/v1/jobs?status=canceled&kind=chat").get_json()["items"]
+    assert [job["id"] for job in canceled] == [str(job_id)]
+    assert tenant.get("/api/v1/jobs?kind=structured").get_json()["items"] == []
+
+
+def test_post_returns_202_with_location(tenant: Tenant) -> None:
+    response = tenant.post("/api/v1/jobs", json={"kind": "chat", "input": {"prompt": "hi"}})
+    assert response.status_code == 202
+    job = response.get_json()
+    assert response.headers["Location"] == f"/api/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["progress"] == 0
+
+
+def test_openapi_document_is_generated_and_complete(app) -> None:
+    client = app.test_client()
+    doc = client.get("/api/v1/openapi.json").get_json()
+    assert doc["openapi"].startswith("3.1")
+    post = doc["paths"]["/api/v1/jobs"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "JobCreate"
+    )
+    assert {"202", "401", "422"} <= set(post["responses"])
+    assert "ChatInput" in doc["components"]["schemas"]
+    assert "StructuredInput" in doc["components"]["schemas"]
+    for path in ("/api/v1/jobs/{job_id}/result", "/api/v1/stats", "/api/v1/ready"):
+        assert path in doc["paths"]
+    page = client.get("/api/v1/docs")
+    assert page.status_code == 200 and b"/api/v1/jobs" in page.data
+
+
+def test_kinds_lists_input_schemas(tenant: Tenant) -> None:
+    kinds = {k["name"]: k for k in tenant.get("/api/v1/kinds").get_json()["items"]}
+    assert set(kinds) >= {"chat", "structured"}
+    assert "schema" in kinds["structured"]["input_schema"]["properties"]
+
+
+def test_health_and_ready(app, worker) -> None:
+    client = app.test_client()
+    assert client.get("/api/v1/health").get_json() == {"status": "ok"}
+    ready = client.get("/api/v1/ready")
+    body = ready.get_json()
+    assert ready.status_code == 200
+    assert body["checks"]["database"]["ok"] and body["checks"]["broker"]["ok"]
+    assert body["status"] in ("healthy", "degraded")

@@ -1,0 +1,231 @@
+"""Whole jobs, end to end: API -> PostgreSQL -> Redis -> real Celery worker -> the simulator
+over HTTP through the openai client -> stored result, events, usage and cost."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import select
+
+from app.models import ModelCall
+from app.runtime import runtime
+from tests.conftest import Tenant, wait_until
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+def unique(prompt: str) -> str:
+    """Prompts differ per test so the simulator's per-prompt fault counters never collide."""
+    return f"{prompt} ({uuid.uuid4().hex[:8]})"
+
+
+def model_calls(job_id: str) -> list[ModelCall]:
+    with runtime().db.transaction() as session:
+        return list(
+            session.scalars(
+                select(ModelCall)
+                .where(ModelCall.job_id == uuid.UUID(job_id))
+                .order_by(ModelCall.id)
+            )
+        )
+
+
+def all_events(tenant: Tenant, job_id: str) -> list[dict]:
+    return tenant.get(f"/api/v1/jobs/{job_id}/events?after=0").get_json()["items"]
+
+
+def test_chat_job_runs_to_a_stored_result_with_usage_and_cost(tenant: Tenant) -> None:
+    created = tenant.submit("chat", {"prompt": unique("Write a haiku about queues")})
+    assert created["status"] == "queued"
+    job = tenant.wait_for(created["id"])
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == 100
+    assert job["attempt"] == 1
+
+    result = tenant.get(f"/api/v1/jobs/{job['id']}/result").get_json()
+    text = result["output"]["text"]
+    assert len(text.split()) >= 10
+    assert result["usage"]["tokens_out"] > 0 and result["usage"]["tokens_in"] > 0
+    calls = model_calls(job["id"])
+    assert [c.outcome for c in calls] == ["ok"]
+    assert Decimal(result["usage"]["cost_usd"]) == calls[0].cost_usd > 0
+
+    events = all_events(tenant, job["id"])
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(1, len(seqs) + 1)), "seq has no gaps and no repeats"
+    types = [e["type"] for e in events]
+    assert types[0] == "job.queued" and types[1] == "job.started"
+    assert types[-1] == "job.succeeded"
+    streamed = "".join(e["data"]["text"] for e in events if e["type"] == "job.output.delta")
+    assert streamed == text, "the streamed deltas add up to the stored output"
+
+
+def test_structured_job_output_validates_against_the_schema(tenant: Tenant) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        },
+        "required": ["name", "age", "tags"],
+        "additionalProperties": False,
+    }
+    created = tenant.submit("structured", {"prompt": unique("A character"), "schema": schema})
+    job = tenant.wait_for(created["id"])
+    assert job["status"] == "succeeded", job
+    data = tenant.get(f"/api/v1/jobs/{job['id']}/result").get_json()["output"]["data"]
+    assert isinstance(data["name"], str) and 0 <= data["age"] <= 120 and data["tags"]
+
+
+def test_structured_job_repairs_invalid_json_once(tenant: Tenant) -> None:
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
+    prompt = unique("Title please [[sim fault=invalid_json times=1]]")
+    job = tenant.wait_for(tenant.submit("structured", {"prompt": prompt, "schema": schema})["id"])
+    assert job["status"] == "succeeded", job
+    output = tenant.get(f"/api/v1/jobs/{job['id']}/result").get_json()["output"]
+    assert output["repaired"] is True and isinstance(output["data"]["title"], str)
+    assert len(model_calls(job["id"])) == 2
+    logs = tenant.get(f"/api/v1/jobs/{job['id']}/logs").get_json()["items"]
+    assert any("repair" in entry["message"] for entry in logs)
+
+
+def test_structured_job_fails_clearly_when_the_repair_fails_too(tenant: Tenant) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    prompt = unique("Number [[sim fault=schema_mismatch]]")
+    job = tenant.wait_for(tenant.submit("structured", {"prompt": prompt, "schema": schema})["id"])
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "output_invalid"
+    assert job["attempt"] == 1, "an invalid output is not retried"
+    assert len(model_calls(job["id"])) == 2
+
+
+def test_rate_limit_with_retry_after_is_retried_then_succeeds(tenant: Tenant) -> None:
+    prompt = unique("Hello [[sim fault=429 times=1 retry_after=1]]")
+    started = time.monotonic()
+    job = tenant.wait_for(tenant.submit("chat", {"prompt": prompt})["id"])
+    elapsed = time.monotonic() - started
+    assert job["status"] == "succeeded", job
+    assert job["attempt"] == 2
+    assert elapsed >= 1.0, "Retry-After was honoured"
+    assert [c.outcome for c in model_calls(job["id"])] == ["model_rate_limited", "ok"]
+    retrying = [e for e in all_events(tenant, job["id"]) if e["type"] == "job.retrying"]
+    assert retrying[0]["data"]["error"]["code"] == "model_rate_limited"
+    assert retrying[0]["data"]["delay"] >= 1.0
+
+
+def test_bad_request_from_the_model_fails_at_once_with_its_code(tenant: Tenant) -> None:
+    job = tenant.wait_for(tenant.submit("chat", {"prompt": unique("[[sim fault=400]] hi")})["id"])
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "model_bad_request"
+    assert "400" in job["error"]["message"]
+    assert job["attempt"] == 1
+    result = tenant.get(f"/api/v1/jobs/{job['id']}/result").get_json()
+    assert result["output"] is None and result["error"]["code"] == "model_bad_request"
+
+
+def test_server_errors_exhaust_the_attempt_budget(tenant: Tenant) -> None:
+    prompt = unique("[[sim fault=500]] hi")
+    job = tenant.wait_for(tenant.submit("chat", {"prompt": prompt}, max_attempts=2)["id"])
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "model_unavailable"
+    assert job["attempt"] == 2
+    assert len(model_calls(job["id"])) == 2
+
+
+def test_dropped_stream_is_retried_and_partial_output_is_not_the_result(tenant: Tenant) -> None:
+    prompt = unique("Tell a story [[sim fault=drop times=1]]")
+    job = tenant.wait_for(tenant.submit("chat", {"prompt": prompt})["id"])
+    assert job["status"] == "succeeded", job
+    assert [c.outcome for c in model_calls(job["id"])] == ["model_stream_dropped", "ok"]
+    text = tenant.get(f"/api/v1/jobs/{job['id']}/result").get_json()["output"]["text"]
+    events = all_events(tenant, job["id"])
+    last_start = max(i for i, e in enumerate(events) if e["type"] == "job.started")
+    first_try = "".join(
+        e["data"]["text"] for e in events[:last_start] if e["type"] == "job.output.delta"
+    )
+    second_try = "".join(
+        e["data"]["text"] for e in events[last_start:] if e["type"] == "job.output.delta"
+    )
+    assert first_try and text.startswith(first_try) and len(first_try) < len(text)
+    assert second_try == text, "the result is the complete answer of the attempt that succeeded"
+
+
+def test_canceling_a_queued_job_is_immediate(tenant: Tenant, app) -> None:
+    from app.jobs import service
+
+    # A row that nobody has dispatched yet stays queued long enough to cancel it.
+    created = service.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}, priority=0)
+    job_id = str(created.job.id)
+    response = tenant.post(f"/api/v1/jobs/{job_id}/cancel")
+    assert response.status_code in (200, 202)
+    job = tenant.wait_for(job_id)
+    assert job["status"] == "canceled"
+
+
+def test_canceling_a_running_job_closes_the_stream_and_keeps_partial_usage(
+    tenant: Tenant, simulator
+) -> None:
+    before = simulator.stats()["canceled_by_client"]
+    prompt = unique("A long essay [[sim tokens=600 tps=30]]")
+    job_id = tenant.submit("chat", {"prompt": prompt})["id"]
+    wait_until(lambda: any(e["type"] == "job.output.delta" for e in all_events(tenant, job_id)))
+    response = tenant.post(f"/api/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 202
+    assert response.get_json()["cancel_requested"] is True
+    asked = time.monotonic()
+    job = tenant.wait_for(job_id, timeout=10)
+    assert job["status"] == "canceled"
+    assert time.monotonic() - asked < 3, "cancellation is fast, not a heartbeat later"
+    result = tenant.get(f"/api/v1/jobs/{job_id}/result").get_json()
+    assert result["output"]["partial_text"]
+    assert 0 < result["usage"]["tokens_out"] < 600
+    assert [c.outcome for c in model_calls(job_id)] == ["interrupted"]
+    wait_until(lambda: simulator.stats()["canceled_by_client"] > before, timeout=5)
+
+
+def test_retry_creates_a_new_job_linked_to_the_old_one(tenant: Tenant) -> None:
+    failed = tenant.wait_for(tenant.submit("chat", {"prompt": unique("[[sim fault=401]]")})["id"])
+    assert failed["error"]["code"] == "model_auth_failed"
+    response = tenant.post(f"/api/v1/jobs/{failed['id']}/retry")
+    assert response.status_code == 202
+    retried = response.get_json()
+    assert retried["retry_of"] == failed["id"] and retried["id"] != failed["id"]
+    assert response.headers["Location"].endswith(retried["id"])
+
+
+def test_delete_only_finished_jobs(tenant: Tenant) -> None:
+    job_id = tenant.submit("chat", {"prompt": unique("slow [[sim tokens=400 tps=40]]")})["id"]
+    tenant.wait_for(job_id, "running")
+    conflict = tenant.delete(f"/api/v1/jobs/{job_id}")
+    assert conflict.status_code == 409
+    assert conflict.headers["Content-Type"] == "application/problem+json"
+    tenant.post(f"/api/v1/jobs/{job_id}/cancel")
+    tenant.wait_for(job_id)
+    assert tenant.delete(f"/api/v1/jobs/{job_id}").status_code == 204
+    assert tenant.get(f"/api/v1/jobs/{job_id}").status_code == 404
+
+
+def test_events_long_poll_returns_when_a_new_event_arrives(tenant: Tenant) -> None:
+    job_id = tenant.submit("chat", {"prompt": unique("hi [[sim ttft=0.5]]")})["id"]
+    page = tenant.get(f"/api/v1/jobs/{job_id}/events?after=1&wait=10").get_json()
+    assert page["items"] and page["items"][0]["seq"] == 2
+    assert page["source"] == "stream"
+
+
+def test_stats_aggregate_the_callers_jobs(new_tenant) -> None:
+    tenant = new_tenant()
+    ids = [tenant.submit("chat", {"prompt": unique(f"stats {i}")})["id"] for i in range(3)]
+    for job_id in ids:
+        tenant.wait_for(job_id)
+    stats = tenant.get("/api/v1/stats").get_json()
+    assert stats["by_status"]["succeeded"] == 3
+    assert stats["by_kind"]["chat"]["succeeded"] == 3
+    assert stats["tokens_out"] > 0 and Decimal(stats["cost_usd"]) > 0
+    assert stats["duration_seconds"]["count"] == 3
+    assert stats["duration_seconds"]["p50"] > 0
+    assert json.dumps(stats)

@@ -1,0 +1,1 @@
+"""The Celery runtime: `celery -A workers.celery_app worker` / `beat`."""
