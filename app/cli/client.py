@@ -209,7 +209,8 @@ def follow_job(api: Api, job_id: str) -> dict[str, Any]:
         # The stream had expired: the stored result stands in for the deltas.
         output = api.request("GET", f"/jobs/{job_id}/result")["output"]
         console.print(output.get("text") or json.dumps(output, indent=2))
-    console.print(summary_line(job))
+    console.print()
+    console.print(summary_line(job), soft_wrap=True)
     return job
 
 
@@ -220,9 +221,10 @@ def summary_line(job: dict[str, Any]) -> str:
     usage = job["usage"]
     tokens = usage["tokens_in"] + usage["tokens_out"]
     cost = Decimal(usage["cost_usd"])
-    line = (
-        f"job {job['id'][:8]}… {job['status']} in {seconds:.1f} s · {tokens} tokens · ${cost:.4f}"
-    )
+    # Small jobs cost fractions of a cent: show enough digits to see them.
+    cost_text = f"${cost:.4f}" if cost >= Decimal("0.01") or cost == 0 else f"${cost:.6f}"
+    line = f"job {job['id'][:8]}… {job['status']} in {seconds:.1f} s · {tokens} tokens · "
+    line += cost_text
     if job.get("error"):
         line += f" · {job['error']['code']}: {job['error']['message']}"
     return line

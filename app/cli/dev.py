@@ -172,7 +172,8 @@ def run_demo_then_wait(
     api = Api(url, key)
     job = api.request("POST", "/jobs", json={"kind": "chat", "input": {"prompt": DEMO_PROMPT}})
     follow_job(api, job["id"])
-    console.print(f"""
+    console.print(
+        f"""
 [bold]Conveyor is running.[/bold] Ctrl-C stops everything.
   dashboard   {url}/
   API docs    {url}/api/v1/docs   (OpenAPI: {url}/api/v1/openapi.json)
@@ -181,7 +182,9 @@ def run_demo_then_wait(
   try         conveyor submit chat --prompt "Hello" --follow
   databases   DATABASE_URL={env["DATABASE_URL"]}  REDIS_URL={env["REDIS_URL"]}
   logs        {log_path}
-""")
+""",
+        soft_wrap=True,
+    )
     with log_path.open() as log:
         log.seek(0, os.SEEK_END)
         while honcho.poll() is None:
@@ -190,6 +193,9 @@ def run_demo_then_wait(
                 sys.stdout.write(line)
             else:
                 time.sleep(0.2)
+    if honcho.returncode in (0, 130, -signal.SIGINT):  # Ctrl-C reached honcho first
+        console.print("\n[bold]stopped[/bold]")
+        return 0
     console.print(f"[red]the processes stopped (exit {honcho.returncode}); see {log_path}[/red]")
     return honcho.returncode or 1
 
