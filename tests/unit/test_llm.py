@@ -119,5 +119,5 @@ def test_price_file_overrides_and_adds(tmp_path: Path) -> None:
 def test_bad_price_files_fail_clearly(tmp_path: Path, content: str) -> None:
     path = tmp_path / "prices.json"
     path.write_text(content)
-    with pytest.raises(PricingError, match="prices.json"):
+    with pytest.raises(PricingError, match=r"prices\.json"):
         PriceTable.load(path)
