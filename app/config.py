@@ -106,6 +106,8 @@ def testing_settings(**overrides: object) -> Settings:
         "openai_api_key": "sim",
         "secret_key": "test-secret",
         "worker_concurrency": 8,
+        "job_soft_time_limit": 10.0,
+        "job_time_limit": 20.0,
     }
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]

@@ -30,6 +30,13 @@ class JobCanceled(Exception):
     """The job's owner canceled it while it ran."""
 
 
+class JobTimedOut(Exception):
+    """The attempt ran past `job_soft_time_limit`.
+
+    Enforced here rather than by Celery because Celery's time limits only work in the prefork
+    pool, and model calls run in the threads pool."""
+
+
 class JobContext:
     def __init__(self, claim: Claim, rt: Runtime, models: ModelClient) -> None:
         self.claim = claim
@@ -40,6 +47,8 @@ class JobContext:
         self._seq = claim.seq
         self._cancel = threading.Event()
         self._lease_lost = threading.Event()
+        self._timed_out = threading.Event()
+        self.deadline = time.monotonic() + rt.settings.job_soft_time_limit
         self._closer: Callable[[], None] | None = None
         self._closer_lock = threading.Lock()
         self._pending: list[str] = []
@@ -60,6 +69,10 @@ class JobContext:
         self._lease_lost.set()
         self._interrupt()
 
+    def time_out(self) -> None:
+        self._timed_out.set()
+        self._interrupt()
+
     def _interrupt(self) -> None:
         with self._closer_lock:
             closer = self._closer
@@ -75,14 +88,16 @@ class JobContext:
 
     @property
     def interrupted(self) -> bool:
-        return self._cancel.is_set() or self._lease_lost.is_set()
+        return self._cancel.is_set() or self._lease_lost.is_set() or self._timed_out.is_set()
 
     def check(self) -> None:
-        """Raises if the job must stop now: lease taken away, or canceled."""
+        """Raises if the job must stop now: lease taken away, canceled, or out of time."""
         if self._lease_lost.is_set():
             raise LeaseLost(f"job {self.job_id} attempt {self.attempt} lost its lease")
         if self._cancel.is_set():
             raise JobCanceled
+        if self._timed_out.is_set():
+            raise JobTimedOut
 
     # What kinds call --------------------------------------------------------------------------
 

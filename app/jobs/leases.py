@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -83,7 +84,10 @@ class ActiveJobs:
         if not jobs:
             return
         alive = service.renew_leases([(ctx.job_id, ctx.attempt) for ctx in jobs])
+        now = time.monotonic()
         for ctx in jobs:
+            if now > ctx.deadline:
+                ctx.time_out()
             state = alive.get(ctx.job_id)
             if state is None:
                 if self.get(ctx.job_id) is ctx:  # not finished meanwhile

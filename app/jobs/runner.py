@@ -14,12 +14,11 @@ import socket
 import uuid
 from enum import StrEnum
 
-from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
 from pydantic import ValidationError
 
 from app.jobs import service
-from app.jobs.context import JobCanceled, JobContext
+from app.jobs.context import JobCanceled, JobContext, JobTimedOut
 from app.jobs.leases import active_jobs
 from app.jobs.service import LeaseLost
 from app.jobs.states import JobStatus
@@ -67,6 +66,11 @@ def execute_job(job_id: uuid.UUID) -> Outcome:
     active_jobs.track(ctx)
     try:
         return _run_attempt(ctx)
+    except LeaseLost:
+        # Raised while recording an outcome: the sweeper took the job meanwhile, and the newer
+        # attempt's state is the one that counts.
+        logger.warning("outcome not recorded: lease lost", extra={"job_id": job_id})
+        return Outcome.LEASE_LOST
     finally:
         active_jobs.untrack(ctx)
 
@@ -103,7 +107,7 @@ def _run_attempt(ctx: JobContext) -> Outcome:
     except (ValidationError, KindError) as exc:
         _fail(ctx, "invalid_input", str(exc))
         return Outcome.FAILED
-    except SoftTimeLimitExceeded:
+    except JobTimedOut:
         _fail(
             ctx,
             "time_limit_exceeded",

@@ -229,3 +229,13 @@ def test_stats_aggregate_the_callers_jobs(new_tenant) -> None:
     assert stats["duration_seconds"]["count"] == 3
     assert stats["duration_seconds"]["p50"] > 0
     assert json.dumps(stats)
+
+
+def test_a_job_past_its_time_limit_fails_and_its_stream_is_closed(tenant: Tenant) -> None:
+    limit = runtime().settings.job_soft_time_limit
+    prompt = unique(f"endless [[sim tokens=400 duration={limit * 3}]]")
+    started = time.monotonic()
+    job = tenant.wait_for(tenant.submit("chat", {"prompt": prompt})["id"], timeout=limit * 2)
+    assert job["status"] == "failed" and job["error"]["code"] == "time_limit_exceeded"
+    assert time.monotonic() - started < limit + 4, "stopped by the heartbeat, not the model"
+    assert [c.outcome for c in model_calls(job["id"])] == ["interrupted"]
