@@ -22,7 +22,9 @@ from tests.conftest import Tenant, wait_until
 pytestmark = pytest.mark.usefixtures("worker")
 
 
-def undispatched_job(owner: str, prompt: str = "hello") -> uuid.UUID:
+def undispatched_job(
+    owner: str, prompt: str = "hello", dispatched_ago: timedelta = timedelta(0)
+) -> uuid.UUID:
     """A committed queued job whose publish never happened (as after a broker outage)."""
     with runtime().db.transaction() as session:
         job_id = uuid.uuid4()
@@ -35,7 +37,7 @@ def undispatched_job(owner: str, prompt: str = "hello") -> uuid.UUID:
                 input={"prompt": f"{prompt} {job_id}"},
                 max_attempts=3,
                 last_seq=1,
-                dispatched_at=func.now(),
+                dispatched_at=func.now() - dispatched_ago,
             )
         )
         session.add(JobEvent(job_id=job_id, seq=1, type="job.queued", data={}))
@@ -143,13 +145,7 @@ def test_a_stale_attempt_cannot_write(tenant: Tenant) -> None:
 
 
 def test_sweeper_republishes_a_job_nobody_claimed(tenant: Tenant) -> None:
-    job_id = undispatched_job(tenant.owner)
-    with runtime().db.transaction() as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(dispatched_at=func.now() - timedelta(minutes=5))
-        )
+    job_id = undispatched_job(tenant.owner, dispatched_ago=timedelta(minutes=5))
     report = service.sweep()
     assert report.republished >= 1
     job = tenant.wait_for(str(job_id))
@@ -184,13 +180,7 @@ def test_sweeper_fails_a_lost_job_past_its_attempts(tenant: Tenant) -> None:
 
 
 def test_sweep_runs_as_a_celery_task(tenant: Tenant) -> None:
-    job_id = undispatched_job(tenant.owner)
-    with runtime().db.transaction() as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(dispatched_at=func.now() - timedelta(minutes=5))
-        )
+    job_id = undispatched_job(tenant.owner, dispatched_ago=timedelta(minutes=5))
     runtime().celery.send_task("conveyor.sweep")
     assert tenant.wait_for(str(job_id))["status"] == "succeeded"
 
