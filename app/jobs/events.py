@@ -125,13 +125,12 @@ class EventBus:
         return accepted
 
     def _emit(self, event: Event) -> None:
-        envelope = event.envelope()
+        # One publish per event: a list of rooms reaches each client once, even one in both.
+        rooms = [job_room(event.job_id)]
+        if event.type not in EPHEMERAL_EVENTS:
+            rooms.append(owner_room(event.owner))
         try:
-            self._emitter.emit(SOCKET_EVENT, envelope, to=job_room(event.job_id), namespace="/")
-            if event.type not in EPHEMERAL_EVENTS:
-                self._emitter.emit(
-                    SOCKET_EVENT, envelope, to=owner_room(event.owner), namespace="/"
-                )
+            self._emitter.emit(SOCKET_EVENT, event.envelope(), to=rooms, namespace="/")
         except Exception as exc:  # the emitter wraps redis errors in its own types
             logger.warning("socket.io emit failed: %s", exc, extra={"job_id": event.job_id})
 

@@ -239,3 +239,29 @@ def test_a_job_past_its_time_limit_fails_and_its_stream_is_closed(tenant: Tenant
     assert job["status"] == "failed" and job["error"]["code"] == "time_limit_exceeded"
     assert time.monotonic() - started < limit + 4, "stopped by the heartbeat, not the model"
     assert [c.outcome for c in model_calls(job["id"])] == ["interrupted"]
+
+
+def test_events_reach_the_socketio_channel_for_the_job_and_owner_rooms(tenant: Tenant) -> None:
+    pubsub = runtime().redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("conveyor-socketio")
+    try:
+        job_id = tenant.submit("chat", {"prompt": unique("emitted")})["id"]
+        tenant.wait_for(job_id)
+        emitted = []
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.2)  # None also for the subscribe notice
+            if message is None:
+                continue
+            (envelope,) = json.loads(message["data"])["data"]
+            if envelope["job_id"] == job_id:
+                emitted.append(json.loads(message["data"]) | {"data": envelope})
+    finally:
+        pubsub.close()
+    types = [p["data"]["type"] for p in emitted]
+    assert types[0] == "job.queued" and types[-1] == "job.succeeded"
+    assert "job.output.delta" in types
+    for payload in emitted:
+        assert payload["event"] == "job_event" and f"job:{job_id}" in payload["room"]
+        is_delta = payload["data"]["type"] == "job.output.delta"
+        assert (f"user:{tenant.owner}" in payload["room"]) is not is_delta
