@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Flask, Response, jsonify, render_template
 
 from app.api import jobs, problems, system
@@ -21,19 +23,31 @@ def build_api() -> Api:
 
     @blueprint.get("/openapi.json")
     def openapi() -> Response:
-        nonlocal document
-        if document is None:
-            document = api.document(PREFIX)
-        return jsonify(document)
+        return jsonify(cached_document())
 
     @blueprint.get("/docs")
     def docs() -> str:
+        return render_template("api_docs.html", doc=cached_document())
+
+    def cached_document() -> dict[str, Any]:
         nonlocal document
         if document is None:
             document = api.document(PREFIX)
-        return render_template("api_docs.html", doc=document)
+            link_kind_inputs(document)
+        return document
 
     return api
+
+
+def link_kind_inputs(document: dict[str, Any]) -> None:
+    """`JobCreate.input` is validated by the chosen kind; say so in the schema."""
+    schemas = document["components"]["schemas"]
+    names = [kind.Input.__name__ for kind in KINDS.values()]
+    schemas["JobCreate"]["properties"]["input"] = {
+        "description": "The input of the chosen kind: "
+        + ", ".join(f"{kind} -> {name}" for kind, name in zip(KINDS, names, strict=True)),
+        "anyOf": [{"$ref": f"#/components/schemas/{name}"} for name in names],
+    }
 
 
 def init_app(app: Flask) -> None:

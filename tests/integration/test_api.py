@@ -207,6 +207,8 @@ def test_openapi_document_is_generated_and_complete(app) -> None:
     assert {"202", "401", "422"} <= set(post["responses"])
     assert "ChatInput" in doc["components"]["schemas"]
     assert "StructuredInput" in doc["components"]["schemas"]
+    job_input = doc["components"]["schemas"]["JobCreate"]["properties"]["input"]
+    assert {"$ref": "#/components/schemas/ChatInput"} in job_input["anyOf"]
     for path in ("/api/v1/jobs/{job_id}/result", "/api/v1/stats", "/api/v1/ready"):
         assert path in doc["paths"]
     page = client.get("/api/v1/docs")
