@@ -56,6 +56,8 @@ class JobContext:
         self._progress = 0.0
         self._last_progress_write = 0.0
         self.text_so_far: list[str] = []
+        # Model calls not yet written: they ride on the attempt's next write (one statement).
+        self.pending_calls: list[dict[str, Any]] = []
         self.tokens_streamed = 0
         self.llm = JobLLM(self, models)
 
@@ -146,6 +148,7 @@ class JobContext:
                 self.next_seq(),
                 EventType.PROGRESS,
                 {"progress": round(self._progress, 2)},
+                calls=self.take_calls(),
                 progress=self._progress,
             )
 
@@ -156,23 +159,38 @@ class JobContext:
             self.next_seq(),
             EventType.LOG,
             {"level": level, "message": message, **fields},
+            calls=self.take_calls(),
         )
         logger.log(logging.getLevelName(level.upper()), message, extra={"job_id": self.job_id})
 
     def emit(self, event_type: str, data: dict[str, Any]) -> None:
         """A kind-specific durable event (e.g. `character.section`)."""
         self.flush()
-        service.fenced_update(self.claim, self.next_seq(), event_type, data)  # type: ignore[arg-type]
+        service.fenced_update(
+            self.claim, self.next_seq(), event_type, data, calls=self.take_calls()
+        )
 
     # What the runner calls --------------------------------------------------------------------
 
     def finish(self, status: JobStatus, data: dict[str, Any], **values: Any) -> None:
         self.flush()
-        service.finish_job(self.claim, self.next_seq(), status, data, **values)
+        service.finish_job(
+            self.claim, self.next_seq(), status, data, calls=self.take_calls(), **values
+        )
 
     def schedule_retry(self, delay: float, code: str, message: str) -> None:
         self.flush()
-        service.schedule_retry(self.claim, self.next_seq(), delay, code, message)
+        service.schedule_retry(
+            self.claim, self.next_seq(), delay, code, message, calls=self.take_calls()
+        )
+
+    def take_calls(self) -> list[dict[str, Any]]:
+        calls, self.pending_calls = self.pending_calls, []
+        return calls
+
+    def record_pending_calls(self) -> None:
+        """For an attempt that ends without a write of its own (lease lost)."""
+        service.record_model_calls(self.claim, self.take_calls())
 
 
 class JobLLM:
@@ -224,7 +242,7 @@ class JobLLM:
             raise
         finally:
             if record is not None:
-                service.record_model_call(ctx.claim, record.as_row(self._models.prices))
+                ctx.pending_calls.append(record.as_row(self._models.prices))
 
 
 def token_progress(expected_tokens: int | None) -> Callable[[int], float]:

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from flask_socketio import SocketIO
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
@@ -29,6 +28,7 @@ from app.models import JobEvent
 logger = logging.getLogger(__name__)
 
 SOCKET_EVENT = "job_event"
+SOCKETIO_CHANNEL = "conveyor-socketio"
 CANCEL_CHANNEL = "conveyor:cancel"
 
 
@@ -74,65 +74,77 @@ def record_event(session: Session, event: Event) -> Event:
     return event
 
 
+# Appends one event to its job's stream and, only if the stream accepted its seq, publishes it
+# to Socket.IO: one round trip, and a fenced-off worker's stale seq reaches nobody.
+_APPEND_AND_EMIT = """
+local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. ARGV[1], 'e', ARGV[2])
+if type(added) == 'table' and added.err then return 0 end
+if ARGV[4] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+"""
+
+
 class EventBus:
     """Publishes committed events to the live feed. Best effort by design: a Redis outage must
-    not fail a state change that PostgreSQL already committed; readers fall back to PostgreSQL."""
+    not fail a state change that PostgreSQL already committed; readers fall back to PostgreSQL.
+
+    Socket.IO messages are written in python-socketio's message-queue format (what
+    `SocketIO(message_queue=...).emit()` publishes) by the same Redis script that appends the
+    event to its stream, rather than through a second round trip of the write-only emitter:
+    token deltas are the hottest path of a worker (docs/performance.md)."""
 
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         self._settings = settings
         self._redis = client
-        self._emitter = SocketIO(message_queue=settings.redis_url, channel="conveyor-socketio")
+        self._append_and_emit = client.register_script(_APPEND_AND_EMIT)
+        self._host_id = uuid.uuid4().hex
 
     def publish(self, events: list[Event]) -> bool:
-        """Returns False when Redis refused or failed; the caller decides whether that matters."""
+        """Returns False when the stream refused an event (a stale seq) or Redis failed."""
         if not events:
             return True
         try:
-            accepted = self._append_to_streams(events)
+            if len(events) == 1:
+                return bool(self._send(events[0], self._redis))
+            pipe = self._redis.pipeline(transaction=False)
+            for event in events:
+                self._send(event, pipe)
+            return all(pipe.execute())
         except redis.RedisError as exc:
-            logger.warning(
-                "event stream append failed: %s", exc, extra={"job_id": events[0].job_id}
-            )
+            logger.warning("event publish failed: %s", exc, extra={"job_id": events[0].job_id})
             return False
-        for event, ok in zip(events, accepted, strict=True):
-            if ok:
-                self._emit(event)
-        return all(accepted)
 
-    def _append_to_streams(self, events: list[Event]) -> list[bool]:
-        pipe = self._redis.pipeline(transaction=False)
-        for event in events:
-            key = stream_key(event.job_id)
-            pipe.xadd(
-                key,
-                {"e": json.dumps(event.envelope(), separators=(",", ":"))},
-                id=f"0-{event.seq}",
-                maxlen=self._settings.event_stream_maxlen,
-                approximate=True,
-            )
-            pipe.expire(key, self._settings.event_stream_ttl)
-        results = pipe.execute(raise_on_error=False)
-        accepted = []
-        for event, result in zip(events, results[::2], strict=True):
-            if isinstance(result, redis.ResponseError):
-                # The stream already holds this seq or a newer one: a stale writer.
-                logger.info("event seq %s refused by stream: %s", event.seq, result)
-                accepted.append(False)
-            elif isinstance(result, Exception):
-                raise result
-            else:
-                accepted.append(True)
-        return accepted
-
-    def _emit(self, event: Event) -> None:
-        # One publish per event: a list of rooms reaches each client once, even one in both.
+    def _send(self, event: Event, client: redis.Redis | redis.client.Pipeline) -> object:
+        envelope = event.envelope()
+        durable = event.type not in EPHEMERAL_EVENTS
         rooms = [job_room(event.job_id)]
-        if event.type not in EPHEMERAL_EVENTS:
+        if durable:
             rooms.append(owner_room(event.owner))
-        try:
-            self._emitter.emit(SOCKET_EVENT, event.envelope(), to=rooms, namespace="/")
-        except Exception as exc:  # the emitter wraps redis errors in its own types
-            logger.warning("socket.io emit failed: %s", exc, extra={"job_id": event.job_id})
+        message = {
+            "method": "emit",
+            "event": SOCKET_EVENT,
+            "data": [envelope],
+            "binary": False,
+            "namespace": "/",
+            "room": rooms,
+            "skip_sid": None,
+            "callback": None,
+            "host_id": self._host_id,
+        }
+        return self._append_and_emit(
+            keys=[stream_key(event.job_id)],
+            args=[
+                event.seq,
+                json.dumps(envelope, separators=(",", ":")),
+                self._settings.event_stream_maxlen,
+                # The TTL is refreshed by durable events only; a job's deltas sit between them.
+                self._settings.event_stream_ttl if durable else 0,
+                SOCKETIO_CHANNEL,
+                json.dumps(message, separators=(",", ":")),
+            ],
+            client=client,
+        )
 
     # Reading ----------------------------------------------------------------------------------
 

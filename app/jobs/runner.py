@@ -73,6 +73,7 @@ def execute_job(job_id: uuid.UUID) -> Outcome:
         return Outcome.LEASE_LOST
     finally:
         active_jobs.untrack(ctx)
+        ctx.record_pending_calls()
 
 
 def _run_attempt(ctx: JobContext) -> Outcome:

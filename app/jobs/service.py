@@ -20,13 +20,13 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import delete, func, insert, literal_column, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import delete, func, literal_column, select, tuple_, update
 from sqlalchemy.orm import Session
 
+from app.jobs import sql
 from app.jobs.events import Event, record_event
 from app.jobs.states import TERMINAL, TERMINAL_EVENTS, EventType, JobStatus
-from app.models import Job, ModelCall
+from app.models import Job
 from app.runtime import runtime
 
 logger = logging.getLogger(__name__)
@@ -88,40 +88,32 @@ def create_job(
 ) -> Created:
     rt = runtime()
     job_id = uuid.uuid4()
-    started = now()
-    values = {
-        "id": job_id,
-        "owner": owner,
-        "kind": kind,
-        "status": JobStatus.QUEUED.value,
-        "input": input,
-        "priority": priority,
-        "max_attempts": max_attempts or rt.settings.job_max_attempts,
-        "idempotency_key": idempotency_key,
-        "request_hash": fingerprint,
-        "model": rt.settings.model_for(kind),
-        "retry_of": retry_of,
-        "last_seq": 1,
-        "created_at": started,
-        "updated_at": started,
-        # Counted as dispatched now: if the publish below fails, the sweeper sees a queued job
+    at = now()
+    event_data = {"kind": kind, "retry_of": _str(retry_of)}
+    with rt.db.engine.begin() as connection:
+        # `dispatched_at` is now: if the publish below fails, the sweeper sees a queued job
         # whose dispatch is older than the grace period and publishes it again.
-        "dispatched_at": started,
-    }
-    with rt.db.transaction() as session:
-        statement = pg_insert(Job).values(**values).returning(Job)
-        if idempotency_key is not None:
-            statement = statement.on_conflict_do_nothing(
-                index_elements=["owner", "idempotency_key"]
-            )
-        job = session.scalars(statement).one_or_none()
-        if job is None:
+        job = connection.execute(
+            sql.CREATE,
+            {
+                "id": job_id,
+                "owner": owner,
+                "kind": kind,
+                "input": _json(input),
+                "priority": priority,
+                "max_attempts": max_attempts or rt.settings.job_max_attempts,
+                "idempotency_key": idempotency_key,
+                "request_hash": fingerprint,
+                "model": rt.settings.model_for(kind),
+                "retry_of": retry_of,
+                "at": at,
+                "event": _json(event_data),
+            },
+        ).one_or_none()
+    if job is None:
+        with rt.db.transaction() as session:
             return _replay_idempotent(session, owner, idempotency_key, fingerprint)
-        event = record_event(
-            session,
-            Event(job_id, owner, 1, EventType.QUEUED, {"kind": kind, "retry_of": _str(retry_of)}),
-        )
-    rt.bus.publish([event])
+    rt.bus.publish([Event(job_id, owner, 1, EventType.QUEUED, event_data, at)])
     dispatch(job_id, priority)
     return Created(job, created=True)
 
@@ -253,84 +245,77 @@ def claim_job(job_id: uuid.UUID, worker: str) -> Claim | None:
     """Compare-and-set queued -> running. None: a duplicate delivery, an early retry delivery,
     a canceled or deleted job. The caller acknowledges and does nothing."""
     rt = runtime()
-    lease = timedelta(seconds=rt.settings.lease_seconds)
-    with rt.db.transaction() as session:
-        row = session.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status == JobStatus.QUEUED.value,
-                (Job.retry_at.is_(None)) | (Job.retry_at <= func.now()),
-                Job.attempt < Job.max_attempts,
-            )
-            .values(
-                status=JobStatus.RUNNING.value,
-                attempt=Job.attempt + 1,
-                lease_expires_at=func.now() + lease,
-                worker=worker,
-                progress=0.0,
-                retry_at=None,
-                started_at=func.coalesce(Job.started_at, func.now()),
-                updated_at=func.now(),
-                last_seq=Job.last_seq + 1,
-            )
-            .returning(
-                Job.owner,
-                Job.kind,
-                Job.input,
-                Job.attempt,
-                Job.max_attempts,
-                Job.priority,
-                Job.model,
-                Job.last_seq,
-            )
+    at = now()
+    with rt.db.engine.begin() as connection:
+        row = connection.execute(
+            sql.CLAIM,
+            {
+                "id": job_id,
+                "worker": worker,
+                "at": at,
+                "lease_seconds": rt.settings.lease_seconds,
+            },
         ).one_or_none()
-        if row is None:
-            return None
-        claim = Claim(
-            job_id,
-            row.owner,
-            row.kind,
-            row.input,
-            row.attempt,
-            row.max_attempts,
-            row.priority,
-            row.model,
-            row.last_seq,
-        )
-        event = record_event(
-            session,
+    if row is None:
+        return None
+    claim = Claim(
+        job_id,
+        row.owner,
+        row.kind,
+        row.input,
+        row.attempt,
+        row.max_attempts,
+        row.priority,
+        row.model,
+        row.last_seq,
+    )
+    rt.bus.publish(
+        [
             Event(
                 job_id,
                 claim.owner,
                 claim.seq,
                 EventType.STARTED,
                 {"attempt": claim.attempt, "worker": worker},
-            ),
-        )
-    rt.bus.publish([event])
+                at,
+            )
+        ]
+    )
     return claim
 
 
 def fenced_update(
-    claim: Claim, seq: int, event_type: EventType, data: dict[str, Any], **values: Any
+    claim: Claim,
+    seq: int,
+    event_type: EventType | str,
+    data: dict[str, Any],
+    *,
+    calls: list[dict[str, Any]] | None = None,
+    **values: Any,
 ) -> Event:
-    """One write of the lease holder: its state change and its event, or LeaseLost."""
+    """One write of the lease holder: its state change, its event and the model calls made
+    since its last write, in one statement; LeaseLost if its attempt no longer holds the job.
+    `finished_at` and `lease_expires_at` are set to now() and NULL whatever value is given."""
     rt = runtime()
-    with rt.db.transaction() as session:
-        owner = session.scalar(
-            update(Job)
-            .where(
-                Job.id == claim.job_id,
-                Job.attempt == claim.attempt,
-                Job.status == JobStatus.RUNNING.value,
-            )
-            .values(last_seq=seq, updated_at=func.now(), **values)
-            .returning(Job.owner)
-        )
-        if owner is None:
-            raise LeaseLost(f"job {claim.job_id} attempt {claim.attempt} no longer holds the lease")
-        event = record_event(session, Event(claim.job_id, owner, seq, event_type, data))
+    event = Event(claim.job_id, claim.owner, seq, event_type, data)  # type: ignore[arg-type]
+    params = {
+        "job_id": claim.job_id,
+        "attempt": claim.attempt,
+        "seq": seq,
+        "type": str(event_type),
+        "at": event.at,
+        "data": _json(data),
+        **_calls_params(calls or []),
+    }
+    for column, value in values.items():
+        if column not in sql.TIMESTAMP_EXPRESSIONS:
+            params[column] = _json(value) if column in sql.JSON_COLUMNS else value
+    with rt.db.engine.begin() as connection:
+        changed = connection.execute(sql.fenced(tuple(sorted(values))), params).scalar_one()
+    if not changed:
+        if calls:
+            _record_calls(claim, calls, totals_only=True)
+        raise LeaseLost(f"job {claim.job_id} attempt {claim.attempt} no longer holds the lease")
     rt.bus.publish([event])
     return event
 
@@ -344,13 +329,20 @@ def finish_job(
         TERMINAL_EVENTS[status],
         data,
         status=status.value,
-        finished_at=func.now(),
+        finished_at=None,
         lease_expires_at=None,
         **values,
     )
 
 
-def schedule_retry(claim: Claim, seq: int, delay: float, code: str, message: str) -> Event:
+def schedule_retry(
+    claim: Claim,
+    seq: int,
+    delay: float,
+    code: str,
+    message: str,
+    calls: list[dict[str, Any]] | None = None,
+) -> Event:
     retry_at = now() + timedelta(seconds=delay)
     event = fenced_update(
         claim,
@@ -362,6 +354,7 @@ def schedule_retry(claim: Claim, seq: int, delay: float, code: str, message: str
             "retry_at": retry_at.isoformat(),
             "error": {"code": code, "message": message},
         },
+        calls=calls,
         status=JobStatus.QUEUED.value,
         retry_at=retry_at,
         lease_expires_at=None,
@@ -382,24 +375,34 @@ def retry_delay(attempt: int, base: float, cap: float, retry_after: float | None
     return delay
 
 
-def record_model_call(claim: Claim, call: dict[str, Any]) -> None:
-    """One row per model call attempt, and the job's running totals.
+def record_model_calls(claim: Claim, calls: list[dict[str, Any]]) -> None:
+    """Model calls with no state change to ride on (e.g. the attempt lost its lease)."""
+    if calls:
+        _record_calls(claim, calls, totals_only=False)
 
-    Not fenced by attempt on purpose: the money was spent whether or not this attempt still
-    holds the lease, and increments commute, so no newer write is clobbered."""
-    with runtime().db.transaction() as session:
-        session.execute(
-            insert(ModelCall).values(job_id=claim.job_id, attempt=claim.attempt, **call)
-        )
-        session.execute(
-            update(Job)
-            .where(Job.id == claim.job_id)
-            .values(
-                tokens_in=Job.tokens_in + call["tokens_in"],
-                tokens_out=Job.tokens_out + call["tokens_out"],
-                cost_usd=Job.cost_usd + Decimal(call["cost_usd"]),
-            )
-        )
+
+def _record_calls(claim: Claim, calls: list[dict[str, Any]], *, totals_only: bool) -> None:
+    """Not fenced by attempt on purpose: the money was spent whether or not this attempt still
+    holds the lease, and increments commute, so no newer write is clobbered. `totals_only`:
+    the rows were already inserted by a fenced write that lost."""
+    params = {"job_id": claim.job_id, "attempt": claim.attempt, **_calls_params(calls)}
+    if totals_only:
+        params["calls"] = "[]"
+    with runtime().db.engine.begin() as connection:
+        connection.execute(sql.RECORD_CALLS, params)
+
+
+def _calls_params(calls: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "calls": _json(calls),
+        "tokens_in": sum(call["tokens_in"] for call in calls),
+        "tokens_out": sum(call["tokens_out"] for call in calls),
+        "cost_usd": sum((Decimal(call["cost_usd"]) for call in calls), Decimal(0)),
+    }
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
 
 
 @dataclass(frozen=True)

@@ -265,3 +265,33 @@ def test_events_reach_the_socketio_channel_for_the_job_and_owner_rooms(tenant: T
         assert payload["event"] == "job_event" and f"job:{job_id}" in payload["room"]
         is_delta = payload["data"]["type"] == "job.output.delta"
         assert (f"user:{tenant.owner}" in payload["room"]) is not is_delta
+
+
+def test_socketio_messages_match_what_the_python_socketio_emitter_publishes(app) -> None:
+    """Events are published in python-socketio's message-queue format by our own Redis
+    script; this pins that format to the library's, so an upgrade that changes it fails here."""
+    from flask_socketio import SocketIO
+
+    from app.jobs.events import SOCKETIO_CHANNEL, Event
+    from app.jobs.states import EventType
+
+    rt = runtime()
+    pubsub = rt.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(SOCKETIO_CHANNEL)
+    event = Event(uuid.uuid4(), "owner-x", 1, EventType.QUEUED, {"kind": "chat"})
+    try:
+        rt.bus.publish([event])
+        emitter = SocketIO(message_queue=rt.settings.redis_url, channel=SOCKETIO_CHANNEL)
+        emitter.emit(
+            "job_event", event.envelope(), to=[f"job:{event.job_id}", "user:owner-x"], namespace="/"
+        )
+        messages = []
+        deadline = time.monotonic() + 3
+        while len(messages) < 2 and time.monotonic() < deadline:
+            if (message := pubsub.get_message(timeout=0.2)) is not None:
+                messages.append(json.loads(message["data"]))
+    finally:
+        pubsub.close()
+    ours, theirs = messages
+    assert ours.pop("host_id") != theirs.pop("host_id")
+    assert ours == theirs
