@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -57,8 +57,10 @@ class Settings(BaseSettings):
     retry_max_delay: float = Field(60.0, ge=0)
     job_soft_time_limit: float = Field(600.0, gt=0)
     job_time_limit: float = Field(660.0, gt=0)
-    progress_write_interval: float = Field(1.0, ge=0)
-    delta_flush_interval: float = Field(0.05, ge=0)
+    progress_write_interval: float = Field(
+        5.0, ge=0, description="progress also rides on every token delta event"
+    )
+    delta_flush_interval: float = Field(0.1, ge=0)
 
     # Events
     event_stream_maxlen: int = Field(10_000, ge=100)
@@ -70,18 +72,10 @@ class Settings(BaseSettings):
     secret_key: str | None = Field(None, validation_alias=_alias("SECRET_KEY"))
 
     # Worker
-    worker_pool: str = "threads"
     worker_concurrency: int = Field(200, ge=1)
 
     # Testing switches a test config may set; never set in production.
     testing: bool = False
-
-    @field_validator("worker_pool")
-    @classmethod
-    def _known_pool(cls, value: str) -> str:
-        if value not in {"threads", "gevent", "prefork", "solo"}:
-            raise ValueError("worker_pool must be threads, gevent, prefork or solo")
-        return value
 
     @property
     def celery_broker_url(self) -> str:

@@ -27,7 +27,11 @@ class Database:
             settings.database_url,
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
-            pool_pre_ping=True,
+            # No pre-ping: it costs a round trip per checkout (half the transactions of a job).
+            # A connection broken by a database restart fails one operation, and SQLAlchemy
+            # then invalidates the whole pool, so the next checkout reconnects.
+            pool_pre_ping=False,
+            pool_recycle=1800,
             pool_timeout=10,
             connect_args={
                 "connect_timeout": 5,

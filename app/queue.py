@@ -40,6 +40,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
             "priority_steps": list(range(10)),
             "sep": ":",
             "queue_order_strategy": "priority",
+            # kombu's default of 10 makes acks fail with MaxConnectionsError at high slot counts.
+            "max_connections": settings.worker_concurrency + 20,
         },
         "task_default_queue": QUEUE,
         "task_serializer": "json",
@@ -52,7 +54,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Off: Celery holds a process-wide mutex across the Redis round trip of each "sent"
+        # event, which serialised the API's threads (docs/performance.md); Flower still sees
+        # every task from the worker's own events.
+        "task_send_sent_event": False,
         "task_soft_time_limit": settings.job_soft_time_limit,
         "task_time_limit": settings.job_time_limit,
         "task_publish_retry": True,
@@ -62,7 +67,6 @@ def celery_config(settings: Settings) -> dict[str, object]:
             "interval_step": 0.2,
             "interval_max": 0.5,
         },
-        "worker_pool": settings.worker_pool,
         "worker_concurrency": settings.worker_concurrency,
         # A broker blip must not abort hundreds of model calls mid-stream; their acks may be
         # lost, and the redelivered messages are no-ops thanks to the claim.

@@ -32,14 +32,19 @@ class Runtime:
 
 
 def build_redis(settings: Settings) -> redis.Redis:
-    # Short socket timeouts: the API must answer (or 503) quickly when Redis stalls.
-    return redis.Redis.from_url(
+    """Short socket timeouts: the API must answer (or 503) quickly when Redis stalls.
+
+    A blocking pool sized for every slot of a worker: redis-py's default pool caps at 100
+    connections and raises instead of waiting, which a worker with 200 slots hits."""
+    pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.worker_concurrency + 50,
+        timeout=5,
         socket_timeout=2.0,
         socket_connect_timeout=2.0,
         health_check_interval=30,
-        max_connections=None,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def runtime() -> Runtime:

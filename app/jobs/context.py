@@ -58,6 +58,8 @@ class JobContext:
         self.text_so_far: list[str] = []
         # Model calls not yet written: they ride on the attempt's next write (one statement).
         self.pending_calls: list[dict[str, Any]] = []
+        # Set once the attempt's outcome is written: the heartbeat then stops expecting a lease.
+        self.done = False
         self.tokens_streamed = 0
         self.llm = JobLLM(self, models)
 
@@ -177,12 +179,14 @@ class JobContext:
         service.finish_job(
             self.claim, self.next_seq(), status, data, calls=self.take_calls(), **values
         )
+        self.done = True
 
     def schedule_retry(self, delay: float, code: str, message: str) -> None:
         self.flush()
         service.schedule_retry(
             self.claim, self.next_seq(), delay, code, message, calls=self.take_calls()
         )
+        self.done = True
 
     def take_calls(self) -> list[dict[str, Any]]:
         calls, self.pending_calls = self.pending_calls, []

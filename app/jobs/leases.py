@@ -90,7 +90,7 @@ class ActiveJobs:
                 ctx.time_out()
             state = alive.get(ctx.job_id)
             if state is None:
-                if self.get(ctx.job_id) is ctx:  # not finished meanwhile
+                if not ctx.done:  # a finished attempt rightly holds no lease any more
                     logger.warning("lease lost", extra={"job_id": ctx.job_id})
                     ctx.lose_lease()
             elif state.cancel_requested:
