@@ -209,3 +209,18 @@ def expire_lease(job_id: uuid.UUID) -> None:
             .where(Job.id == job_id)
             .values(lease_expires_at=func.now() - timedelta(seconds=1))
         )
+
+
+def test_a_cancel_whose_signal_was_lost_arrives_with_the_heartbeat(tenant: Tenant) -> None:
+    job_id = tenant.submit("chat", {"prompt": f"slow {uuid.uuid4()} [[sim tokens=300 tps=30]]"})[
+        "id"
+    ]
+    tenant.wait_for(job_id, "running")
+    # What the API does, minus the Redis message: only the row says "cancel".
+    with runtime().db.transaction() as session:
+        session.execute(
+            update(Job).where(Job.id == uuid.UUID(job_id)).values(cancel_requested_at=func.now())
+        )
+    heartbeat = runtime().settings.heartbeat_seconds
+    job = tenant.wait_for(job_id, timeout=heartbeat * 3 + 2)
+    assert job["status"] == "canceled"
