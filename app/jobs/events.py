@@ -3,8 +3,8 @@
 PostgreSQL (`job_events`) is the durable timeline. Each job also has a Redis Stream whose entry
 ids are `0-<seq>`, so a resume is one `XRANGE (0-<after> +` and Redis itself refuses an event
 whose seq is not newer than the last one (a fenced-off worker cannot interleave old seqs).
-The Socket.IO emitter is write-only (`SocketIO(message_queue=...)`): any process may emit and
-the web process relays to browsers.
+Socket.IO messages go out on the Redis channel a Flask-SocketIO server listens to, in the
+format its write-only emitter uses, so any process may emit and the web process relays them.
 """
 
 from __future__ import annotations
