@@ -15,6 +15,7 @@ from flask import Flask, current_app
 from app.config import Settings
 from app.db import Database
 from app.jobs.events import EventBus
+from app.llm.client import ModelClient
 
 EXTENSION_KEY = "conveyor"
 
@@ -26,6 +27,8 @@ class Runtime:
     redis: redis.Redis
     bus: EventBus
     celery: Celery
+    # Lazy: no network until the first call; one connection pool shared by every slot.
+    models: ModelClient
 
     def init_app(self, app: Flask) -> None:
         app.extensions[EXTENSION_KEY] = self

@@ -203,6 +203,15 @@ class Child:
             return ""
 
 
+def run_main(main: Callable[[], int]) -> None:
+    """A benchmark's entry point: its exit code, and 130 on Ctrl-C after its cleanup ran."""
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything this run started has been stopped")
+        raise SystemExit(130) from None
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -59,6 +59,7 @@ from bench.common import (
     print_table,
     private_services,
     read_counters,
+    run_main,
     sleep_until,
     start_pyspy,
     stop_on_sigterm,
@@ -691,8 +692,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; everything this run started has been stopped")
-        raise SystemExit(130) from None
+    run_main(main)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from flask import Flask, Response, json, request
 from pydantic import BaseModel, ValidationError
@@ -120,7 +119,3 @@ def init_app(app: Flask) -> None:
             "Internal error",
             "The error was logged; the request can be retried.",
         )
-
-
-def as_problem_schema() -> dict[str, Any]:
-    return Problem.model_json_schema()

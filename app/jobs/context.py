@@ -38,7 +38,7 @@ class JobTimedOut(Exception):
 
 
 class JobContext:
-    def __init__(self, claim: Claim, rt: Runtime, models: ModelClient) -> None:
+    def __init__(self, claim: Claim, rt: Runtime) -> None:
         self.claim = claim
         self.job_id = claim.job_id
         self.attempt = claim.attempt
@@ -61,7 +61,7 @@ class JobContext:
         # Set once the attempt's outcome is written: the heartbeat then stops expecting a lease.
         self.done = False
         self.tokens_streamed = 0
-        self.llm = JobLLM(self, models)
+        self.llm = JobLLM(self, rt.models)
 
     # Signals from other threads (lease keeper, cancel listener) --------------------------------
 

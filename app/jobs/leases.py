@@ -31,7 +31,6 @@ class ActiveJobs:
         self._lock = threading.Lock()
         self._jobs: dict[uuid.UUID, JobContext] = {}
         self._started = False
-        self._stop = threading.Event()
 
     def track(self, ctx: JobContext) -> None:
         with self._lock:
@@ -65,13 +64,11 @@ class ActiveJobs:
         ):
             threading.Thread(target=target, args=(app,), name=name, daemon=True).start()
 
-    def stop(self) -> None:
-        self._stop.set()
-
     def _heartbeat(self, app: Flask) -> None:
         with app.app_context():
             interval = runtime().settings.heartbeat_seconds
-            while not self._stop.wait(interval):
+            while True:
+                time.sleep(interval)
                 try:
                     self.renew_all()
                 except Exception:
@@ -99,14 +96,14 @@ class ActiveJobs:
     def _listen_for_cancels(self, app: Flask) -> None:
         with app.app_context():
             rt = runtime()
-            while not self._stop.is_set():
+            while True:
+                client = redis.Redis.from_url(
+                    rt.settings.redis_url, socket_connect_timeout=2, health_check_interval=10
+                )
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
                 try:
-                    client = redis.Redis.from_url(
-                        rt.settings.redis_url, socket_connect_timeout=2, health_check_interval=10
-                    )
-                    pubsub = client.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(CANCEL_CHANNEL)
-                    while not self._stop.is_set():
+                    while True:
                         message = pubsub.get_message(timeout=1.0)
                         if message is not None:
                             self._deliver_cancel(message["data"])
@@ -115,7 +112,10 @@ class ActiveJobs:
                         "cancel listener lost Redis (%s); heartbeat still delivers cancellations",
                         exc,
                     )
-                    self._stop.wait(1.0)
+                    time.sleep(1.0)
+                finally:
+                    pubsub.close()
+                    client.close()
 
     def _deliver_cancel(self, data: bytes) -> None:
         try:

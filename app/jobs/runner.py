@@ -23,13 +23,10 @@ from app.jobs.leases import active_jobs
 from app.jobs.service import LeaseLost
 from app.jobs.states import JobStatus
 from app.kinds import KindError, get_kind
-from app.llm.client import ModelClient
 from app.llm.errors import ModelError
-from app.runtime import Runtime, runtime
+from app.runtime import runtime
 
 logger = logging.getLogger(__name__)
-
-_models: dict[int, ModelClient] = {}
 
 
 class Outcome(StrEnum):
@@ -45,14 +42,6 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def model_client(rt: Runtime) -> ModelClient:
-    """One client per process and runtime: its connection pool is shared by all slots."""
-    key = id(rt)
-    if key not in _models:
-        _models[key] = ModelClient(rt.settings)
-    return _models[key]
-
-
 def execute_job(job_id: uuid.UUID) -> Outcome:
     rt = runtime()
     claim = service.claim_job(job_id, worker_name())
@@ -62,7 +51,7 @@ def execute_job(job_id: uuid.UUID) -> Outcome:
         )
         return Outcome.SKIPPED
     active_jobs.ensure_started(current_app._get_current_object())  # type: ignore[attr-defined]
-    ctx = JobContext(claim, rt, model_client(rt))
+    ctx = JobContext(claim, rt)
     active_jobs.track(ctx)
     try:
         return _run_attempt(ctx)

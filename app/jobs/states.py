@@ -27,7 +27,6 @@ class EventType(StrEnum):
     OUTPUT_DELTA = "job.output.delta"
     LOG = "job.log"
     RETRYING = "job.retrying"
-    CANCEL_REQUESTED = "job.cancel_requested"
     SUCCEEDED = "job.succeeded"
     FAILED = "job.failed"
     CANCELED = "job.canceled"
