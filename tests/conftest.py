@@ -11,17 +11,21 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from celery.contrib.testing.worker import start_worker
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import func
 
 from app import create_app
 from app.config import Settings, testing_settings
 from app.devservices import PostgresServer, RedisServer
 from app.migrate import upgrade
+from app.models import Job, JobEvent
+from app.runtime import runtime
 from app.sim.process import SimulatorProcess
 
 
@@ -142,3 +146,30 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+def undispatched_job(
+    owner: str, prompt: str = "hello", dispatched_ago: timedelta = timedelta(0)
+) -> uuid.UUID:
+    """A committed queued job whose publish never happened (as after a broker outage)."""
+    with runtime().db.transaction() as session:
+        job_id = uuid.uuid4()
+        session.add(
+            Job(
+                id=job_id,
+                owner=owner,
+                kind="chat",
+                status="queued",
+                input={"prompt": f"{prompt} {job_id}"},
+                max_attempts=3,
+                last_seq=1,
+                dispatched_at=func.now() - dispatched_ago,
+            )
+        )
+        session.add(JobEvent(job_id=job_id, seq=1, type="job.queued", data={}))
+    return job_id
+
+
+def job_row(job_id: uuid.UUID) -> Job:
+    with runtime().db.transaction() as session:
+        return session.get_one(Job, job_id)

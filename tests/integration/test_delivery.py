@@ -14,39 +14,12 @@ from sqlalchemy import func, select, update
 from app.jobs import service
 from app.jobs.events import stream_key
 from app.jobs.states import EventType, JobStatus
-from app.models import Job, JobEvent, ModelCall
+from app.models import Job, ModelCall
 from app.queue import QUEUE
 from app.runtime import runtime
-from tests.conftest import Tenant, wait_until
+from tests.conftest import Tenant, job_row, undispatched_job, wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
-
-
-def undispatched_job(
-    owner: str, prompt: str = "hello", dispatched_ago: timedelta = timedelta(0)
-) -> uuid.UUID:
-    """A committed queued job whose publish never happened (as after a broker outage)."""
-    with runtime().db.transaction() as session:
-        job_id = uuid.uuid4()
-        session.add(
-            Job(
-                id=job_id,
-                owner=owner,
-                kind="chat",
-                status="queued",
-                input={"prompt": f"{prompt} {job_id}"},
-                max_attempts=3,
-                last_seq=1,
-                dispatched_at=func.now() - dispatched_ago,
-            )
-        )
-        session.add(JobEvent(job_id=job_id, seq=1, type="job.queued", data={}))
-    return job_id
-
-
-def job_row(job_id: uuid.UUID) -> Job:
-    with runtime().db.transaction() as session:
-        return session.get_one(Job, job_id)
 
 
 def count_calls(job_id: uuid.UUID) -> int:

@@ -14,8 +14,7 @@ import pytest
 from app.config import Settings
 from app.migrate import ROOT
 from app.runtime import runtime
-from tests.conftest import Tenant, wait_until
-from tests.integration.test_delivery import job_row, undispatched_job
+from tests.conftest import Tenant, job_row, undispatched_job, wait_until
 
 QUEUE = "conveyor-gevent-test"
 
