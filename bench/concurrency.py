@@ -249,6 +249,7 @@ class RunResult:
     succeeded: int = 0
     not_first_attempt: int = 0
     abandoned: int = 0
+    busy_slots: float = float("nan")
     cpu: dict[str, float] = field(default_factory=dict)
     rss_peak_mb: float = float("nan")
     threads: int = 0
@@ -416,7 +417,13 @@ SELECT (SELECT count(*) FROM jobs
        (SELECT count(*) FROM jobs WHERE finished_at IS NOT NULL),
        (SELECT count(*) FROM jobs WHERE status = 'succeeded'),
        (SELECT count(*) FROM jobs WHERE attempt > 1),
-       (SELECT count(*) FROM jobs WHERE status = 'running')
+       (SELECT count(*) FROM jobs WHERE status = 'running'),
+       -- busy slots: mean number of jobs between their claim and their finish in the window
+       (SELECT coalesce(sum(extract(epoch FROM
+                   least(coalesce(finished_at, to_timestamp(%(b)s)), to_timestamp(%(b)s))
+                   - greatest(started_at, to_timestamp(%(a)s)))), 0) / (%(b)s - %(a)s)
+          FROM jobs WHERE started_at < to_timestamp(%(b)s)
+           AND (finished_at IS NULL OR finished_at > to_timestamp(%(a)s)))
 """
 
 
@@ -429,7 +436,7 @@ def analyse(
         params = {"owner": OWNER, "warmup": WARMUP_OWNER, "a": a, "b": b}
         row = conn.execute(WINDOW_SQL, params).fetchone()
     inside, result.warmup_in_window, service, result.finished, result.succeeded = row[:5]
-    result.not_first_attempt, result.abandoned = row[5:]
+    result.not_first_attempt, result.abandoned, result.busy_slots = row[5:]
     result.window_s, result.window_jobs = b - a, inside
     result.jobs_per_s = inside / (b - a)
     if service:
@@ -689,7 +696,8 @@ def report_per_job(results: list[RunResult], args: argparse.Namespace) -> None:
 def progress_line(r: RunResult, args: argparse.Namespace, seconds: float) -> str:
     line = (
         f"run {r.run} {r.pool:<7} S={r.slots:<4} {r.jobs_per_s:7.1f} jobs/s "
-        f"(ideal {r.slots / args.duration:.0f})  warm-up {r.warmup_s:4.1f} s  "
+        f"(ideal {r.slots / args.duration:.0f})  busy slots {r.busy_slots:5.1f}  "
+        f"warm-up {r.warmup_s:4.1f} s  "
         f"worker CPU {r.cpu.get('worker', float('nan')):4.0f}% "
         f"({r.worker_cpu_ms_per_job:4.1f} ms/job)  "
         f"machine {r.cpu.get('machine', float('nan')):3.0f}%  RSS {r.rss_peak_mb:4.0f} MB  "
