@@ -54,7 +54,9 @@ class JobContext:
         self._pending: list[str] = []
         self._last_flush = 0.0
         self._progress = 0.0
-        self._last_progress_write = 0.0
+        # The claim wrote progress 0 a moment ago: the first progress write is due one
+        # interval after it, so a short job writes none (its deltas carry progress anyway).
+        self._last_progress_write = time.monotonic()
         self.text_so_far: list[str] = []
         # Model calls not yet written: they ride on the attempt's next write (one statement).
         self.pending_calls: list[dict[str, Any]] = []
@@ -130,10 +132,10 @@ class JobContext:
             EventType.OUTPUT_DELTA,
             {"text": text, "progress": round(self._progress, 2)},
         )
-        if (
-            not self._rt.bus.publish([event])
-            and self._rt.bus.stream_tail_seq(self.job_id) > event.seq
-        ):
+        self._rt.bus.publish_later([event], on_refused=self._delta_refused)
+
+    def _delta_refused(self, event: Event) -> None:
+        if self._rt.bus.stream_tail_seq(self.job_id) > event.seq:
             # Redis refused our seq because a newer attempt already wrote past it.
             self.lose_lease()
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -74,76 +77,162 @@ def record_event(session: Session, event: Event) -> Event:
     return event
 
 
-# Appends one event to its job's stream and, only if the stream accepted its seq, publishes it
-# to Socket.IO: one round trip, and a fenced-off worker's stale seq reaches nobody.
+# Appends each event to its job's stream and, only if the stream accepted its seq, publishes it
+# to Socket.IO: one round trip for a whole batch, and a fenced-off worker's stale seq reaches
+# nobody. KEYS: one stream per event. ARGV: maxlen, channel, then (seq, envelope, ttl, message)
+# per event. Returns 1 or 0 per event.
 _APPEND_AND_EMIT = """
-local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '0-' .. ARGV[1], 'e', ARGV[2])
-if type(added) == 'table' and added.err then return 0 end
-if ARGV[4] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
-redis.call('PUBLISH', ARGV[5], ARGV[6])
-return 1
+local accepted = {}
+for i, key in ipairs(KEYS) do
+  local at = 2 + (i - 1) * 4
+  local added = redis.pcall('XADD', key, 'MAXLEN', '~', ARGV[1], '0-' .. ARGV[at + 1], 'e',
+                            ARGV[at + 2])
+  if type(added) == 'table' and added.err then
+    accepted[i] = 0
+  else
+    if ARGV[at + 3] ~= '0' then redis.call('EXPIRE', key, ARGV[at + 3]) end
+    redis.call('PUBLISH', ARGV[2], ARGV[at + 4])
+    accepted[i] = 1
+  end
+end
+return accepted
 """
+
+# The largest batch sent as one script call; a longer queue goes out in several.
+MAX_BATCH = 500
+# How long a caller of `publish` waits for its batch before reporting failure. Redis calls time
+# out sooner (the client's socket timeout); this bounds a stall of the publisher itself.
+PUBLISH_WAIT_SECONDS = 5.0
+
+
+@dataclass
+class _Submission:
+    events: list[Event]
+    on_refused: Callable[[Event], None] | None = None
+    done: threading.Event | None = None
+    accepted: bool = False
 
 
 class EventBus:
     """Publishes committed events to the live feed. Best effort by design: a Redis outage must
     not fail a state change that PostgreSQL already committed; readers fall back to PostgreSQL.
 
+    Every event of a process goes through one queue and one publisher thread, which sends what
+    has gathered as one script call (group commit): a worker with hundreds of streaming jobs
+    makes a few calls per tick instead of one per token delta, which was a third of its CPU
+    (docs/performance.md). One queue also keeps each job's events in seq order, which the
+    stream requires. `publish` waits until its events are in Redis, as durable events must be
+    visible when the state change returns; `publish_later` (token deltas) does not.
+
     Socket.IO messages are written in python-socketio's message-queue format (what
-    `SocketIO(message_queue=...).emit()` publishes) by the same Redis script that appends the
-    event to its stream, rather than through a second round trip of the write-only emitter:
-    token deltas are the hottest path of a worker (docs/performance.md)."""
+    `SocketIO(message_queue=...).emit()` publishes) by the same script that appends the event
+    to its stream, rather than through a second round trip of the write-only emitter."""
 
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         self._settings = settings
         self._redis = client
         self._append_and_emit = client.register_script(_APPEND_AND_EMIT)
         self._host_id = uuid.uuid4().hex
+        self._queue: list[_Submission] = []
+        self._wakeup = threading.Condition()
+        self._publisher_pid: int | None = None
 
     def publish(self, events: list[Event]) -> bool:
-        """Returns False when the stream refused an event (a stale seq) or Redis failed."""
+        """Returns once the events are published: False when the stream refused one (a stale
+        seq) or Redis failed."""
         if not events:
             return True
+        submission = _Submission(events, done=threading.Event())
+        self._submit(submission)
+        if not submission.done.wait(PUBLISH_WAIT_SECONDS):  # type: ignore[union-attr]
+            logger.warning("event publish timed out", extra={"job_id": events[0].job_id})
+            return False
+        return submission.accepted
+
+    def publish_later(self, events: list[Event], on_refused: Callable[[Event], None]) -> None:
+        """Queues events behind every earlier one of this process; `on_refused` is called (on
+        the publisher thread) for each event the stream did not accept."""
+        self._submit(_Submission(events, on_refused=on_refused))
+
+    def _submit(self, submission: _Submission) -> None:
+        with self._wakeup:
+            if self._publisher_pid != os.getpid():
+                # First use in this process (or a forked child, whose parent's thread did not
+                # survive the fork): start its publisher.
+                self._queue.clear()
+                self._publisher_pid = os.getpid()
+                threading.Thread(
+                    target=self._run_publisher, name="event-publisher", daemon=True
+                ).start()
+            self._queue.append(submission)
+            self._wakeup.notify()
+
+    def _run_publisher(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._queue:
+                    self._wakeup.wait()
+                batch = self._take_batch()
+            try:
+                self._publish_batch(batch)
+            except Exception:  # the publisher must outlive any one batch
+                logger.exception("event publisher failed a batch")
+                for submission in batch:
+                    if submission.done is not None:
+                        submission.done.set()
+
+    def _take_batch(self) -> list[_Submission]:
+        taken, count = 0, 0
+        while taken < len(self._queue) and count < MAX_BATCH:
+            count += len(self._queue[taken].events)
+            taken += 1
+        batch, self._queue[:taken] = self._queue[:taken], []
+        return batch
+
+    def _publish_batch(self, batch: list[_Submission]) -> None:
+        events = [event for submission in batch for event in submission.events]
         try:
-            if len(events) == 1:
-                return bool(self._send(events[0], self._redis))
-            pipe = self._redis.pipeline(transaction=False)
-            for event in events:
-                self._send(event, pipe)
-            return all(pipe.execute())
+            accepted = [bool(flag) for flag in self._append_and_emit(*self._script_args(events))]
         except redis.RedisError as exc:
             logger.warning("event publish failed: %s", exc, extra={"job_id": events[0].job_id})
-            return False
+            accepted = [False] * len(events)
+        position = 0
+        for submission in batch:
+            flags = accepted[position : position + len(submission.events)]
+            position += len(submission.events)
+            submission.accepted = all(flags)
+            if submission.on_refused is not None:
+                for event, ok in zip(submission.events, flags, strict=True):
+                    if not ok:
+                        submission.on_refused(event)
+            if submission.done is not None:
+                submission.done.set()
 
-    def _send(self, event: Event, client: redis.Redis | redis.client.Pipeline) -> object:
-        envelope = event.envelope()
-        durable = event.type not in EPHEMERAL_EVENTS
-        rooms = [job_room(event.job_id)]
-        if durable:
-            rooms.append(owner_room(event.owner))
-        message = {
-            "method": "emit",
-            "event": SOCKET_EVENT,
-            "data": [envelope],
-            "binary": False,
-            "namespace": "/",
-            "room": rooms,
-            "skip_sid": None,
-            "callback": None,
-            "host_id": self._host_id,
-        }
-        return self._append_and_emit(
-            keys=[stream_key(event.job_id)],
-            args=[
+    def _script_args(self, events: list[Event]) -> tuple[list[str], list[object]]:
+        keys: list[str] = []
+        args: list[object] = [self._settings.event_stream_maxlen, SOCKETIO_CHANNEL]
+        for event in events:
+            envelope = json.dumps(event.envelope(), separators=(",", ":"))
+            durable = event.type not in EPHEMERAL_EVENTS
+            rooms = [job_room(event.job_id)]
+            if durable:
+                rooms.append(owner_room(event.owner))
+            keys.append(stream_key(event.job_id))
+            # The TTL is refreshed by durable events only; a job's deltas sit between them.
+            args += [
                 event.seq,
-                json.dumps(envelope, separators=(",", ":")),
-                self._settings.event_stream_maxlen,
-                # The TTL is refreshed by durable events only; a job's deltas sit between them.
+                envelope,
                 self._settings.event_stream_ttl if durable else 0,
-                SOCKETIO_CHANNEL,
-                json.dumps(message, separators=(",", ":")),
-            ],
-            client=client,
+                self._socketio_message(envelope, rooms),
+            ]
+        return keys, args
+
+    def _socketio_message(self, envelope: str, rooms: list[str]) -> str:
+        # The envelope is already JSON: spliced in rather than encoded a second time.
+        return (
+            f'{{"method":"emit","event":"{SOCKET_EVENT}","data":[{envelope}],"binary":false,'
+            f'"namespace":"/","room":{json.dumps(rooms)},"skip_sid":null,"callback":null,'
+            f'"host_id":"{self._host_id}"}}'
         )
 
     # Reading ----------------------------------------------------------------------------------
