@@ -14,6 +14,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     from app import api, cli, logs, web
     from app.db import db
     from app.jobs.events import EventBus
+    from app.jobs.intake import JobIntake
     from app.llm.client import ModelClient
     from app.queue import make_celery
     from app.runtime import Runtime, build_redis
@@ -29,12 +30,15 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     logs.init_app(app)
     db.init_app(app, settings)
     redis_client = build_redis(settings)
+    bus = EventBus(settings, redis_client)
+    celery = make_celery(app, settings)
     Runtime(
         settings,
         db,
         redis_client,
-        EventBus(settings, redis_client),
-        make_celery(app, settings),
+        bus,
+        celery,
+        JobIntake(db, bus, celery),
         ModelClient(settings),
     ).init_app(app)
     api.init_app(app)

@@ -15,6 +15,7 @@ from flask import Flask, current_app
 from app.config import Settings
 from app.db import Database
 from app.jobs.events import EventBus
+from app.jobs.intake import JobIntake
 from app.llm.client import ModelClient
 
 EXTENSION_KEY = "conveyor"
@@ -27,6 +28,7 @@ class Runtime:
     redis: redis.Redis
     bus: EventBus
     celery: Celery
+    intake: JobIntake
     # Lazy: no network until the first call; one connection pool shared by every slot.
     models: ModelClient
 

@@ -13,6 +13,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
+from app.batching import WaitTimedOut
+
 logger = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
@@ -100,6 +102,7 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(OperationalError)
     @app.errorhandler(PoolTimeout)
+    @app.errorhandler(WaitTimedOut)
     def _database_unavailable(exc: Exception) -> Response:
         logger.error("database unavailable: %s", exc)
         return problem_response(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +22,7 @@ import redis
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from app.batching import GroupCommit, WaitTimedOut
 from app.config import Settings
 from app.jobs.states import EPHEMERAL_EVENTS, EventType
 from app.models import JobEvent
@@ -98,31 +97,29 @@ end
 return accepted
 """
 
-# The largest batch sent as one script call; a longer queue goes out in several.
+# The most events sent as one script call; a longer queue goes out in several.
 MAX_BATCH = 500
 # How long a caller of `publish` waits for its batch before reporting failure. Redis calls time
 # out sooner (the client's socket timeout); this bounds a stall of the publisher itself.
 PUBLISH_WAIT_SECONDS = 5.0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Submission:
     events: list[Event]
     on_refused: Callable[[Event], None] | None = None
-    done: threading.Event | None = None
-    accepted: bool = False
 
 
 class EventBus:
     """Publishes committed events to the live feed. Best effort by design: a Redis outage must
     not fail a state change that PostgreSQL already committed; readers fall back to PostgreSQL.
 
-    Every event of a process goes through one queue and one publisher thread, which sends what
-    has gathered as one script call (group commit): a worker with hundreds of streaming jobs
-    makes a few calls per tick instead of one per token delta, which was a third of its CPU
-    (docs/performance.md). One queue also keeps each job's events in seq order, which the
-    stream requires. `publish` waits until its events are in Redis, as durable events must be
-    visible when the state change returns; `publish_later` (token deltas) does not.
+    Every event of a process goes through one group commit (app/batching.py): a worker with
+    hundreds of streaming jobs makes one script call for all the events that gathered instead
+    of one per token delta, which was a third of its CPU (docs/performance.md). One queue also
+    keeps each job's events in seq order, which the stream requires. `publish` waits until its
+    events are in Redis, as a state change's event must be visible when the change returns;
+    `publish_later` (token deltas) does not.
 
     Socket.IO messages are written in python-socketio's message-queue format (what
     `SocketIO(message_queue=...).emit()` publishes) by the same script that appends the event
@@ -133,80 +130,52 @@ class EventBus:
         self._redis = client
         self._append_and_emit = client.register_script(_APPEND_AND_EMIT)
         self._host_id = uuid.uuid4().hex
-        self._queue: list[_Submission] = []
-        self._wakeup = threading.Condition()
-        self._publisher_pid: int | None = None
+        self._publisher: GroupCommit[_Submission, bool] = GroupCommit(
+            "event-publisher",
+            self._publish_batch,
+            max_batch=MAX_BATCH,
+            weight=lambda submission: len(submission.events),
+        )
 
     def publish(self, events: list[Event]) -> bool:
         """Returns once the events are published: False when the stream refused one (a stale
         seq) or Redis failed."""
         if not events:
             return True
-        submission = _Submission(events, done=threading.Event())
-        self._submit(submission)
-        if not submission.done.wait(PUBLISH_WAIT_SECONDS):  # type: ignore[union-attr]
+        try:
+            return self._publisher.call(_Submission(events), PUBLISH_WAIT_SECONDS)
+        except WaitTimedOut:
             logger.warning("event publish timed out", extra={"job_id": events[0].job_id})
             return False
-        return submission.accepted
+
+    def publish_new_jobs(self, events: list[Event]) -> bool:
+        """Publishes the first events of jobs nobody else can have events for yet, on the
+        caller's thread: the job intake, whose batches would otherwise wait on this process's
+        publisher thread as well as on their own."""
+        return all(self._publish_batch([_Submission(events)])) if events else True
 
     def publish_later(self, events: list[Event], on_refused: Callable[[Event], None]) -> None:
         """Queues events behind every earlier one of this process; `on_refused` is called (on
         the publisher thread) for each event the stream did not accept."""
-        self._submit(_Submission(events, on_refused=on_refused))
+        self._publisher.call_later(_Submission(events, on_refused))
 
-    def _submit(self, submission: _Submission) -> None:
-        with self._wakeup:
-            if self._publisher_pid != os.getpid():
-                # First use in this process (or a forked child, whose parent's thread did not
-                # survive the fork): start its publisher.
-                self._queue.clear()
-                self._publisher_pid = os.getpid()
-                threading.Thread(
-                    target=self._run_publisher, name="event-publisher", daemon=True
-                ).start()
-            self._queue.append(submission)
-            self._wakeup.notify()
-
-    def _run_publisher(self) -> None:
-        while True:
-            with self._wakeup:
-                while not self._queue:
-                    self._wakeup.wait()
-                batch = self._take_batch()
-            try:
-                self._publish_batch(batch)
-            except Exception:  # the publisher must outlive any one batch
-                logger.exception("event publisher failed a batch")
-                for submission in batch:
-                    if submission.done is not None:
-                        submission.done.set()
-
-    def _take_batch(self) -> list[_Submission]:
-        taken, count = 0, 0
-        while taken < len(self._queue) and count < MAX_BATCH:
-            count += len(self._queue[taken].events)
-            taken += 1
-        batch, self._queue[:taken] = self._queue[:taken], []
-        return batch
-
-    def _publish_batch(self, batch: list[_Submission]) -> None:
+    def _publish_batch(self, batch: list[_Submission]) -> list[bool]:
         events = [event for submission in batch for event in submission.events]
         try:
             accepted = [bool(flag) for flag in self._append_and_emit(*self._script_args(events))]
         except redis.RedisError as exc:
             logger.warning("event publish failed: %s", exc, extra={"job_id": events[0].job_id})
             accepted = [False] * len(events)
-        position = 0
+        results, position = [], 0
         for submission in batch:
             flags = accepted[position : position + len(submission.events)]
             position += len(submission.events)
-            submission.accepted = all(flags)
+            results.append(all(flags))
             if submission.on_refused is not None:
                 for event, ok in zip(submission.events, flags, strict=True):
                     if not ok:
                         submission.on_refused(event)
-            if submission.done is not None:
-                submission.done.set()
+        return results
 
     def _script_args(self, events: list[Event]) -> tuple[list[str], list[object]]:
         keys: list[str] = []

@@ -25,13 +25,13 @@ from sqlalchemy.orm import Session
 
 from app.jobs import sql
 from app.jobs.events import Event, record_event
+from app.jobs.intake import RUN_JOB_TASK, NewJob, task_priority
 from app.jobs.states import TERMINAL, TERMINAL_EVENTS, EventType, JobStatus
 from app.models import Job
 from app.runtime import runtime
 
 logger = logging.getLogger(__name__)
 
-RUN_JOB_TASK = "conveyor.run_job"
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
@@ -87,35 +87,26 @@ def create_job(
     retry_of: uuid.UUID | None = None,
 ) -> Created:
     rt = runtime()
-    job_id = uuid.uuid4()
-    at = now()
-    event_data = {"kind": kind, "retry_of": _str(retry_of)}
-    with rt.db.engine.begin() as connection:
-        # `dispatched_at` is now: if the publish below fails, the sweeper sees a queued job
-        # whose dispatch is older than the grace period and publishes it again.
-        job = connection.execute(
-            sql.CREATE,
-            {
-                "id": job_id,
-                "owner": owner,
-                "kind": kind,
-                "input": _json(input),
-                "priority": priority,
-                "max_attempts": max_attempts or rt.settings.job_max_attempts,
-                "idempotency_key": idempotency_key,
-                "request_hash": fingerprint,
-                "model": rt.settings.model_for(kind),
-                "retry_of": retry_of,
-                "at": at,
-                "event": _json(event_data),
-            },
-        ).one_or_none()
-    if job is None:
+    row = rt.intake.create(
+        NewJob(
+            id=uuid.uuid4(),
+            owner=owner,
+            kind=kind,
+            input=input,
+            priority=priority,
+            max_attempts=max_attempts or rt.settings.job_max_attempts,
+            idempotency_key=idempotency_key,
+            request_hash=fingerprint,
+            model=rt.settings.model_for(kind),
+            retry_of=retry_of,
+            at=now(),
+            event={"kind": kind, "retry_of": _str(retry_of)},
+        )
+    )
+    if row is None:
         with rt.db.transaction() as session:
             return _replay_idempotent(session, owner, idempotency_key, fingerprint)
-    rt.bus.publish([Event(job_id, owner, 1, EventType.QUEUED, event_data, at)])
-    dispatch(job_id, priority)
-    return Created(job, created=True)
+    return Created(row, created=True)
 
 
 def _replay_idempotent(
@@ -138,8 +129,7 @@ def dispatch(job_id: uuid.UUID, priority: int = 0, countdown: float | None = Non
             RUN_JOB_TASK,
             args=[str(job_id)],
             countdown=countdown,
-            # Redis emulates priorities with one list per step, 0 first; ours: 9 is most urgent.
-            priority=9 - priority,
+            priority=task_priority(priority),
         )
     except Exception as exc:  # kombu raises several unrelated types for a broker outage
         logger.warning("publish failed, the sweeper will retry: %s", exc, extra={"job_id": job_id})

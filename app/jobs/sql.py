@@ -13,18 +13,27 @@ from functools import lru_cache
 
 from sqlalchemy import TextClause, text
 
+# Any number of jobs (a group commit of concurrent POSTs) with their job.queued events, in one
+# statement: the rows travel as one JSON array. An Idempotency-Key already used by the owner
+# (in the table or earlier in the same array) inserts nothing and returns no row.
 CREATE = text("""
-WITH job AS (
+WITH new AS (
+    SELECT * FROM jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(
+        id uuid, owner text, kind text, input jsonb, priority int, max_attempts int,
+        idempotency_key text, request_hash text, model text, retry_of uuid, at timestamptz,
+        event jsonb, ord int)
+), job AS (
     INSERT INTO jobs (id, owner, kind, status, input, priority, max_attempts, idempotency_key,
                       request_hash, model, retry_of, last_seq, created_at, updated_at,
                       dispatched_at)
-    VALUES (:id, :owner, :kind, 'queued', CAST(:input AS jsonb), :priority, :max_attempts,
-            :idempotency_key, :request_hash, :model, :retry_of, 1, :at, :at, :at)
+    SELECT id, owner, kind, 'queued', input, priority, max_attempts, idempotency_key,
+           request_hash, model, retry_of, 1, at, at, at
+    FROM new ORDER BY ord
     ON CONFLICT (owner, idempotency_key) DO NOTHING
     RETURNING *
 ), queued AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
-    SELECT id, 1, 'job.queued', :at, CAST(:event AS jsonb) FROM job
+    SELECT job.id, 1, 'job.queued', new.at, new.event FROM job JOIN new ON new.id = job.id
 )
 SELECT * FROM job
 """)

@@ -1,0 +1,136 @@
+"""Job creation as a group commit: the jobs that API threads submit together are stored by one
+INSERT and one commit, their `job.queued` events by one Redis call, and their Celery messages
+by one Redis pipeline (kombu's `Producer.batch()`).
+
+Each job still follows the design's rule, row first and then publish: nothing is published
+before the commit that stores it, and a publish that fails leaves the job `queued` with its
+`dispatched_at`, for the sweeper to publish again. A request thread waits for its own job's
+row, so a 202 still means the job is committed.
+
+Why: per request, the commit, the Redis round trips and kombu's per-publish client were most
+of what `POST /jobs` cost beyond Flask itself (docs/performance.md); shared by a batch they
+cost a fraction, and on a disk where every commit waits for an fsync, one commit per batch
+instead of per job is the difference that matters most.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Row
+from sqlalchemy.exc import DataError, IntegrityError
+
+from app.batching import GroupCommit
+from app.db import Database
+from app.jobs import sql
+from app.jobs.events import Event, EventBus
+from app.jobs.states import EventType
+
+logger = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "conveyor.run_job"
+MAX_BATCH = 100
+# A request gives up waiting for its batch after this long (the API answers 503); the database
+# and Redis calls inside time out sooner on their own.
+CREATE_WAIT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class NewJob:
+    id: uuid.UUID
+    owner: str
+    kind: str
+    input: dict[str, Any]
+    priority: int
+    max_attempts: int
+    idempotency_key: str | None
+    request_hash: str | None
+    model: str | None
+    retry_of: uuid.UUID | None
+    at: datetime
+    event: dict[str, Any]
+
+
+# What the intake gives back for one job: its row, None when its Idempotency-Key was already
+# used (the caller replays), or the error that kept this one job from being stored.
+Stored = Row[Any] | None | Exception
+
+
+def task_priority(priority: int) -> int:
+    # Redis emulates priorities with one list per step, 0 first; ours: 9 is most urgent.
+    return 9 - priority
+
+
+class JobIntake:
+    def __init__(self, db: Database, bus: EventBus, celery: Celery) -> None:
+        self._db = db
+        self._bus = bus
+        self._celery = celery
+        self._group = GroupCommit("job-intake", self.store_and_dispatch, max_batch=MAX_BATCH)
+
+    def create(self, job: NewJob) -> Row[Any] | None:
+        """Stores the job and publishes it; None when its Idempotency-Key was already used."""
+        stored = self._group.call(job, CREATE_WAIT_SECONDS)
+        if isinstance(stored, Exception):
+            raise stored
+        return stored
+
+    def store_and_dispatch(self, batch: list[NewJob]) -> list[Stored]:
+        """One batch: one INSERT and commit, then its events and Celery messages (what the
+        writer thread runs; callable directly, e.g. to store a known set of jobs together)."""
+        stored = self._store(batch)
+        created = [job for job, row in zip(batch, stored, strict=True) if isinstance(row, Row)]
+        if created:
+            self._bus.publish(
+                [
+                    Event(job.id, job.owner, 1, EventType.QUEUED, job.event, job.at)
+                    for job in created
+                ]
+            )
+            self._dispatch(created)
+        return stored
+
+    def _store(self, batch: list[NewJob]) -> list[Stored]:
+        try:
+            rows = self._insert(batch)
+        except (IntegrityError, DataError) as exc:
+            if len(batch) == 1:
+                return [exc]
+            # One bad job must not fail the others that happened to share its batch.
+            return [self._store([job])[0] for job in batch]
+        return [rows.get(job.id) for job in batch]
+
+    def _insert(self, batch: Sequence[NewJob]) -> dict[uuid.UUID, Row[Any]]:
+        payload = json.dumps(
+            [{**vars(job), "ord": position} for position, job in enumerate(batch)],
+            default=str,
+            separators=(",", ":"),
+        )
+        with self._db.engine.begin() as connection:
+            rows = connection.execute(sql.CREATE, {"jobs": payload}).all()
+        return {row.id: row for row in rows}
+
+    def _dispatch(self, jobs: list[NewJob]) -> None:
+        try:
+            with self._celery.producer_or_acquire() as producer, producer.batch():
+                for job in jobs:
+                    self._celery.send_task(
+                        RUN_JOB_TASK,
+                        args=[str(job.id)],
+                        priority=task_priority(job.priority),
+                        producer=producer,
+                    )
+        except Exception as exc:  # kombu raises several unrelated types for a broker outage
+            logger.warning(
+                "publish of %d jobs failed, the sweeper will retry: %s",
+                len(jobs),
+                exc,
+                extra={"job_id": jobs[0].id},
+            )
