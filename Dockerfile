@@ -9,4 +9,4 @@ COPY migrations ./migrations
 RUN pip install -e . && useradd --system --no-create-home conveyor
 USER conveyor
 EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", "--workers", "2", "--threads", "16", "app:create_app()"]
+CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--worker-class", "gevent", "--workers", "2", "--worker-connections", "1000", "app:create_app()"]

@@ -11,7 +11,7 @@ from app.config import Settings
 
 
 def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
-    from app import api, cli, logs, web
+    from app import api, cli, logs, realtime, web
     from app.db import db
     from app.jobs.events import EventBus
     from app.jobs.intake import JobIntake
@@ -42,6 +42,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         ModelClient(settings),
     ).init_app(app)
     api.init_app(app)
+    realtime.init_app(app, settings)
     web.init_app(app)
     cli.init_app(app)
     return app

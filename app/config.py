@@ -6,9 +6,10 @@ Every setting is documented in docs/configuration.md; keep the two in step.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _alias(name: str) -> AliasChoices:
@@ -71,6 +72,21 @@ class Settings(BaseSettings):
     ready_timeout: float = Field(1.0, gt=0)
     secret_key: str | None = Field(None, validation_alias=_alias("SECRET_KEY"))
 
+    # Realtime (Socket.IO and the dashboard)
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins allowed to open a Socket.IO connection, comma-separated; "
+        "empty: the server's own origin only",
+    )
+    realtime_token_ttl: int = Field(300, ge=10, le=86_400)
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
     # Worker
     worker_concurrency: int = Field(200, ge=1)
 
@@ -96,6 +112,8 @@ def testing_settings(**overrides: object) -> Settings:
         "retry_base_delay": 0.2,
         "retry_max_delay": 2.0,
         "progress_write_interval": 0.2,
+        # Every token its own delta event, so a test can stream thousands of them quickly.
+        "delta_flush_interval": 0.0,
         "llm_timeout": 10.0,
         "openai_api_key": "sim",
         "secret_key": "test-secret",

@@ -6,7 +6,7 @@ peers measured in the same run on the same private PostgreSQL and Redis:
   raw1    peer (b): INSERT jobs + INSERT job_events in one transaction, then
           send_task("conveyor.run_job") with the app's Celery config; no HTTP; one thread
   rawN    the same in --raw-procs processes x --raw-threads threads (default 2 x 16, the
-          server's layout)
+          server's processes)
   svc1    (c, optional) app.jobs.service.create_job() in-process, one thread, no HTTP: what
           the service layer costs without gunicorn, Flask and the view
 
@@ -89,7 +89,15 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated, from " + ",".join(PHASES),
     )
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (Procfile: 2)")
-    parser.add_argument("--threads", type=int, default=16, help="gunicorn threads (Procfile)")
+    parser.add_argument(
+        "--worker-class", default="gevent", help="gunicorn worker class (Procfile: gevent)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=16, help="gunicorn threads, with --worker-class gthread"
+    )
+    parser.add_argument(
+        "--worker-connections", type=int, default=1000, help="with gevent (Procfile: 1000)"
+    )
     parser.add_argument("--raw-procs", type=int, default=2, help="processes of the rawN peer")
     parser.add_argument("--raw-threads", type=int, default=16, help="threads per rawN process")
     parser.add_argument(
@@ -346,8 +354,12 @@ def start_server(services: Services, args: argparse.Namespace) -> tuple[Child, s
     from app.devservices import free_port
 
     port = free_port()
-    cmd = [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--worker-class", "gthread"]
-    cmd += ["--workers", str(args.workers), "--threads", str(args.threads)]
+    cmd = [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}"]
+    cmd += ["--worker-class", args.worker_class, "--workers", str(args.workers)]
+    if args.worker_class == "gthread":
+        cmd += ["--threads", str(args.threads)]
+    else:
+        cmd += ["--worker-connections", str(args.worker_connections)]
     # Exactly the Procfile's target, unless what-if patches must be applied first.
     target = "bench.variants:web_app()" if args.variants else "app:create_app()"
     cmd += ["--graceful-timeout", "20", target]
@@ -494,8 +506,8 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> dict[str, fl
         )
     print_table(
         f"Medians over runs; {args.duration:g} s measured per phase after {args.warmup:g} s "
-        f"warm-up; HTTP concurrency {args.concurrency}; gunicorn gthread {args.workers} workers "
-        f"x {args.threads} threads; raw peers insert jobs"
+        f"warm-up; HTTP concurrency {args.concurrency}; gunicorn {args.worker_class} "
+        f"{args.workers} workers; raw peers insert jobs"
         + ("" if args.raw_without_event else " + job_events in one transaction")
         + " (CPU in % of one core; machine in % of all cores)",
         [
@@ -617,7 +629,7 @@ def print_profiles(cpu: Profile, wall: Profile, cpu_ms_per_post: float) -> None:
         ["category", "% GIL", "~ms CPU/POST", "samples"],
         rows,
     )
-    within = "handle_request (gunicorn/workers/gthread.py"
+    within = "handle_request (gunicorn/workers/"
     rows = [[n, s, c] for n, c, s in wall.breakdown(POST_RULES, within=within)]
     print_table(
         f"Wall time of request threads inside handle_request, by category "

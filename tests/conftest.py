@@ -27,6 +27,7 @@ from app.migrate import upgrade
 from app.models import Job, JobEvent
 from app.runtime import runtime
 from app.sim.process import SimulatorProcess
+from tests.webserver import WebServer
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +83,14 @@ def worker(app: Flask) -> Iterator[object]:
         shutdown_timeout=30,
     ) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def web_server(settings: Settings, app: Flask) -> Iterator[WebServer]:
+    """The real web process (gunicorn, gevent worker) on the tests' PostgreSQL and Redis."""
+    server = WebServer(settings).start()
+    yield server
+    server.stop()
 
 
 @dataclass

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, render_template
 
-from app.api import jobs, problems, system
+from app.api import jobs, problems, realtime, system
 from app.api.spec import Api
 from app.kinds import KINDS
 
@@ -18,6 +18,7 @@ def build_api() -> Api:
     api = Api(blueprint, title="Conveyor API", version="1")
     jobs.register(api)
     system.register(api)
+    realtime.register(api)
     api.extra_schemas.extend(kind.Input for kind in KINDS.values())
     document = None
 

@@ -74,18 +74,28 @@ def authenticate() -> Principal:
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise _unauthorized("Send an API key as 'Authorization: Bearer <key>'.")
-    digest = hash_key(key.strip())
-    with _cache_lock:
-        principal = _cache.get(digest)
+    principal = principal_for_key(key.strip())
     if principal is None:
-        principal = _load(digest)
-        with _cache_lock:
-            _cache[digest] = principal
+        raise _unauthorized("The API key is unknown or revoked.")
     g.principal = principal
     return principal
 
 
-def _load(digest: str) -> Principal:
+def principal_for_key(key: str) -> Principal | None:
+    """The owner of a valid key (cached for CACHE_SECONDS), or None."""
+    digest = hash_key(key)
+    with _cache_lock:
+        principal = _cache.get(digest)
+    if principal is None:
+        principal = _load(digest)
+        if principal is None:
+            return None
+        with _cache_lock:
+            _cache[digest] = principal
+    return principal
+
+
+def _load(digest: str) -> Principal | None:
     with runtime().db.transaction() as session:
         row = session.execute(
             update(ApiKey)
@@ -93,9 +103,7 @@ def _load(digest: str) -> Principal:
             .values(last_used_at=func.now())
             .returning(ApiKey.owner, ApiKey.role, ApiKey.id)
         ).one_or_none()
-    if row is None:
-        raise _unauthorized("The API key is unknown or revoked.")
-    return Principal(row.owner, row.role, row.id)
+    return None if row is None else Principal(row.owner, row.role, row.id)
 
 
 def current_principal() -> Principal:

@@ -13,6 +13,7 @@ from app.api.auth import current_principal
 from app.api.problems import ApiProblem, FieldError, validation_problem
 from app.api.spec import Api, json_response
 from app.jobs import service
+from app.jobs.events import replay
 from app.jobs.schemas import (
     BadCursor,
     EventOut,
@@ -189,19 +190,7 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
             rt.db.request_session.close()  # hold no connection while waiting
             rt.bus.wait_stream(job_id, query.after, query.wait)
             job = _owned_job(job_id)
-        items = rt.bus.read_stream(job_id, query.after, query.limit)
-        source = "stream"
-        if items is None:
-            source = "database"
-            items = [
-                _event_dict(e)
-                for e in rt.db.request_session.scalars(
-                    select(JobEvent)
-                    .where(JobEvent.job_id == job_id, JobEvent.seq > query.after)
-                    .order_by(JobEvent.seq)
-                    .limit(query.limit)
-                )
-            ]
+        items, source = replay(rt.db.request_session, rt.bus, job, query.after, query.limit)
         last_seq = max([job.last_seq, *(item["seq"] for item in items)])
         return json_response(
             EventPage(
@@ -333,13 +322,3 @@ def _guarded(action: Any, job_id: uuid.UUID) -> Any:
 
 def _not_found(job_id: uuid.UUID) -> ApiProblem:
     return ApiProblem(404, "not-found", "Not found", f"no job {job_id}")
-
-
-def _event_dict(event: JobEvent) -> dict[str, Any]:
-    return {
-        "job_id": event.job_id,
-        "seq": event.seq,
-        "type": event.type,
-        "at": event.at,
-        "data": event.data,
-    }

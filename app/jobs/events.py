@@ -19,19 +19,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from app.batching import GroupCommit, WaitTimedOut
 from app.config import Settings
-from app.jobs.states import EPHEMERAL_EVENTS, EventType
-from app.models import JobEvent
+from app.jobs.states import EPHEMERAL_EVENTS, TERMINAL_EVENTS, EventType
+from app.models import Job, JobEvent
 
 logger = logging.getLogger(__name__)
 
 SOCKET_EVENT = "job_event"
 SOCKETIO_CHANNEL = "conveyor-socketio"
 CANCEL_CHANNEL = "conveyor:cancel"
+TERMINAL_EVENT_TYPES = frozenset(str(event_type) for event_type in TERMINAL_EVENTS.values())
 
 
 def stream_key(job_id: uuid.UUID | str) -> str:
@@ -258,6 +259,38 @@ class EventBus:
             self._redis.publish(CANCEL_CHANNEL, str(job_id))
         except redis.RedisError as exc:
             logger.warning("cancel signal failed: %s", exc, extra={"job_id": job_id})
+
+
+def replay(
+    session: Session, bus: EventBus, job: Job, after: int, limit: int = 1000
+) -> tuple[list[dict[str, Any]], str]:
+    """A job's events with seq > `after`, oldest first, and where they came from.
+
+    From the Redis Stream while it holds every one of them (token deltas included); otherwise
+    from PostgreSQL, which has no deltas: there the terminal event carries the stored output,
+    which stands in for the deltas that expired with the stream."""
+    items = bus.read_stream(job.id, after, limit)
+    if items is not None:
+        return items, "stream"
+    rows = session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job.id, JobEvent.seq > after)
+        .order_by(JobEvent.seq)
+        .limit(limit)
+    )
+    items = [
+        {
+            "job_id": str(row.job_id),
+            "seq": row.seq,
+            "type": row.type,
+            "at": row.at.isoformat(),
+            "data": row.data,
+        }
+        for row in rows
+    ]
+    if items and items[-1]["type"] in TERMINAL_EVENT_TYPES and job.output is not None:
+        items[-1]["data"] = {**items[-1]["data"], "output": job.output}
+    return items, "database"
 
 
 def _seq_of(stream_id: bytes | str) -> int:

@@ -204,3 +204,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         return datetime.fromisoformat(created), uuid.UUID(job_id)
     except (ValueError, TypeError) as exc:
         raise BadCursor("not a cursor this API returned") from exc
+
+
+class RealtimeTokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: uuid.UUID | None = Field(None, description="Limit the token to this one job")
+
+
+class RealtimeToken(BaseModel):
+    token: str = Field(description="Send as `auth: {token}` when connecting to Socket.IO")
+    expires_in: int = Field(description="Seconds during which a connection may be opened with it")
+    job_id: uuid.UUID | None

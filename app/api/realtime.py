@@ -1,0 +1,47 @@
+"""`POST /realtime/token`: a short-lived subscription token for the Socket.IO connection, so a
+browser holds that instead of the API key (app/realtime/tokens.py)."""
+
+from __future__ import annotations
+
+from flask import Response
+
+from app.api.auth import current_principal
+from app.api.problems import ApiProblem
+from app.api.spec import Api, json_response
+from app.jobs import service
+from app.jobs.schemas import RealtimeToken, RealtimeTokenRequest
+from app.realtime.tokens import TokenError, mint_token
+from app.runtime import runtime
+
+
+def register(api: Api) -> None:
+    @api.operation(
+        "/realtime/token",
+        "POST",
+        summary="Mint a subscription token",
+        tag="realtime",
+        body=RealtimeTokenRequest,
+        responses={
+            201: (RealtimeToken, "A token for `auth.token` when connecting to Socket.IO"),
+            404: (None, "No such job (or another owner's)"),
+            503: (None, "The server has no CONVEYOR_SECRET_KEY to sign tokens with"),
+        },
+    )
+    def realtime_token(body: RealtimeTokenRequest) -> Response:
+        """Scoped to the caller, and to one job when `job_id` is given (such a connection can
+        subscribe to that job only and is not in the owner's room)."""
+        principal = current_principal()
+        rt = runtime()
+        if body.job_id is not None:
+            try:
+                service.get_job(rt.db.request_session, principal.owner, body.job_id)
+            except service.JobNotFound:
+                raise ApiProblem(404, "not-found", "Not found", f"no job {body.job_id}") from None
+        try:
+            token = mint_token(principal, body.job_id)
+        except TokenError as exc:
+            raise ApiProblem(503, "realtime-unavailable", "Tokens unavailable", str(exc)) from None
+        ttl = rt.settings.realtime_token_ttl
+        return json_response(
+            RealtimeToken(token=token, expires_in=ttl, job_id=body.job_id), status=201
+        )

@@ -1,0 +1,142 @@
+"""The Socket.IO server: browsers watch their jobs live and resume after a disconnect.
+
+Runs in the web process (gunicorn's gevent worker; `threading` mode elsewhere, e.g. in tests).
+Workers never talk to it directly: their events reach it on the Redis channel of the message
+queue (app/jobs/events.py writes them in the format `SocketIO(message_queue=...)` uses), and
+every web process relays them to its own clients' rooms.
+
+WebSocket only, no long-polling transport: a WebSocket is one connection held by one gunicorn
+worker, so several workers need no sticky sessions. A browser that cannot open one falls back
+to polling the REST API (docs/events.md).
+
+Protocol (docs/events.md):
+- connect with `auth={"token": …}` (a subscription token from `POST /api/v1/realtime/token`)
+  or `auth={"api_key": …}`; anything else is refused;
+- `subscribe {job_id, after_seq}` joins the job's room, then replays what is newer than
+  `after_seq`; live events follow. The client drops duplicates by `seq`;
+- a connection that is not scoped to one job is also in its owner's room and sees every one of
+  its jobs change state (all events but token deltas).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from flask import Flask, request
+from flask_socketio import ConnectionRefusedError, SocketIO, join_room, leave_room
+
+from app.api.auth import Principal, principal_for_key
+from app.config import Settings
+from app.jobs import service
+from app.jobs.events import SOCKET_EVENT, SOCKETIO_CHANNEL, job_room, owner_room, replay
+from app.realtime.tokens import TokenError, read_token
+from app.runtime import runtime
+
+logger = logging.getLogger(__name__)
+
+socketio = SocketIO()
+
+
+def async_mode() -> str:
+    """gevent where gevent has patched the process (gunicorn's gevent worker), else threads."""
+    try:
+        from gevent import monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return "threading"
+    return "gevent" if monkey.is_module_patched("socket") else "threading"
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    socketio.init_app(
+        app,
+        message_queue=settings.redis_url,
+        channel=SOCKETIO_CHANNEL,
+        # None is same-origin only; "*" is never a default.
+        cors_allowed_origins=settings.allowed_origins or None,
+        async_mode=async_mode(),
+        transports=["websocket"],
+        manage_session=False,
+    )
+
+
+def _principal(auth: Any) -> tuple[Principal, uuid.UUID | None]:
+    """Who connects, and the one job a job-scoped token limits them to."""
+    auth = auth if isinstance(auth, dict) else {}
+    if isinstance(token := auth.get("token"), str):
+        claims = read_token(token)
+        return claims.principal, claims.job_id
+    key = auth.get("api_key")
+    if not isinstance(key, str):
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        key = key if scheme.lower() == "bearer" else None
+    if key and (principal := principal_for_key(key.strip())) is not None:
+        return principal, None
+    raise ConnectionRefusedError("unauthorized: send a subscription token or an API key")
+
+
+@socketio.on("connect")
+def on_connect(auth: Any = None) -> None:
+    try:
+        principal, only_job = _principal(auth)
+    except TokenError as exc:
+        raise ConnectionRefusedError(f"unauthorized: {exc}") from None
+    socketio.server.save_session(
+        request.sid,  # type: ignore[attr-defined]
+        {"owner": principal.owner, "only_job": only_job},
+    )
+    if only_job is None:
+        join_room(owner_room(principal.owner))
+
+
+@socketio.on("subscribe")
+def on_subscribe(data: Any = None) -> dict[str, Any]:
+    """Joins the job's room, then replays what the client missed; the ack says how it went."""
+    session = socketio.server.get_session(request.sid)  # type: ignore[attr-defined]
+    data = data if isinstance(data, dict) else {}
+    try:
+        job_id = uuid.UUID(str(data.get("job_id")))
+        after = int(data.get("after_seq") or 0)
+    except (TypeError, ValueError):
+        return {"ok": False, "error": "bad-request", "detail": "send {job_id, after_seq}"}
+    if after < 0:
+        return {"ok": False, "error": "bad-request", "detail": "after_seq must be >= 0"}
+    if session["only_job"] not in (None, job_id):
+        return _not_found(job_id)
+    rt = runtime()
+    with rt.db.transaction() as db:
+        try:
+            job = service.get_job(db, session["owner"], job_id)
+        except service.JobNotFound:
+            return _not_found(job_id)
+        # Join first, then read: an event published in between arrives twice (the client
+        # drops it by seq) rather than not at all.
+        join_room(job_room(job_id))
+        items, source = replay(db, rt.bus, job, after)
+        status, last_seq = job.status, job.last_seq
+    for item in items:
+        socketio.emit(SOCKET_EVENT, item, to=request.sid)  # type: ignore[attr-defined]
+    return {
+        "ok": True,
+        "job_id": str(job_id),
+        "status": status,
+        "replayed": len(items),
+        "source": source,
+        "last_seq": max([last_seq, *(item["seq"] for item in items)]),
+    }
+
+
+@socketio.on("unsubscribe")
+def on_unsubscribe(data: Any = None) -> dict[str, Any]:
+    try:
+        job_id = uuid.UUID(str((data or {}).get("job_id")))
+    except (AttributeError, ValueError):
+        return {"ok": False, "error": "bad-request", "detail": "send {job_id}"}
+    leave_room(job_room(job_id))
+    return {"ok": True}
+
+
+def _not_found(job_id: uuid.UUID) -> dict[str, Any]:
+    # Another owner's job is refused exactly like a missing one.
+    return {"ok": False, "error": "not-found", "detail": f"no job {job_id}"}

@@ -1,0 +1,78 @@
+"""The real web process for tests that need one (Socket.IO, Server-Sent Events, the browser):
+gunicorn with the gevent worker, as the Procfile runs it, on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from app.config import Settings
+from app.devservices import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+GUNICORN = Path(sys.executable).with_name("gunicorn")
+
+
+class WebServer:
+    def __init__(self, settings: Settings, workers: int = 1) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log = Path(tempfile.mkstemp(prefix="conveyor-web-", suffix=".log")[1])
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        values = {
+            "CONVEYOR_DATABASE_URL": s.database_url,
+            "CONVEYOR_REDIS_URL": s.redis_url,
+            "CONVEYOR_SECRET_KEY": s.secret_key or "",
+            "CONVEYOR_OPENAI_BASE_URL": s.openai_base_url or "",
+            "CONVEYOR_OPENAI_API_KEY": s.openai_api_key or "",
+            "CONVEYOR_REALTIME_TOKEN_TTL": str(s.realtime_token_ttl),
+            "CONVEYOR_ALLOWED_ORIGINS": ",".join(s.allowed_origins),
+        }
+        return {**os.environ, **values, "PYTHONPATH": str(ROOT)}
+
+    def start(self) -> WebServer:
+        command = [str(GUNICORN), "--bind", f"127.0.0.1:{self.port}", "--worker-class", "gevent"]
+        command += ["--workers", str(self.workers), "--graceful-timeout", "2", "app:create_app()"]
+        with self._log.open("ab") as log:
+            self._process = subprocess.Popen(
+                command, cwd=ROOT, env=self.env(), stdout=log, stderr=log, start_new_session=True
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited:\n{self._log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"gunicorn did not answer:\n{self._log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        try:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            self._process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait(5)
+        except ProcessLookupError:
+            pass
+        self._process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
