@@ -32,11 +32,13 @@ from app.jobs.schemas import (
     decode_cursor,
     encode_cursor,
 )
+from app.jobs.sse import SSE_TYPE, event_stream_response
 from app.jobs.states import TERMINAL, EventType, JobStatus
 from app.kinds import KINDS
 from app.models import Job, JobEvent
 from app.runtime import runtime
 
+JSON_TYPE = "application/json"
 PREFIX = "/api/v1"
 IDEMPOTENCY_HEADER = {
     "name": "Idempotency-Key",
@@ -183,7 +185,16 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
     def list_events(job_id: uuid.UUID, query: EventsQuery) -> Response:
         """Served from the job's Redis Stream while it holds every event newer than `after`
         (token deltas included), else from PostgreSQL (no deltas: the result has the text).
-        With `wait`, blocks until an event newer than `after` exists or the time passes."""
+        With `wait`, blocks until an event newer than `after` exists or the time passes.
+
+        With `Accept: text/event-stream`, the same feed as Server-Sent Events (one event per
+        message, `id` = seq), kept open until the job ends; a client resumes with
+        `Last-Event-ID` (or `after`)."""
+        if request.accept_mimetypes.best_match([JSON_TYPE, SSE_TYPE]) == SSE_TYPE:
+            job = _owned_job(job_id)
+            after = _last_event_id(query.after)
+            runtime().db.request_session.close()
+            return event_stream_response(runtime(), job.owner, job_id, after)
         job = _owned_job(job_id)
         rt = runtime()
         if query.wait and job.last_seq <= query.after and job.status not in TERMINAL:
@@ -318,6 +329,25 @@ def _guarded(action: Any, job_id: uuid.UUID) -> Any:
         raise ApiProblem(
             409, "job-state-conflict", "Not allowed in the job's state", str(exc)
         ) from None
+
+
+def _last_event_id(default: int) -> int:
+    header = request.headers.get("Last-Event-ID")
+    if header is None:
+        return default
+    try:
+        value = int(header)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ApiProblem(
+            422,
+            "validation-error",
+            "The request is not valid",
+            "Last-Event-ID must be the seq of an event",
+            [FieldError(field="Last-Event-ID", message="must be a non-negative integer")],
+        )
+    return value
 
 
 def _not_found(job_id: uuid.UUID) -> ApiProblem:

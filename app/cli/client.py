@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import click
 import httpx
+from httpx_sse import connect_sse
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
@@ -28,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 TERMINAL = {"succeeded", "failed", "canceled"}
+TERMINAL_EVENTS = {f"job.{status}" for status in TERMINAL}
 console = Console()
 
 
@@ -46,6 +49,36 @@ class Api:
         if response.status_code >= 400:
             raise click.ClickException(_problem_text(response))
         return response.json() if response.content else None
+
+    def follow_events(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """The job's events as Server-Sent Events until its terminal one, each once and in
+        order: a dropped connection is resumed with Last-Event-ID after a short backoff."""
+        last_seq, failures = 0, 0
+        while True:
+            headers = {"Last-Event-ID": str(last_seq)}
+            try:
+                with connect_sse(
+                    self.http, "GET", f"/jobs/{job_id}/events", headers=headers, timeout=None
+                ) as source:
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        raise click.ClickException(_problem_text(source.response))
+                    for message in source.iter_sse():
+                        if not message.data:  # the server's `retry:` advice
+                            continue
+                        event = json.loads(message.data)
+                        if event["seq"] <= last_seq:
+                            continue
+                        last_seq, failures = event["seq"], 0
+                        yield event
+                        if event["type"] in TERMINAL_EVENTS:
+                            return
+            except httpx.HTTPError as exc:
+                failures += 1
+                if failures > 5:
+                    raise click.ClickException(f"lost the event stream: {exc}") from None
+            # The server closed a stream that had not ended, or the connection dropped.
+            time.sleep(min(5.0, 0.25 * 2**failures))
 
 
 def _problem_text(response: httpx.Response) -> str:
@@ -164,46 +197,40 @@ def cancel(api: Api, job_id: str) -> None:
 
 
 def follow_job(api: Api, job_id: str) -> dict[str, Any]:
-    """Follows the job through the events API (long poll, resumable by seq) and renders its
+    """Follows the job through its Server-Sent Events (resumable by seq) and renders its
     progress and streamed text live; returns the finished job."""
     text = Text()
     progress = 0.0
     status = "queued"
-    after = 0
 
     def frame() -> Group:
         bar = ProgressBar(total=100, completed=progress, width=40)
         return Group(text, Text(""), Group(bar, Text(f"{progress:5.1f}%  {status}")))
 
     with Live(frame(), console=console, refresh_per_second=12, transient=False) as live:
-        while True:
-            page = api.request("GET", f"/jobs/{job_id}/events", params={"after": after, "wait": 20})
-            for event in page["items"]:
-                after = max(after, event["seq"])
-                data = event["data"]
-                kind = event["type"]
-                if kind == "job.output.delta":
-                    text.append(data["text"])
-                    progress = max(progress, data.get("progress", progress))
-                elif kind == "job.progress":
-                    progress = data["progress"]
-                elif kind == "job.started":
-                    status, progress = "running", 0.0
-                    if data.get("attempt", 1) > 1:
-                        text.append(f"\n[attempt {data['attempt']}]\n", style="yellow")
-                elif kind == "job.retrying":
-                    status = "retrying"
-                    text.append(
-                        f"\n[{data['error']['code']}: retrying in {data['delay']:.1f} s]",
-                        style="yellow",
-                    )
-                elif kind == "job.succeeded":
-                    status, progress = "succeeded", 100.0
-                elif kind in ("job.failed", "job.canceled"):
-                    status = kind.split(".")[1]
+        for event in api.follow_events(job_id):
+            data = event["data"]
+            kind = event["type"]
+            if kind == "job.output.delta":
+                text.append(data["text"])
+                progress = max(progress, data.get("progress", progress))
+            elif kind == "job.progress":
+                progress = data["progress"]
+            elif kind == "job.started":
+                status, progress = "running", 0.0
+                if data.get("attempt", 1) > 1:
+                    text.append(f"\n[attempt {data['attempt']}]\n", style="yellow")
+            elif kind == "job.retrying":
+                status = "retrying"
+                text.append(
+                    f"\n[{data['error']['code']}: retrying in {data['delay']:.1f} s]",
+                    style="yellow",
+                )
+            elif kind == "job.succeeded":
+                status, progress = "succeeded", 100.0
+            elif kind in ("job.failed", "job.canceled"):
+                status = kind.split(".")[1]
             live.update(frame())
-            if page["status"] in TERMINAL and after >= page["last_seq"]:
-                break
     job = api.request("GET", f"/jobs/{job_id}")
     if not text.plain and job["status"] == "succeeded":
         # The stream had expired: the stored result stands in for the deltas.

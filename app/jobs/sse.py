@@ -1,0 +1,80 @@
+"""A job's events as Server-Sent Events, for clients that are not browsers (the `conveyor`
+CLI, backends, curl). The same resumable feed as Socket.IO: `id` is the event's seq, so a
+client that reconnects with `Last-Event-ID` continues after the last event it saw.
+
+The connection holds no database connection while it waits: it blocks on the job's Redis
+Stream (XREAD) and asks PostgreSQL only when the stream cannot prove it holds everything (then
+replaying from there) and, every keep-alive period, whether a quiet job has ended.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response
+
+from app.jobs import service
+from app.jobs.events import TERMINAL_EVENT_TYPES, replay
+from app.jobs.states import TERMINAL
+from app.runtime import Runtime
+
+SSE_TYPE = "text/event-stream"
+KEEPALIVE_SECONDS = 15.0
+RETRY_MS = 1000
+
+
+def event_stream_response(rt: Runtime, owner: str, job_id: uuid.UUID, after: int) -> Response:
+    return Response(
+        _frames(rt, owner, job_id, after),
+        mimetype=SSE_TYPE,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _frame(event: dict[str, Any]) -> str:
+    data = json.dumps(event, separators=(",", ":"), default=str)
+    return f"id: {event['seq']}\nevent: {event['type']}\ndata: {data}\n\n"
+
+
+def _frames(rt: Runtime, owner: str, job_id: uuid.UUID, after: int) -> Iterator[str]:
+    yield f"retry: {RETRY_MS}\n\n"
+    while True:
+        items = rt.bus.read_stream(job_id, after)
+        finished = False
+        if items is None:
+            with rt.db.transaction() as session:
+                try:
+                    job = service.get_job(session, owner, job_id)
+                except service.JobNotFound:  # deleted meanwhile
+                    return
+                items, _source = replay(session, rt.bus, job, after)
+                finished = job.status in TERMINAL and job.last_seq <= max(
+                    [after, *(item["seq"] for item in items)]
+                )
+        for item in items:
+            yield _frame(item)
+            after = item["seq"]
+            if item["type"] in TERMINAL_EVENT_TYPES:
+                return
+        if finished:
+            return
+        if not items:
+            rt.bus.wait_stream(job_id, after, KEEPALIVE_SECONDS)
+            if rt.bus.read_stream(job_id, after, count=1) == []:
+                # Quiet for a whole period: say we are alive, and stop if the job has ended
+                # without its last events in the stream (Redis lost them).
+                yield ": keep-alive\n\n"
+                if _ended(rt, owner, job_id, after):
+                    return
+
+
+def _ended(rt: Runtime, owner: str, job_id: uuid.UUID, after: int) -> bool:
+    with rt.db.transaction() as session:
+        try:
+            job = service.get_job(session, owner, job_id)
+        except service.JobNotFound:
+            return True
+        return job.status in TERMINAL and job.last_seq <= after
