@@ -8,10 +8,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: dev test lint format bench-dispatch bench-concurrency migrate clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml app/web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# The dashboard's socket.io-client, from the npm registry (not committed).
+	cd app/web && npm ci --no-audit --no-fund --loglevel=error
 	touch $(STAMP)
 
 dev: $(STAMP)

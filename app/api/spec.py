@@ -8,6 +8,7 @@ view only ever sees valid input, and bad input becomes a 4xx problem naming the 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from app.api.auth import authenticate
-from app.api.problems import PROBLEM_JSON, ApiProblem, Problem, validation_problem
+from app.api.problems import PROBLEM_JSON, ApiProblem, FieldError, Problem, validation_problem
 
 JSON = "application/json"
 _RULE_PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")
@@ -201,13 +202,41 @@ def parse_body(model: type[BaseModel]) -> BaseModel:
         )
     raw = request.get_data(cache=True)
     try:
-        return model.model_validate_json(raw)
+        parsed = model.model_validate_json(raw)
     except ValidationError as exc:
         if any(error["type"] == "json_invalid" for error in exc.errors()):
             raise ApiProblem(
                 400, "malformed-json", "The body is not valid JSON", str(exc.errors()[0]["msg"])
             ) from None
         raise validation_problem(exc) from None
+    # PostgreSQL stores no NUL character in text or jsonb: refuse it here, naming the field,
+    # rather than fail at the INSERT. (A raw NUL byte is already invalid JSON.)
+    if b"\\u0000" in raw and (field := _field_with_nul(json.loads(raw))) is not None:
+        raise ApiProblem(
+            422,
+            "validation-error",
+            "The request is not valid",
+            f"{field}: must not contain the NUL character",
+            [FieldError(field=field, message="must not contain the NUL character (\\u0000)")],
+        )
+    return parsed
+
+
+def _field_with_nul(value: Any, path: str = "") -> str | None:
+    if isinstance(value, str):
+        return (path or "body") if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            if "\x00" in key:
+                return inner
+            if (found := _field_with_nul(item, inner)) is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if (found := _field_with_nul(item, f"{path}[{index}]")) is not None:
+                return found
+    return None
 
 
 def parse_query(model: type[BaseModel]) -> BaseModel:

@@ -13,11 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.jobs.states import JobStatus
 from app.models import Job
 
+# Kind names as the registry spells them; anything else (a NUL byte, say) is refused here.
+KIND_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
+
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(min_length=1, max_length=64, examples=["chat"])
+    kind: str = Field(pattern=KIND_PATTERN, examples=["chat"])
     input: dict[str, Any] = Field(description="The kind's input; see GET /kinds for its schema.")
     priority: int = Field(0, ge=0, le=9, description="0 (default) to 9 (most urgent)")
     max_attempts: int | None = Field(None, ge=1, le=10)
@@ -110,7 +113,7 @@ class JobListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: JobStatus | None = None
-    kind: str | None = Field(None, max_length=64)
+    kind: str | None = Field(None, pattern=KIND_PATTERN)
     limit: int = Field(20, ge=1, le=100)
     cursor: str | None = Field(None, max_length=200)
 

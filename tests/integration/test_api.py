@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from app.jobs import service
-from tests.conftest import Tenant
+from tests.conftest import Tenant, undispatched_job
 
 PROBLEM = "application/problem+json"
 
@@ -94,8 +94,34 @@ def test_invalid_unicode_is_a_4xx_not_a_500(tenant: Tenant) -> None:
 
 
 @pytest.mark.parametrize(
+    ("job_input", "field"),
+    [
+        ({"prompt": "a\u0000b"}, "input.prompt"),
+        (
+            {"prompt": "x", "messages": [{"role": "user", "content": "\u0000"}]},
+            "input.messages[0].content",
+        ),
+    ],
+)
+def test_a_nul_character_is_422_naming_its_field(tenant: Tenant, job_input, field: str) -> None:
+    """PostgreSQL stores no NUL in text or jsonb; the API refuses it instead of failing."""
+    response = tenant.post("/api/v1/jobs", json={"kind": "chat", "input": job_input})
+    assert_problem(response, 422, field)
+
+
+def test_a_nul_in_a_structured_schema_key_is_422(tenant: Tenant) -> None:
+    schema = {"type": "object", "properties": {"a\u0000": {"type": "string"}}}
+    response = tenant.post(
+        "/api/v1/jobs", json={"kind": "structured", "input": {"prompt": "x", "schema": schema}}
+    )
+    assert_problem(response, 422, "input.schema.properties.a\u0000")
+
+
+@pytest.mark.parametrize(
     ("query", "field"),
     [
+        ("kind=%00", "kind"),
+        ("kind=Chat!", "kind"),
         ("limit=0", "limit"),
         ("limit=101", "limit"),
         ("limit=ten", "limit"),
@@ -153,7 +179,7 @@ def test_wrong_method_is_405_problem(tenant: Tenant) -> None:
 
 
 def test_result_is_409_until_the_job_finishes(tenant: Tenant) -> None:
-    job_id = service.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
+    job_id = undispatched_job(tenant.owner)  # no worker can finish it first
     service.cancel_job(tenant.owner, job_id)  # terminal now
     queued = service.create_job(
         owner=tenant.owner, kind="chat", input={"prompt": "[[sim ttft=5]]"}

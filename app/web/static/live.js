@@ -1,0 +1,130 @@
+// Live job events: one Socket.IO connection (WebSocket only), resumable by seq, with a REST
+// long-polling fallback when WebSockets are unavailable. See docs/events.md.
+
+/** Applies each event once, in seq order, whatever order and however often it arrives. */
+export class Feed {
+  constructor(onEvent) {
+    this.onEvent = onEvent;
+    this.lastSeq = 0;
+    this.early = new Map();
+  }
+
+  accept(event) {
+    if (event.seq <= this.lastSeq || this.early.has(event.seq)) return; // a duplicate
+    this.early.set(event.seq, event);
+    let next;
+    while ((next = this.early.get(this.lastSeq + 1)) !== undefined) {
+      this.early.delete(next.seq);
+      this.lastSeq = next.seq;
+      this.onEvent(next);
+    }
+  }
+}
+
+const POLL_WAIT_SECONDS = 20;
+
+/**
+ * The connection, and the one job page that follows a job through it.
+ * states: live | reconnecting | polling | offline
+ */
+export class Live {
+  constructor(api, { onState, onOwnerEvent }) {
+    this.api = api;
+    this.onState = onState;
+    this.onOwnerEvent = onOwnerEvent;
+    this.watch = null; // { jobId, feed }
+    this.failures = 0;
+    this.polling = false;
+    this.socket = null;
+  }
+
+  start() {
+    if (typeof io !== "function") {
+      this.startPolling(); // the client library is missing: REST only
+      return;
+    }
+    this.socket = io(window.location.origin, {
+      transports: ["websocket"],
+      // Called at every (re)connect: a fresh short-lived token, never the API key itself.
+      auth: (send) => this.api.token().then((token) => send({ token })).catch(() => send({})),
+      reconnection: true,
+      reconnectionDelay: 500, // exponential backoff with jitter, from 0.5 s up to 10 s
+      reconnectionDelayMax: 10000,
+      randomizationFactor: 0.5,
+    });
+    this.socket.on("connect", () => {
+      this.failures = 0;
+      this.polling = false;
+      this.setState("live");
+      this.resubscribe();
+    });
+    this.socket.on("disconnect", () => this.setState("reconnecting"));
+    this.socket.on("connect_error", () => {
+      this.failures += 1;
+      // After a few failed attempts keep the page alive over plain HTTP; the socket keeps
+      // trying in the background and takes over again when it connects.
+      if (this.failures >= 3) this.startPolling();
+      else this.setState("reconnecting");
+    });
+    this.socket.on("job_event", (event) => {
+      if (this.watch && event.job_id === this.watch.jobId) this.watch.feed.accept(event);
+      if (event.type !== "job.output.delta") this.onOwnerEvent(event);
+    });
+    this.socket.io.on("reconnect_attempt", () => {
+      if (!this.polling) this.setState("reconnecting");
+    });
+  }
+
+  setState(state) {
+    this.state = state;
+    this.onState(state);
+  }
+
+  follow(jobId, onEvent) {
+    this.unfollow();
+    this.watch = { jobId, feed: new Feed(onEvent) };
+    this.resubscribe();
+    if (this.polling) this.pollJob(this.watch);
+  }
+
+  unfollow() {
+    if (this.watch && this.socket?.connected) {
+      this.socket.emit("unsubscribe", { job_id: this.watch.jobId });
+    }
+    this.watch = null;
+  }
+
+  resubscribe() {
+    const watch = this.watch;
+    if (!watch || !this.socket?.connected) return;
+    this.socket.emit("subscribe", { job_id: watch.jobId, after_seq: watch.feed.lastSeq }, (ack) => {
+      if (!ack?.ok) console.warn("subscribe refused", ack);
+    });
+  }
+
+  startPolling() {
+    if (this.polling) return;
+    this.polling = true;
+    this.setState("polling");
+    if (this.watch) this.pollJob(this.watch);
+  }
+
+  async pollJob(watch) {
+    // Long-polls the events API from the feed's last seq until the socket is back, the page
+    // follows another job, or the job has ended.
+    while (this.polling && this.watch === watch) {
+      try {
+        const page = await this.api.get(
+          `/jobs/${watch.jobId}/events?after=${watch.feed.lastSeq}&wait=${POLL_WAIT_SECONDS}`,
+        );
+        page.items.forEach((event) => watch.feed.accept(event));
+        const ended = ["succeeded", "failed", "canceled"].includes(page.status);
+        if (ended && watch.feed.lastSeq >= page.last_seq) return;
+      } catch (error) {
+        this.setState("offline");
+        await new Promise((resolve) => setTimeout(resolve, 2000 + Math.random() * 1000));
+        if (this.polling) this.setState("polling");
+      }
+    }
+  }
+}
