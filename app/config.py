@@ -61,7 +61,9 @@ class Settings(BaseSettings):
     progress_write_interval: float = Field(
         5.0, ge=0, description="progress also rides on every token delta event"
     )
-    delta_flush_interval: float = Field(0.1, ge=0)
+    delta_flush_interval: float = Field(
+        0.05, ge=0, description="token deltas are coalesced for this long (tens of ms)"
+    )
 
     # Events
     event_stream_maxlen: int = Field(10_000, ge=100)
