@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint format bench-dispatch bench-concurrency migrate clean
+.PHONY: dev test lint format bench-dispatch bench-concurrency bench-events migrate clean
 
 $(STAMP): pyproject.toml app/web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-dispatch: $(STAMP)
 
 bench-concurrency: $(STAMP)
 	$(BIN)/python -m bench.concurrency
+
+bench-events: $(STAMP)
+	$(BIN)/python -m bench.events
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -234,7 +234,7 @@ def _field_with_nul(value: Any, path: str = "") -> str | None:
                 return found
     if isinstance(value, list):
         for index, item in enumerate(value):
-            if (found := _field_with_nul(item, f"{path}[{index}]")) is not None:
+            if (found := _field_with_nul(item, f"{path}.{index}")) is not None:
                 return found
     return None
 

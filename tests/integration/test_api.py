@@ -99,7 +99,7 @@ def test_invalid_unicode_is_a_4xx_not_a_500(tenant: Tenant) -> None:
         ({"prompt": "a\u0000b"}, "input.prompt"),
         (
             {"prompt": "x", "messages": [{"role": "user", "content": "\u0000"}]},
-            "input.messages[0].content",
+            "input.messages.0.content",
         ),
     ],
 )

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import socketio
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
@@ -116,6 +117,27 @@ def test_a_token_signed_with_another_secret_is_refused(web_server: WebServer, te
     claims = {"owner": tenant.owner, "role": "user", "key": str(uuid.uuid4()), "job": None}
     forged = URLSafeTimedSerializer("another-secret", salt=SALT).dumps(claims)
     assert "the token is not valid" in refusal(web_server, {"token": forged})
+
+
+def test_another_origin_is_refused_and_so_is_long_polling(
+    web_server: WebServer, tenant: Tenant
+) -> None:
+    client = socketio.Client(reconnection=False)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        client.connect(
+            web_server.url,
+            auth={"api_key": tenant.key},
+            headers={"Origin": "http://elsewhere.example"},
+            transports=["websocket"],
+            wait_timeout=10,
+        )
+    # Same origin is allowed (CONVEYOR_ALLOWED_ORIGINS is empty here).
+    same = connect(web_server, {"api_key": tenant.key})
+    assert same.transport() == "websocket"
+    same.disconnect()
+    # Only the WebSocket transport is served: a long-polling handshake is refused.
+    polling = httpx.get(f"{web_server.url}/socket.io/?EIO=4&transport=polling", timeout=10)
+    assert polling.status_code == 400
 
 
 def test_another_owners_job_is_refused_like_a_missing_one(
