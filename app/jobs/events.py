@@ -267,8 +267,10 @@ def replay(
     """A job's events with seq > `after`, oldest first, and where they came from.
 
     From the Redis Stream while it holds every one of them (token deltas included); otherwise
-    from PostgreSQL, which has no deltas: there the terminal event carries the stored output,
-    which stands in for the deltas that expired with the stream."""
+    from PostgreSQL, which has no deltas: there the seqs have holes where the deltas were, so
+    each event names the one before it in `prev` (the first names `after`), and the terminal
+    event carries the stored output, which stands in for the deltas that expired with the
+    stream."""
     items = bus.read_stream(job.id, after, limit)
     if items is not None:
         return items, "stream"
@@ -278,16 +280,19 @@ def replay(
         .order_by(JobEvent.seq)
         .limit(limit)
     )
-    items = [
-        {
-            "job_id": str(row.job_id),
-            "seq": row.seq,
-            "type": row.type,
-            "at": row.at.isoformat(),
-            "data": row.data,
-        }
-        for row in rows
-    ]
+    items, prev = [], after
+    for row in rows:
+        items.append(
+            {
+                "job_id": str(row.job_id),
+                "seq": row.seq,
+                "prev": prev,
+                "type": row.type,
+                "at": row.at.isoformat(),
+                "data": row.data,
+            }
+        )
+        prev = row.seq
     if items and items[-1]["type"] in TERMINAL_EVENT_TYPES and job.output is not None:
         items[-1]["data"] = {**items[-1]["data"], "output": job.output}
     return items, "database"

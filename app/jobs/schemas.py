@@ -121,6 +121,11 @@ class JobListQuery(BaseModel):
 class EventOut(BaseModel):
     job_id: uuid.UUID
     seq: int
+    prev: int | None = Field(
+        None,
+        description="Only on events served from PostgreSQL, which has no token deltas: the "
+        "seq of the event before this one, so a client can tell a hole from a missing event",
+    )
     type: str
     at: datetime
     data: dict[str, Any]

@@ -132,6 +132,21 @@ def test_without_websockets_the_page_polls_the_api_to_the_end(
     context.close()
 
 
+def test_an_old_job_whose_stream_expired_shows_its_stored_output(
+    page: Page, tenant: Tenant
+) -> None:
+    from app.jobs.events import stream_key
+    from app.runtime import runtime
+
+    job_id = tenant.submit("chat", {"prompt": "from long ago"})["id"]
+    tenant.wait_for(job_id)
+    runtime().redis.delete(stream_key(job_id))  # replayed from PostgreSQL: no deltas, holes
+    page.goto(f"/#/jobs/{job_id}")
+    expect(page.locator("#job-status")).to_have_text("succeeded")
+    expect(page.locator("#job-timeline")).to_contain_text("job.succeeded")
+    expect(page.locator("#job-output")).to_have_text(stored_text(tenant, job_id))
+
+
 def test_a_form_error_is_shown_next_to_its_field(page: Page) -> None:
     page.select_option("#kind", "structured")
     page.fill("#kind-fields textarea[name=prompt]", "a cat")

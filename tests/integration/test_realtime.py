@@ -40,10 +40,20 @@ class Feed:
                 self.duplicates += 1
                 return
             self._early[event["seq"]] = event
-            while (following := self._early.pop(self.last_seq + 1, None)) is not None:
+            while (following := self._next()) is not None:
                 self.applied.append(following)
-                self.last_seq += 1
+                self.last_seq = following["seq"]
             self.changed.notify_all()
+
+    def _next(self) -> dict[str, Any] | None:
+        """The event that follows the last applied one: seq + 1, or one replayed from
+        PostgreSQL that names it as `prev` (the deltas between them are gone)."""
+        if (following := self._early.pop(self.last_seq + 1, None)) is not None:
+            return following
+        for seq, event in self._early.items():
+            if event.get("prev") == self.last_seq:
+                return self._early.pop(seq)
+        return None
 
     def text(self) -> str:
         return "".join(e["data"]["text"] for e in self.applied if e["type"] == "job.output.delta")
@@ -211,6 +221,27 @@ def test_a_thousand_deltas_survive_a_disconnect_with_no_gap_and_no_duplicate(
     result = tenant.get(f"/api/v1/jobs/{job_id}/result").get_json()
     seqs = [e["seq"] for e in feed.applied]
     assert seqs == list(range(1, len(seqs) + 1))  # every seq once, in order
+    assert not any("prev" in e for e in feed.applied)  # all from the stream or live
     assert feed.types().count("job.output.delta") >= 1000
     assert cut_at < seqs[-1] - 100  # a real share of the stream came after the cut
     assert feed.text() == result["output"]["text"]
+
+
+def test_after_the_stream_expired_the_replay_comes_from_postgres_with_the_output(
+    web_server: WebServer, tenant: Tenant, clients: list[socketio.Client]
+) -> None:
+    from app.jobs.events import stream_key
+    from app.runtime import runtime
+
+    job_id = tenant.submit("chat", {"prompt": "long ago"})["id"]
+    tenant.wait_for(job_id)
+    runtime().redis.delete(stream_key(job_id))
+    feed = Feed()
+    client = connect(web_server, {"token": token(tenant, job_id)}, feed)
+    clients.append(client)
+    ack = client.call("subscribe", {"job_id": job_id, "after_seq": 0}, timeout=10)
+    assert ack["ok"] and ack["source"] == "database" and ack["status"] == "succeeded"
+    feed.wait_for(lambda f: f.types()[-1:] == ["job.succeeded"])
+    output = tenant.get(f"/api/v1/jobs/{job_id}/result").get_json()["output"]
+    assert feed.applied[-1]["data"]["output"] == output
+    assert "job.output.delta" not in feed.types()

@@ -1,26 +1,54 @@
 // Live job events: one Socket.IO connection (WebSocket only), resumable by seq, with a REST
 // long-polling fallback when WebSockets are unavailable. See docs/events.md.
 
-/** Applies each event once, in seq order, whatever order and however often it arrives. */
+/**
+ * Applies each event once, in seq order, whatever order and however often it arrives. An event
+ * follows the last applied one when its seq is the next, or when it was replayed from
+ * PostgreSQL (which has no token deltas) and names the last applied seq as its `prev`.
+ */
 export class Feed {
   constructor(onEvent) {
     this.onEvent = onEvent;
     this.lastSeq = 0;
     this.early = new Map();
+    this.stallTimer = null;
   }
 
   accept(event) {
     if (event.seq <= this.lastSeq || this.early.has(event.seq)) return; // a duplicate
     this.early.set(event.seq, event);
     let next;
-    while ((next = this.early.get(this.lastSeq + 1)) !== undefined) {
-      this.early.delete(next.seq);
-      this.lastSeq = next.seq;
-      this.onEvent(next);
+    while ((next = this.next()) !== undefined) this.apply(next);
+    clearTimeout(this.stallTimer);
+    if (this.early.size) {
+      // Something is missing. A resubscribe replays it; if the stream itself lost it (Redis
+      // lost its data), it will never come: go on with what we have after a few seconds.
+      this.stallTimer = setTimeout(() => this.skipHole(), GAP_TIMEOUT_MS);
     }
+  }
+
+  next() {
+    const following = this.early.get(this.lastSeq + 1);
+    if (following) return following;
+    for (const event of this.early.values()) if (event.prev === this.lastSeq) return event;
+    return undefined;
+  }
+
+  apply(event) {
+    this.early.delete(event.seq);
+    this.lastSeq = event.seq;
+    this.onEvent(event);
+  }
+
+  skipHole() {
+    if (!this.early.size) return;
+    this.apply(this.early.get(Math.min(...this.early.keys())));
+    let next;
+    while ((next = this.next()) !== undefined) this.apply(next);
   }
 }
 
+const GAP_TIMEOUT_MS = 3000;
 const POLL_WAIT_SECONDS = 20;
 
 /**
