@@ -1,4 +1,11 @@
 # One image for every process; docker-compose.yml picks the command.
+
+# The dashboard's one browser dependency (socket.io-client), from the npm registry.
+FROM node:20-slim AS dashboard
+WORKDIR /web
+COPY app/web/package.json app/web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /srv/conveyor
@@ -6,6 +13,7 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations
+COPY --from=dashboard /web/node_modules ./app/web/node_modules
 RUN pip install -e . && useradd --system --no-create-home conveyor
 USER conveyor
 EXPOSE 8000
