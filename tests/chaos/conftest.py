@@ -1,0 +1,248 @@
+"""Fault injection: every test gets its own PostgreSQL, Redis, simulator, web process and worker
+processes, so it may kill or restart any of them. Nothing here runs inside the pytest process
+but the assertions: the app is reached over HTTP and the stores with plain clients.
+
+Settings are short so that recovery happens within seconds (lease 3 s, heartbeat 1 s, sweep
+every 1 s, dispatch grace 2 s); each test states the bound it holds a job to.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from app.config import Settings
+from app.devservices import PostgresServer, RedisServer
+from app.migrate import ROOT, upgrade
+from app.sim.process import SimulatorProcess
+from tests.webserver import WebServer
+
+FAST_RECOVERY = {
+    "CONVEYOR_LEASE_SECONDS": "3",
+    "CONVEYOR_HEARTBEAT_SECONDS": "1",
+    "CONVEYOR_SWEEPER_INTERVAL": "1",
+    "CONVEYOR_DISPATCH_GRACE_SECONDS": "2",
+    "CONVEYOR_RETRY_BASE_DELAY": "0.2",
+    "CONVEYOR_RETRY_MAX_DELAY": "2",
+    "CONVEYOR_PROGRESS_WRITE_INTERVAL": "0.5",
+    "CONVEYOR_LOG_LEVEL": "WARNING",
+}
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+@dataclass
+class Cluster:
+    workdir: Path
+    pg: PostgresServer
+    redis: RedisServer
+    sim: SimulatorProcess
+    database_url: str
+    secret: str = "chaos-secret"
+    web: WebServer | None = None
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    key: str = ""
+
+    # Environment and processes -----------------------------------------------------------
+
+    def env(self, **extra: str) -> dict[str, str]:
+        blocked = ("CONVEYOR_", "DATABASE_URL", "REDIS_URL", "BROKER_URL", "OPENAI_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(blocked)}
+        env.update(FAST_RECOVERY)
+        env.update(
+            DATABASE_URL=self.database_url,
+            REDIS_URL=self.redis.url,
+            OPENAI_BASE_URL=self.sim.base_url,
+            OPENAI_API_KEY="sim",
+            CONVEYOR_SECRET_KEY=self.secret,
+            PYTHONPATH=str(ROOT),
+        )
+        env.update(extra)
+        return env
+
+    def settings(self) -> Settings:
+        return Settings(
+            database_url=self.database_url,
+            redis_url=self.redis.url,
+            openai_base_url=self.sim.base_url,
+            openai_api_key="sim",
+            secret_key=self.secret,
+        )
+
+    def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            args, cwd=ROOT, env=self.env(**env), stdout=log, stderr=log, start_new_session=True
+        )
+        self.processes.append(process)
+        return process
+
+    def start_worker(
+        self, name: str = "w1", pool: str = "threads", concurrency: int = 8, **env: str
+    ) -> subprocess.Popen[bytes]:
+        args = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
+        args += ["--pool", pool, "--concurrency", str(concurrency), "-Q", "conveyor"]
+        args += ["-n", f"{name}-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "WARNING"]
+        args += ["--without-mingle", "--without-gossip"]
+        return self.spawn(name, args, **env)
+
+    def start_beat(self) -> subprocess.Popen[bytes]:
+        args = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat"]
+        args += ["--loglevel", "WARNING", "--schedule", str(self.workdir / "beat-schedule")]
+        return self.spawn("beat", args)
+
+    def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        if process.poll() is None:
+            os.killpg(process.pid, sig)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # The API -----------------------------------------------------------------------------
+
+    def http(self, timeout: float = 10) -> httpx.Client:
+        assert self.web is not None
+        return httpx.Client(
+            base_url=f"{self.web.url}/api/v1",
+            headers={"Authorization": f"Bearer {self.key}"},
+            timeout=timeout,
+        )
+
+    def submit(self, prompt: str, **fields: Any) -> str:
+        with self.http() as client:
+            response = client.post(
+                "/jobs", json={"kind": "chat", "input": {"prompt": prompt}, **fields}
+            )
+        assert response.status_code == 202, response.text
+        return response.json()["id"]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        with self.http() as client:
+            return client.get(f"/jobs/{job_id}").json()
+
+    def wait_terminal(self, job_id: str, within: float) -> tuple[dict[str, Any], float]:
+        """The job once terminal, and how long that took; fails past `within` seconds."""
+        began = time.monotonic()
+        while True:
+            job = self.db_job(job_id)
+            if job["status"] in TERMINAL:
+                return job, time.monotonic() - began
+            if time.monotonic() - began > within:
+                raise AssertionError(f"job {job_id} still {job['status']} after {within} s")
+            time.sleep(0.1)
+
+    def wait_status(self, job_id: str, status: str, within: float = 30) -> None:
+        deadline = time.monotonic() + within
+        while self.db_job(job_id)["status"] != status:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} never {status} within {within} s")
+            time.sleep(0.05)
+
+    # Straight to the stores (they are the truth the API reports) -------------------------
+
+    def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        dsn = self.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def db_job(self, job_id: str) -> dict[str, Any]:
+        rows = self.sql(
+            "SELECT status, attempt, lease_expires_at, output, error_code, worker "
+            "FROM jobs WHERE id = %s",
+            job_id,
+        )
+        status, attempt, lease, output, error_code, worker = rows[0]
+        return {
+            "status": status,
+            "attempt": attempt,
+            "lease_expires_at": lease,
+            "output": output,
+            "error_code": error_code,
+            "worker": worker,
+        }
+
+    def model_calls(self, job_id: str) -> int:
+        return self.sql("SELECT count(*) FROM model_calls WHERE job_id = %s", job_id)[0][0]
+
+    def assert_sound(self, job_id: str, max_attempts: int = 3) -> None:
+        """Every chaos test's invariants for a job that has ended."""
+        job = self.db_job(job_id)
+        assert job["status"] in TERMINAL
+        assert job["lease_expires_at"] is None
+        assert job["attempt"] <= max_attempts
+        assert self.model_calls(job_id) <= max_attempts
+        assert self.sim.stats()["requests"] <= max_attempts  # what the model really saw
+        terminal_events = self.sql(
+            "SELECT count(*) FROM job_events WHERE job_id = %s AND type IN "
+            "('job.succeeded', 'job.failed', 'job.canceled')",
+            job_id,
+        )[0][0]
+        assert terminal_events == 1  # exactly one final result
+        seqs = [
+            row[0]
+            for row in self.sql("SELECT seq FROM job_events WHERE job_id = %s ORDER BY seq", job_id)
+        ]
+        assert seqs == sorted(set(seqs))
+        stuck = self.sql(
+            "SELECT count(*) FROM jobs WHERE status = 'running' AND lease_expires_at < now()"
+        )[0][0]
+        assert stuck == 0
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    pg = PostgresServer(tmp_path / "pg", durable=False).start()
+    redis = RedisServer(data_dir=tmp_path / "redis").start()  # AOF: survives its restarts
+    sim = SimulatorProcess(ttft=0.05, tps=100).start()
+    database_url = pg.create_database("conveyor_chaos")
+    upgrade(database_url)
+    made = Cluster(tmp_path, pg, redis, sim, database_url)
+    try:
+        made.web = WebServer(made.settings()).start()
+        keys = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flask",
+                "--app",
+                "app:create_app()",
+                "keys",
+                "create",
+                "--owner",
+                "chaos",
+            ],
+            cwd=ROOT,
+            env=made.env(),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        made.key = next(w for w in keys.stdout.split() if w.startswith("cvk_"))
+        yield made
+    finally:
+        for process in made.processes:
+            made.stop(process, signal.SIGKILL)
+        if made.web is not None:
+            made.web.stop()
+        sim.stop()
+        redis.stop()
+        pg.stop()

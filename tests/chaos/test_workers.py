@@ -1,0 +1,96 @@
+"""Workers killed, stopped and racing the database: no job lost, stuck or run to success twice.
+
+Bounds: with a 3 s lease renewed every 1 s and a sweep every 1 s, a job whose worker died is
+queued again at most lease + sweep (4 s) after the last renewal, and runs again at once on a
+live worker; each test allows that plus the job's own length and start-up slack.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+from tests.chaos.conftest import Cluster
+
+STREAM = "[[sim tokens=200 tps=50]]"  # a 4 s streamed answer
+
+
+def test_sigkill_of_the_whole_worker_mid_stream(cluster: Cluster) -> None:
+    cluster.start_beat()
+    doomed = cluster.start_worker("doomed", pool="gevent")
+    job_id = cluster.submit(f"{STREAM} killed mid-stream")
+    cluster.wait_status(job_id, "running")
+    time.sleep(1.5)  # well into the stream
+    killed_at = time.monotonic()
+    cluster.stop(doomed, signal.SIGKILL)
+    cluster.start_worker("survivor", pool="gevent")
+
+    job, _ = cluster.wait_terminal(job_id, within=40)
+    recovery = time.monotonic() - killed_at
+
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    # Two calls reached the model: the cut one and the one that finished. Only the second is
+    # recorded: a SIGKILLed worker writes nothing, so the spend of its cut call is lost.
+    assert cluster.sim.stats()["requests"] == 2
+    assert cluster.model_calls(job_id) == 1
+    assert recovery < 4 + 4 + 10  # lease + sweep, the 4 s answer, the new worker's start
+    cluster.assert_sound(job_id)
+
+
+def test_sigkill_of_a_prefork_child_mid_stream(cluster: Cluster) -> None:
+    cluster.start_beat()
+    worker = cluster.start_worker("prefork", pool="prefork", concurrency=2)
+    job_id = cluster.submit(f"{STREAM} child killed")
+    cluster.wait_status(job_id, "running")
+    time.sleep(1.0)
+    child_pid = int(cluster.db_job(job_id)["worker"].rsplit(":", 1)[1])
+    assert child_pid != worker.pid
+    signal_sent = time.monotonic()
+    import os
+
+    os.kill(child_pid, signal.SIGKILL)
+
+    job, _ = cluster.wait_terminal(job_id, within=40)
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    assert time.monotonic() - signal_sent < 4 + 4 + 10
+    assert worker.poll() is None  # the parent replaced its child and lives on
+    cluster.assert_sound(job_id)
+
+
+def test_sigterm_lets_running_jobs_finish(cluster: Cluster) -> None:
+    worker = cluster.start_worker("graceful", pool="gevent")
+    job_id = cluster.submit(f"{STREAM} stopped gracefully")
+    cluster.wait_status(job_id, "running")
+    cluster.stop(worker, signal.SIGTERM)  # Celery's warm shutdown waits for the task
+
+    assert worker.returncode == 0
+    job = cluster.db_job(job_id)
+    assert job["status"] == "succeeded" and job["attempt"] == 1
+    assert cluster.model_calls(job_id) == 1
+    cluster.assert_sound(job_id)
+
+
+def test_a_task_delivered_before_its_row_exists_runs_once_the_row_does(cluster: Cluster) -> None:
+    from celery import Celery
+
+    from app.queue import celery_config
+
+    cluster.start_beat()
+    cluster.start_worker("early", pool="gevent")
+    job_id = uuid.uuid4()
+    sender = Celery("chaos")
+    sender.conf.update(celery_config(cluster.settings()))
+    sender.send_task("conveyor.run_job", args=[str(job_id)])  # nothing to claim yet
+    time.sleep(2.0)  # the worker has taken it and let it go
+    cluster.sql(
+        "INSERT INTO jobs (id, owner, kind, status, input, max_attempts, last_seq, "
+        "dispatched_at) VALUES (%s, 'chaos', 'chat', 'queued', %s, 3, 0, now())",
+        job_id,
+        '{"prompt": "late row"}',
+    )
+    # The sweeper publishes it once its dispatch is older than the grace period (2 s).
+    job, took = cluster.wait_terminal(str(job_id), within=20)
+    assert job["status"] == "succeeded" and job["attempt"] == 1
+    assert took < 2 + 1 + 5
+    cluster.assert_sound(str(job_id))
