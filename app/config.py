@@ -91,6 +91,12 @@ class Settings(BaseSettings):
 
     # Worker
     worker_concurrency: int = Field(200, ge=1)
+    broker_visibility_timeout: int | None = Field(
+        None,
+        ge=1,
+        description="seconds before Redis redelivers an unacknowledged task; "
+        "default: twice the hard time limit, at least an hour",
+    )
 
     # Testing switches a test config may set; never set in production.
     testing: bool = False

@@ -55,7 +55,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "broker_transport_options": {
             # Longer than any job may run, so Redis redelivers only what a dead worker held.
             # A redelivery of a live job is harmless anyway: the claim is a compare-and-set.
-            "visibility_timeout": max(3600, int(settings.job_time_limit) * 2),
+            "visibility_timeout": settings.broker_visibility_timeout
+            or max(3600, int(settings.job_time_limit) * 2),
             "socket_timeout": 5,
             "socket_connect_timeout": 3,
             "priority_steps": list(range(10)),

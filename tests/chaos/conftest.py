@@ -91,9 +91,10 @@ class Cluster:
     def start_worker(
         self, name: str = "w1", pool: str = "threads", concurrency: int = 8, **env: str
     ) -> subprocess.Popen[bytes]:
+        level = env.get("CONVEYOR_LOG_LEVEL", "WARNING")
         args = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
         args += ["--pool", pool, "--concurrency", str(concurrency), "-Q", "conveyor"]
-        args += ["-n", f"{name}-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "WARNING"]
+        args += ["-n", f"{name}-{uuid.uuid4().hex[:6]}@%h", "--loglevel", level]
         args += ["--without-mingle", "--without-gossip"]
         return self.spawn(name, args, **env)
 
@@ -179,6 +180,11 @@ class Cluster:
             "worker": worker,
         }
 
+    def assert_model_budget(self, jobs: int, max_attempts: int = 3) -> None:
+        """What the model really saw (the simulator's count, killed calls included) stays
+        within the attempt budget of the test's jobs."""
+        assert self.sim.stats()["requests"] <= jobs * max_attempts
+
     def model_calls(self, job_id: str) -> int:
         return self.sql("SELECT count(*) FROM model_calls WHERE job_id = %s", job_id)[0][0]
 
@@ -189,7 +195,6 @@ class Cluster:
         assert job["lease_expires_at"] is None
         assert job["attempt"] <= max_attempts
         assert self.model_calls(job_id) <= max_attempts
-        assert self.sim.stats()["requests"] <= max_attempts  # what the model really saw
         terminal_events = self.sql(
             "SELECT count(*) FROM job_events WHERE job_id = %s AND type IN "
             "('job.succeeded', 'job.failed', 'job.canceled')",

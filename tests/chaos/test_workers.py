@@ -94,3 +94,34 @@ def test_a_task_delivered_before_its_row_exists_runs_once_the_row_does(cluster: 
     assert job["status"] == "succeeded" and job["attempt"] == 1
     assert took < 2 + 1 + 5
     cluster.assert_sound(str(job_id))
+
+
+def test_a_job_outliving_the_visibility_timeout_is_not_run_twice(cluster: Cluster) -> None:
+    from kombu import Connection
+
+    from app.queue import celery_config
+
+    # Redis may redeliver a task unacknowledged for 2 s; the job takes 6 s. Two workers, so
+    # the redelivered message certainly reaches one that is free to claim it.
+    for name in ("w1", "w2"):
+        cluster.start_worker(
+            name, pool="gevent", CONVEYOR_BROKER_VISIBILITY_TIMEOUT="2", CONVEYOR_LOG_LEVEL="INFO"
+        )
+    job_id = cluster.submit("[[sim tokens=300 tps=50]] longer than the visibility timeout")
+    cluster.wait_status(job_id, "running")
+    time.sleep(3.0)
+    # Kombu consumers scan for overdue messages only every tenth idle poll (about 20 s); do
+    # the scan any consumer would do, now.
+    options = {**celery_config(cluster.settings())["broker_transport_options"]}
+    options["visibility_timeout"] = 2
+    with Connection(cluster.redis.url, transport_options=options) as connection:
+        connection.default_channel.qos.restore_visible(num=100, interval=1)
+
+    job, _ = cluster.wait_terminal(job_id, within=30)
+    assert job["status"] == "succeeded" and job["attempt"] == 1
+    # The message was delivered again while the job ran, and that delivery did nothing.
+    logs = cluster.log("w1") + cluster.log("w2")
+    assert logs.count("conveyor.run_job[") >= 3  # received twice, succeeded once
+    assert "not claimable" in logs, logs[-3000:]
+    assert cluster.sim.stats()["requests"] == 1  # no second model call
+    cluster.assert_sound(job_id)
