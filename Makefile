@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint format bench-dispatch bench-concurrency bench-events migrate clean
+.PHONY: dev test soak lint format bench-dispatch bench-concurrency bench-events migrate clean
 
 $(STAMP): pyproject.toml app/web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# Thousands of jobs with random faults and worker kills; not part of `make test`.
+soak: $(STAMP)
+	$(BIN)/python -m tests.chaos.soak
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

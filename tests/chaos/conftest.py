@@ -212,6 +212,24 @@ class Cluster:
         assert stuck == 0
 
 
+def create_key(cluster: Cluster, owner: str = "chaos") -> str:
+    """An API key made the way an operator makes one: `flask keys create`."""
+    keys = subprocess.run(
+        [
+            sys.executable,
+            *["-m", "flask", "--app", "app:create_app()", "keys", "create", "--owner"],
+            owner,
+        ],
+        cwd=ROOT,
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return next(word for word in keys.stdout.split() if word.startswith("cvk_"))
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     pg = PostgresServer(tmp_path / "pg", durable=False).start()
@@ -222,26 +240,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     made = Cluster(tmp_path, pg, redis, sim, database_url)
     try:
         made.web = WebServer(made.settings()).start()
-        keys = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flask",
-                "--app",
-                "app:create_app()",
-                "keys",
-                "create",
-                "--owner",
-                "chaos",
-            ],
-            cwd=ROOT,
-            env=made.env(),
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
-        made.key = next(w for w in keys.stdout.split() if w.startswith("cvk_"))
+        made.key = create_key(made)
         yield made
     finally:
         for process in made.processes:
