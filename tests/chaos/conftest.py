@@ -214,12 +214,9 @@ class Cluster:
 
 def create_key(cluster: Cluster, owner: str = "chaos") -> str:
     """An API key made the way an operator makes one: `flask keys create`."""
+    command = [sys.executable, "-m", "flask", "--app", "app:create_app()", "keys", "create"]
     keys = subprocess.run(
-        [
-            sys.executable,
-            *["-m", "flask", "--app", "app:create_app()", "keys", "create", "--owner"],
-            owner,
-        ],
+        [*command, "--owner", owner],
         cwd=ROOT,
         env=cluster.env(),
         capture_output=True,
