@@ -209,7 +209,9 @@ class EventBus:
 
     def read_stream(self, job_id: uuid.UUID, after: int, count: int = 1000) -> list[dict] | None:
         """Events newer than `after` from the stream, or None when the stream cannot prove it
-        holds all of them (expired, trimmed, or Redis unavailable)."""
+        holds all of them: expired, trimmed, Redis unavailable, or a hole in it (a worker
+        killed between its commit and its publish, or a publish lost to a Redis outage,
+        leaves one: the event is in PostgreSQL only)."""
         key = stream_key(job_id)
         try:
             pipe = self._redis.pipeline(transaction=False)
@@ -220,6 +222,9 @@ class EventBus:
             logger.warning("event stream read failed: %s", exc, extra={"job_id": job_id})
             return None
         if not first or _seq_of(first[0][0]) > after + 1:
+            return None
+        seqs = [_seq_of(entry_id) for entry_id, _fields in entries]
+        if seqs and (seqs[0] > after + 1 or seqs[-1] - seqs[0] != len(seqs) - 1):
             return None
         return [json.loads(fields[b"e"]) for _id, fields in entries]
 

@@ -1,6 +1,6 @@
 """The soak (`make soak`, not part of `make test`): thousands of jobs with random model faults
 across several worker processes, some of them SIGKILLed and replaced as it runs. At the end:
-every job is terminal, none ended twice, every job's event stream has no gap, and the counts of
+every job is terminal, none ended twice, every job's replayed feed has no gap, and the counts of
 PostgreSQL, the event streams and the simulator agree. Prints a summary table; exits non-zero
 when a check fails.
 
@@ -136,6 +136,26 @@ def main() -> int:
             pg.stop()
 
 
+def feed_problem(cluster: Cluster, job_id: str) -> str | None:
+    """What a client resuming from seq 0 gets must have no gap: contiguous seqs from the
+    stream, or from PostgreSQL every durable event, each naming the one before it."""
+    with cluster.http() as client:
+        page = client.get(f"/jobs/{job_id}/events", params={"after": 0, "limit": 1000}).json()
+    seqs = [item["seq"] for item in page["items"]]
+    if page["source"] == "stream":
+        return None if seqs == list(range(1, len(seqs) + 1)) else f"stream seqs {seqs[:6]}…"
+    durable = [
+        seq
+        for (seq,) in cluster.sql(
+            "SELECT seq FROM job_events WHERE job_id = %s ORDER BY seq", job_id
+        )
+    ]
+    prevs = [item.get("prev") for item in page["items"]]
+    if seqs != durable or prevs != [0, *seqs[:-1]]:
+        return f"database replay {seqs[:6]}… against {durable[:6]}…"
+    return None
+
+
 def report(
     cluster: Cluster,
     args: argparse.Namespace,
@@ -164,7 +184,7 @@ def report(
     attempts: Counter[int] = Counter()
     by_plan: Counter[tuple[str, str]] = Counter()
     client = redis.Redis.from_url(cluster.redis.url)
-    gaps = 0
+    gaps = holes = 0
     for (_prompt, expected_error, label), job_id in zip(jobs, ids, strict=True):
         status, attempt, error_code, lease, _last_seq = rows[job_id]
         statuses[status] += 1
@@ -180,13 +200,12 @@ def report(
             problems.append(f"{job_id} ({label}) ended {status} {error_code}")
         if expected_error is not None and error_code != expected_error:
             problems.append(f"{job_id} ({label}) ended {status} {error_code}")
-        seqs = [
-            int(entry_id.decode().split("-")[1])
-            for entry_id, _ in client.xrange(stream_key(job_id))
-        ]
-        if seqs != list(range(1, len(seqs) + 1)):
+        entries = client.xrange(stream_key(job_id))
+        stream_seqs = [int(entry_id.decode().split("-")[1]) for entry_id, _ in entries]
+        holes += stream_seqs != list(range(1, len(stream_seqs) + 1))
+        if (feed := feed_problem(cluster, job_id)) is not None:
             gaps += 1
-            problems.append(f"{job_id}: stream seqs are not 1..n: {seqs[:5]}…")
+            problems.append(f"{job_id}: {feed}")
     client.close()
     recorded_calls = cluster.sql("SELECT count(*) FROM model_calls")[0][0]
     sim_calls = cluster.sim.stats()["requests"]
@@ -208,7 +227,10 @@ def report(
         f"  model calls seen by the simulator {sim_calls}, recorded {recorded_calls} "
         f"(the difference: calls cut by SIGKILL, whose worker could not record them)"
     )
-    print(f"  jobs whose event stream has a gap: {gaps}")
+    print(
+        f"  jobs whose replayed feed has a gap: {gaps}; streams with a hole, replayed from "
+        f"PostgreSQL instead: {holes}"
+    )
     print(f"  checks: {'all passed' if not problems else f'{len(problems)} FAILED'}")
     for problem in problems[:20]:
         print(f"    {problem}")

@@ -14,6 +14,7 @@ def test_a_hung_call_times_out_and_the_retry_succeeds(cluster: Cluster) -> None:
     job_id = cluster.submit("[[sim fault=hang times=1]] answer after a hang")
     job, took = cluster.wait_terminal(job_id, within=20)
     assert job["status"] == "succeeded" and job["attempt"] == 2
+    print(f"[chaos] hung model call: job ended after {took:.1f} s (timeout 2 s, then a retry)")
     assert 2 <= took < 2 + 2 + 5  # the timeout, the backoff, the answer
     assert cluster.sim.stats()["requests"] == 2
     codes = cluster.sql(

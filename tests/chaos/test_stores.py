@@ -60,6 +60,11 @@ def test_redis_restarted_while_jobs_run_and_while_they_are_created(cluster: Clus
         job, _ = cluster.wait_terminal(job_id, within=60)
         assert job["status"] == "succeeded", (job_id, job)
         cluster.assert_sound(job_id)
+    print(
+        f"[chaos] Redis restart: {len(answers)} POSTs, statuses {sorted({a[0] for a in answers})}, "
+        f"slowest {max(a[1] for a in answers):.1f} s; every job ended within "
+        f"{time.monotonic() - restarted_at:.1f} s of the restart"
+    )
     assert time.monotonic() - restarted_at < 60
     cluster.assert_model_budget(len(accepted))
 
@@ -76,6 +81,10 @@ def test_redis_frozen_the_api_answers_within_its_timeout(cluster: Cluster) -> No
         client.close()
     assert {status for status, _, _ in answers} <= {202, 503}
     assert max(took for _, took, _ in answers) < 10
+    print(
+        f"[chaos] Redis paused 5 s: statuses {sorted({a[0] for a in answers})}, "
+        f"slowest POST {max(a[1] for a in answers):.1f} s"
+    )
     for _, _, job_id in answers:
         if job_id:
             job, _ = cluster.wait_terminal(job_id, within=40)
@@ -95,7 +104,8 @@ def test_postgres_connections_terminated_mid_job(cluster: Cluster) -> None:
         "WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )[0][0]
     assert cut > 0
-    job, _ = cluster.wait_terminal(job_id, within=30)
+    job, took = cluster.wait_terminal(job_id, within=30)
+    print(f"[chaos] pg_terminate_backend: job ended {took:.1f} s after the cut")
     assert job["status"] == "succeeded"
     cluster.assert_sound(job_id)
     cluster.assert_model_budget(1)
@@ -117,10 +127,15 @@ def test_postgres_restarted_mid_job(cluster: Cluster) -> None:
         ) as client:
             down = client.get(f"/jobs/{job_id}")
         assert down.status_code in (401, 503), down.text  # a cached key, or not: never a 500
+        print(
+            f"[chaos] PostgreSQL down: the API answered {down.status_code} in "
+            f"{time.monotonic() - began:.2f} s"
+        )
         assert time.monotonic() - began < 8
     finally:
         cluster.pg.start()
-    job, _ = cluster.wait_terminal(job_id, within=40)
+    job, took = cluster.wait_terminal(job_id, within=40)
+    print(f"[chaos] PostgreSQL restart: job ended {took:.1f} s after the database was back")
     assert job["status"] == "succeeded"
     cluster.assert_sound(job_id)
     cluster.assert_model_budget(1)

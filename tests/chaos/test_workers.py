@@ -34,6 +34,7 @@ def test_sigkill_of_the_whole_worker_mid_stream(cluster: Cluster) -> None:
     # recorded: a SIGKILLed worker writes nothing, so the spend of its cut call is lost.
     assert cluster.sim.stats()["requests"] == 2
     assert cluster.model_calls(job_id) == 1
+    print(f"[chaos] worker SIGKILL: job ended {recovery:.1f} s after the kill")
     assert recovery < 4 + 4 + 10  # lease + sweep, the 4 s answer, the new worker's start
     cluster.assert_sound(job_id)
 
@@ -52,6 +53,7 @@ def test_sigkill_of_a_prefork_child_mid_stream(cluster: Cluster) -> None:
     os.kill(child_pid, signal.SIGKILL)
 
     job, _ = cluster.wait_terminal(job_id, within=40)
+    print(f"[chaos] prefork child SIGKILL: job ended {time.monotonic() - signal_sent:.1f} s after")
     assert job["status"] == "succeeded" and job["attempt"] == 2
     assert time.monotonic() - signal_sent < 4 + 4 + 10
     assert worker.poll() is None  # the parent replaced its child and lives on
@@ -62,7 +64,9 @@ def test_sigterm_lets_running_jobs_finish(cluster: Cluster) -> None:
     worker = cluster.start_worker("graceful", pool="gevent")
     job_id = cluster.submit(f"{STREAM} stopped gracefully")
     cluster.wait_status(job_id, "running")
+    stopping = time.monotonic()
     cluster.stop(worker, signal.SIGTERM)  # Celery's warm shutdown waits for the task
+    print(f"[chaos] worker SIGTERM: exited {time.monotonic() - stopping:.1f} s later, job done")
 
     assert worker.returncode == 0
     job = cluster.db_job(job_id)
@@ -91,6 +95,7 @@ def test_a_task_delivered_before_its_row_exists_runs_once_the_row_does(cluster: 
     )
     # The sweeper publishes it once its dispatch is older than the grace period (2 s).
     job, took = cluster.wait_terminal(str(job_id), within=20)
+    print(f"[chaos] task before its row: job ended {took:.1f} s after the row appeared")
     assert job["status"] == "succeeded" and job["attempt"] == 1
     assert took < 2 + 1 + 5
     cluster.assert_sound(str(job_id))

@@ -175,6 +175,21 @@ def test_event_streams_expire(tenant: Tenant) -> None:
     assert 0 < ttl <= runtime().settings.event_stream_ttl
 
 
+def test_a_hole_in_the_stream_sends_readers_to_postgres(tenant: Tenant) -> None:
+    """A worker killed between its commit and its publish leaves the stream without that
+    event (found by the soak); a replay must not present the stream as complete."""
+    job_id = tenant.submit("chat", {"prompt": "a hole"})["id"]
+    tenant.wait_for(job_id)
+    runtime().redis.xdel(stream_key(job_id), "0-2")  # job.started never reached Redis
+    page = tenant.get(f"/api/v1/jobs/{job_id}/events?after=0").get_json()
+    assert page["source"] == "database"
+    seqs = [item["seq"] for item in page["items"]]
+    assert seqs[:2] == [1, 2] and page["items"][-1]["type"] == "job.succeeded"
+    assert [item["prev"] for item in page["items"]] == [0, *seqs[:-1]]
+    # Past the hole the stream is whole again and serves the deltas.
+    assert tenant.get(f"/api/v1/jobs/{job_id}/events?after=2").get_json()["source"] == "stream"
+
+
 def expire_lease(job_id: uuid.UUID) -> None:
     with runtime().db.transaction() as session:
         session.execute(
