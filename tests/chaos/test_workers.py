@@ -130,3 +130,33 @@ def test_a_job_outliving_the_visibility_timeout_is_not_run_twice(cluster: Cluste
     assert "not claimable" in logs, logs[-3000:]
     assert cluster.sim.stats()["requests"] == 1  # no second model call
     cluster.assert_sound(job_id)
+
+
+def test_a_poison_job_that_always_kills_its_worker_fails_after_its_attempts(
+    cluster: Cluster,
+) -> None:
+    import os
+
+    cluster.start_beat()
+    worker = cluster.start_worker("prefork", pool="prefork", concurrency=2)
+    job_id = cluster.submit(f"{STREAM} poison")
+    crashes = 0
+    deadline = time.monotonic() + 60
+    # Every attempt's process dies as soon as it has claimed the job, as a job that crashes
+    # the interpreter would make it.
+    while cluster.db_job(job_id)["status"] not in ("failed", "succeeded", "canceled"):
+        assert time.monotonic() < deadline, cluster.db_job(job_id)
+        job = cluster.db_job(job_id)
+        if job["status"] == "running" and job["attempt"] > crashes:
+            os.kill(int(job["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+            crashes += 1
+        time.sleep(0.05)
+
+    job = cluster.db_job(job_id)
+    assert job["status"] == "failed" and job["error_code"] == "worker_lost"
+    assert job["attempt"] == 3 and crashes == 3
+    time.sleep(3.0)  # no redelivery loop: nothing claims it again
+    assert cluster.db_job(job_id)["attempt"] == 3
+    assert cluster.sim.stats()["requests"] <= 3  # each attempt died before or in its call
+    assert worker.poll() is None  # the worker itself survived its children
+    cluster.assert_sound(job_id)
