@@ -21,6 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import delete, func, literal_column, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.jobs import sql
@@ -184,9 +185,14 @@ def retry_job(owner: str, job_id: uuid.UUID) -> Job:
         if JobStatus(old.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
             raise JobStateConflict(old, "only failed or canceled jobs can be retried")
         kind, job_input, priority = old.kind, old.input, old.priority
-    return create_job(
-        owner=owner, kind=kind, input=job_input, priority=priority, retry_of=job_id
-    ).job
+    try:
+        return create_job(
+            owner=owner, kind=kind, input=job_input, priority=priority, retry_of=job_id
+        ).job
+    except IntegrityError:
+        # The old job was deleted between the read above and the insert (retry_of is a
+        # foreign key): for the caller it no longer exists.
+        raise JobNotFound(job_id) from None
 
 
 def delete_job(owner: str, job_id: uuid.UUID) -> None:

@@ -255,3 +255,16 @@ def test_health_and_ready(app, worker) -> None:
     assert ready.status_code == 200
     assert body["checks"]["database"]["ok"] and body["checks"]["broker"]["ok"]
     assert body["status"] in ("healthy", "degraded")
+
+
+def test_retrying_a_job_deleted_meanwhile_is_404_not_500(tenant: Tenant, monkeypatch) -> None:
+    job_id = undispatched_job(tenant.owner)
+    service.cancel_job(tenant.owner, job_id)
+    create_job = service.create_job
+
+    def deleted_by_someone_else_first(**fields):
+        service.delete_job(tenant.owner, job_id)  # the DELETE that raced the retry
+        return create_job(**fields)
+
+    monkeypatch.setattr(service, "create_job", deleted_by_someone_else_first)
+    assert_problem(tenant.post(f"/api/v1/jobs/{job_id}/retry"), 404)
