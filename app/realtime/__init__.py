@@ -26,6 +26,7 @@ from typing import Any
 
 from flask import Flask, request
 from flask_socketio import ConnectionRefusedError, SocketIO, join_room, leave_room
+from sqlalchemy.exc import OperationalError
 
 from app.api.auth import Principal, principal_for_key
 from app.config import Settings
@@ -105,16 +106,20 @@ def on_subscribe(data: Any = None) -> dict[str, Any]:
     if session["only_job"] not in (None, job_id):
         return _not_found(job_id)
     rt = runtime()
-    with rt.db.transaction() as db:
-        try:
-            job = service.get_job(db, session["owner"], job_id)
-        except service.JobNotFound:
-            return _not_found(job_id)
-        # Join first, then read: an event published in between arrives twice (the client
-        # drops it by seq) rather than not at all.
-        join_room(job_room(job_id))
-        items, source = replay(db, rt.bus, job, after)
-        status, last_seq = job.status, job.last_seq
+    try:
+        with rt.db.transaction() as db:
+            try:
+                job = service.get_job(db, session["owner"], job_id)
+            except service.JobNotFound:
+                return _not_found(job_id)
+            # Join first, then read: an event published in between arrives twice (the client
+            # drops it by seq) rather than not at all.
+            join_room(job_room(job_id))
+            items, source = replay(db, rt.bus, job, after)
+            status, last_seq = job.status, job.last_seq
+    except OperationalError as exc:
+        logger.warning("subscribe failed, database unavailable: %s", exc)
+        return {"ok": False, "error": "unavailable", "detail": "try again shortly"}
     for item in items:
         socketio.emit(SOCKET_EVENT, item, to=request.sid)  # type: ignore[attr-defined]
     return {

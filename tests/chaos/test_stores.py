@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import redis
+import socketio
 
 from tests.chaos.conftest import Cluster
 
@@ -117,8 +118,20 @@ def test_postgres_restarted_mid_job(cluster: Cluster) -> None:
     cluster.start_worker("w1", pool="gevent")
     job_id = cluster.submit(f"{STREAM} database restart")
     cluster.wait_status(job_id, "running")
+    with cluster.http() as client:
+        token = client.post("/realtime/token", json={}).json()["token"]
     cluster.pg.stop()
     try:
+        live = socketio.Client(reconnection=False)
+        live.connect(
+            cluster.web.url,  # type: ignore[union-attr]
+            auth={"token": token},  # a token needs no database to check
+            transports=["websocket"],
+            wait_timeout=10,
+        )
+        ack = live.call("subscribe", {"job_id": job_id, "after_seq": 0}, timeout=15)
+        live.disconnect()
+        assert ack == {"ok": False, "error": "unavailable", "detail": "try again shortly"}
         began = time.monotonic()
         with httpx.Client(
             base_url=f"{cluster.web.url}/api/v1",  # type: ignore[union-attr]
