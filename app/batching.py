@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class _Pending(Generic[Item, Result]):
     waiter: threading.Event | None
     result: Result | None = None
     error: BaseException | None = None
-    weight: int = field(default=1)
+    weight: int = 1
 
 
 class GroupCommit(Generic[Item, Result]):

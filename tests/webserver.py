@@ -15,8 +15,8 @@ import httpx
 
 from app.config import Settings
 from app.devservices import free_port
+from app.migrate import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 

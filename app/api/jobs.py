@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from sqlalchemy import select, tuple_
 
 from app.api.auth import current_principal
-from app.api.problems import ApiProblem, FieldError, validation_problem
+from app.api.problems import ApiProblem, FieldError, field_problem, validation_problem
 from app.api.spec import Api, json_response
 from app.jobs import service
 from app.jobs.events import replay
@@ -66,12 +66,8 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
         principal = current_principal()
         kind = KINDS.get(body.kind)
         if kind is None:
-            raise ApiProblem(
-                422,
-                "validation-error",
-                "The request is not valid",
-                f"unknown kind {body.kind!r}",
-                [FieldError(field="kind", message=f"must be one of {', '.join(sorted(KINDS))}")],
+            raise field_problem(
+                "kind", f"must be one of {', '.join(sorted(KINDS))}", f"unknown kind {body.kind!r}"
             )
         try:
             job_input = kind.Input.model_validate(body.input)
@@ -120,13 +116,7 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
             try:
                 created_at, job_id = decode_cursor(query.cursor)
             except BadCursor as exc:
-                raise ApiProblem(
-                    422,
-                    "validation-error",
-                    "The request is not valid",
-                    str(exc),
-                    [FieldError(field="cursor", message=str(exc))],
-                ) from None
+                raise field_problem("cursor", str(exc), str(exc)) from None
             statement = statement.where(tuple_(Job.created_at, Job.id) < (created_at, job_id))
         statement = statement.order_by(Job.created_at.desc(), Job.id.desc()).limit(query.limit + 1)
         jobs = runtime().db.request_session.scalars(statement).all()
@@ -142,7 +132,7 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
         "/jobs/<uuid:job_id>", "GET", summary="Get a job", responses={200: (JobDetail, "The job")}
     )
     def get_job(job_id: uuid.UUID) -> Response:
-        job = _owned_job(job_id)
+        job = owned_job(job_id)
         return json_response(JobDetail(**JobOut.of(job, PREFIX).model_dump(), input=job.input))
 
     @api.operation(
@@ -155,7 +145,7 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
         },
     )
     def get_result(job_id: uuid.UUID) -> Response:
-        job = _owned_job(job_id)
+        job = owned_job(job_id)
         if JobStatus(job.status) not in TERMINAL:
             raise ApiProblem(
                 409,
@@ -191,16 +181,16 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
         message, `id` = seq), kept open until the job ends; a client resumes with
         `Last-Event-ID` (or `after`)."""
         if request.accept_mimetypes.best_match([JSON_TYPE, SSE_TYPE]) == SSE_TYPE:
-            job = _owned_job(job_id)
+            job = owned_job(job_id)
             after = _last_event_id(query.after)
             runtime().db.request_session.close()
             return event_stream_response(runtime(), job.owner, job_id, after)
-        job = _owned_job(job_id)
+        job = owned_job(job_id)
         rt = runtime()
         if query.wait and job.last_seq <= query.after and job.status not in TERMINAL:
             rt.db.request_session.close()  # hold no connection while waiting
             rt.bus.wait_stream(job_id, query.after, query.wait)
-            job = _owned_job(job_id)
+            job = owned_job(job_id)
         items, source = replay(rt.db.request_session, rt.bus, job, query.after, query.limit)
         last_seq = max([job.last_seq, *(item["seq"] for item in items)])
         return json_response(
@@ -219,7 +209,7 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
         responses={200: (LogPage, "The job's log lines, oldest first")},
     )
     def list_logs(job_id: uuid.UUID) -> Response:
-        _owned_job(job_id)
+        owned_job(job_id)
         events = runtime().db.request_session.scalars(
             select(JobEvent)
             .where(JobEvent.job_id == job_id, JobEvent.type == EventType.LOG.value)
@@ -303,17 +293,16 @@ def _idempotency_key() -> str | None:
     if key is None:
         return None
     if not 1 <= len(key) <= 255 or not key.isprintable():
-        raise ApiProblem(
-            422,
-            "validation-error",
-            "The request is not valid",
+        raise field_problem(
+            "Idempotency-Key",
+            "must be 1 to 255 printable characters",
             "Idempotency-Key must be 1 to 255 printable characters",
-            [FieldError(field="Idempotency-Key", message="must be 1 to 255 printable characters")],
         )
     return key
 
 
-def _owned_job(job_id: uuid.UUID) -> Job:
+def owned_job(job_id: uuid.UUID) -> Job:
+    """The caller's job, or a 404 (another owner's job is answered like a missing one)."""
     try:
         return service.get_job(runtime().db.request_session, current_principal().owner, job_id)
     except service.JobNotFound:
@@ -340,12 +329,10 @@ def _last_event_id(default: int) -> int:
     except ValueError:
         value = -1
     if value < 0:
-        raise ApiProblem(
-            422,
-            "validation-error",
-            "The request is not valid",
+        raise field_problem(
+            "Last-Event-ID",
+            "must be a non-negative integer",
             "Last-Event-ID must be the seq of an event",
-            [FieldError(field="Last-Event-ID", message="must be a non-negative integer")],
         )
     return value
 

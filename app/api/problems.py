@@ -79,6 +79,17 @@ def field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
     return errors
 
 
+def field_problem(field: str, message: str, detail: str | None = None) -> ApiProblem:
+    """A 422 naming the one field (or header) that is wrong."""
+    return ApiProblem(
+        422,
+        "validation-error",
+        "The request is not valid",
+        detail or f"{field}: {message}",
+        [FieldError(field=field, message=message)],
+    )
+
+
 def validation_problem(exc: ValidationError, prefix: str = "") -> ApiProblem:
     errors = field_errors(exc, prefix)
     detail = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])

@@ -6,9 +6,9 @@ from __future__ import annotations
 from flask import Response
 
 from app.api.auth import current_principal
+from app.api.jobs import owned_job
 from app.api.problems import ApiProblem
 from app.api.spec import Api, json_response
-from app.jobs import service
 from app.jobs.schemas import RealtimeToken, RealtimeTokenRequest
 from app.realtime.tokens import TokenError, mint_token
 from app.runtime import runtime
@@ -30,18 +30,13 @@ def register(api: Api) -> None:
     def realtime_token(body: RealtimeTokenRequest) -> Response:
         """Scoped to the caller, and to one job when `job_id` is given (such a connection can
         subscribe to that job only and is not in the owner's room)."""
-        principal = current_principal()
-        rt = runtime()
         if body.job_id is not None:
-            try:
-                service.get_job(rt.db.request_session, principal.owner, body.job_id)
-            except service.JobNotFound:
-                raise ApiProblem(404, "not-found", "Not found", f"no job {body.job_id}") from None
+            owned_job(body.job_id)
         try:
-            token = mint_token(principal, body.job_id)
+            token = mint_token(current_principal(), body.job_id)
         except TokenError as exc:
             raise ApiProblem(503, "realtime-unavailable", "Tokens unavailable", str(exc)) from None
-        ttl = rt.settings.realtime_token_ttl
+        ttl = runtime().settings.realtime_token_ttl
         return json_response(
             RealtimeToken(token=token, expires_in=ttl, job_id=body.job_id), status=201
         )

@@ -19,7 +19,13 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from app.api.auth import authenticate
-from app.api.problems import PROBLEM_JSON, ApiProblem, FieldError, Problem, validation_problem
+from app.api.problems import (
+    PROBLEM_JSON,
+    ApiProblem,
+    Problem,
+    field_problem,
+    validation_problem,
+)
 
 JSON = "application/json"
 _RULE_PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")
@@ -212,12 +218,10 @@ def parse_body(model: type[BaseModel]) -> BaseModel:
     # PostgreSQL stores no NUL character in text or jsonb: refuse it here, naming the field,
     # rather than fail at the INSERT. (A raw NUL byte is already invalid JSON.)
     if b"\\u0000" in raw and (field := _field_with_nul(json.loads(raw))) is not None:
-        raise ApiProblem(
-            422,
-            "validation-error",
-            "The request is not valid",
+        raise field_problem(
+            field,
+            "must not contain the NUL character (\\u0000)",
             f"{field}: must not contain the NUL character",
-            [FieldError(field=field, message="must not contain the NUL character (\\u0000)")],
         )
     return parsed
 

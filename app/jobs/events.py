@@ -149,12 +149,6 @@ class EventBus:
             logger.warning("event publish timed out", extra={"job_id": events[0].job_id})
             return False
 
-    def publish_new_jobs(self, events: list[Event]) -> bool:
-        """Publishes the first events of jobs nobody else can have events for yet, on the
-        caller's thread: the job intake, whose batches would otherwise wait on this process's
-        publisher thread as well as on their own."""
-        return all(self._publish_batch([_Submission(events)])) if events else True
-
     def publish_later(self, events: list[Event], on_refused: Callable[[Event], None]) -> None:
         """Queues events behind every earlier one of this process; `on_refused` is called (on
         the publisher thread) for each event the stream did not accept."""
@@ -228,8 +222,9 @@ class EventBus:
             return None
         return [json.loads(fields[b"e"]) for _id, fields in entries]
 
-    def wait_stream(self, job_id: uuid.UUID, after: int, timeout: float) -> None:
-        """Blocks until the stream has an entry newer than `after` or the timeout passes.
+    def wait_stream(self, job_id: uuid.UUID, after: int, timeout: float) -> bool:
+        """Blocks until the stream has an entry newer than `after` (True) or the timeout passes
+        or Redis fails (False).
 
         Blocks in slices shorter than the client's socket timeout, which stays short so that
         every other Redis call fails fast when Redis stalls."""
@@ -239,10 +234,11 @@ class EventBus:
             block_ms = max(1, int(min(remaining, 1.5) * 1000))
             try:
                 if self._redis.xread({key: f"0-{after}"}, count=1, block=block_ms):
-                    return
+                    return True
             except redis.RedisError as exc:
                 logger.warning("event stream wait failed: %s", exc, extra={"job_id": job_id})
-                return
+                return False
+        return False
 
     def stream_tail_seq(self, job_id: uuid.UUID) -> int:
         """The newest seq in the job's stream (0 when empty or unreadable)."""

@@ -61,14 +61,12 @@ def _frames(rt: Runtime, owner: str, job_id: uuid.UUID, after: int) -> Iterator[
                 return
         if finished:
             return
-        if not items:
-            rt.bus.wait_stream(job_id, after, KEEPALIVE_SECONDS)
-            if rt.bus.read_stream(job_id, after, count=1) == []:
-                # Quiet for a whole period: say we are alive, and stop if the job has ended
-                # without its last events in the stream (Redis lost them).
-                yield ": keep-alive\n\n"
-                if _ended(rt, owner, job_id, after):
-                    return
+        if not items and not rt.bus.wait_stream(job_id, after, KEEPALIVE_SECONDS):
+            # Quiet for a whole period: say we are alive, and stop if the job has ended
+            # without its last events in the stream (Redis lost them).
+            yield ": keep-alive\n\n"
+            if _ended(rt, owner, job_id, after):
+                return
 
 
 def _ended(rt: Runtime, owner: str, job_id: uuid.UUID, after: int) -> bool:

@@ -28,7 +28,7 @@ def index() -> str:
 @bp.get("/vendor/<path:filename>", endpoint="vendor")
 def vendor(filename: str) -> Response:
     folder = VENDOR.get(filename)
-    if folder is None or not (folder / filename).is_file():
+    if folder is None:
         abort(404)
     return send_from_directory(folder, filename, max_age=3600)
 

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,10 +135,6 @@ class Cluster:
         assert response.status_code == 202, response.text
         return response.json()["id"]
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        with self.http() as client:
-            return client.get(f"/jobs/{job_id}").json()
-
     def wait_terminal(self, job_id: str, within: float) -> tuple[dict[str, Any], float]:
         """The job once terminal, and how long that took; fails past `within` seconds."""
         began = time.monotonic()
@@ -227,16 +224,20 @@ def create_key(cluster: Cluster, owner: str = "chaos") -> str:
     return next(word for word in keys.stdout.split() if word.startswith("cvk_"))
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    pg = PostgresServer(tmp_path / "pg", durable=False).start()
-    redis = RedisServer(data_dir=tmp_path / "redis").start()  # AOF: survives its restarts
-    sim = SimulatorProcess(ttft=0.05, tps=100).start()
+@contextmanager
+def running_cluster(
+    workdir: Path, *, web_workers: int = 1, **simulator_knobs: float
+) -> Iterator[Cluster]:
+    """PostgreSQL, Redis (with its AOF, so it survives its restarts), the simulator, the web
+    process and an API key; on the way out, every process the cluster started is killed."""
+    pg = PostgresServer(workdir / "pg", durable=False).start()
+    redis = RedisServer(data_dir=workdir / "redis").start()
+    sim = SimulatorProcess(**simulator_knobs).start()
     database_url = pg.create_database("conveyor_chaos")
     upgrade(database_url)
-    made = Cluster(tmp_path, pg, redis, sim, database_url)
+    made = Cluster(workdir, pg, redis, sim, database_url)
     try:
-        made.web = WebServer(made.settings()).start()
+        made.web = WebServer(made.settings(), workers=web_workers).start()
         made.key = create_key(made)
         yield made
     finally:
@@ -247,3 +248,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         sim.stop()
         redis.stop()
         pg.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with running_cluster(tmp_path, ttft=0.05, tps=100) as made:
+        yield made

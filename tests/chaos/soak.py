@@ -23,12 +23,8 @@ from pathlib import Path
 
 import redis
 
-from app.devservices import PostgresServer, RedisServer
 from app.jobs.events import stream_key
-from app.migrate import upgrade
-from app.sim.process import SimulatorProcess
-from tests.chaos.conftest import Cluster, create_key
-from tests.webserver import WebServer
+from tests.chaos.conftest import Cluster, running_cluster
 
 # Per job: a fault on its first call only (retried, then it succeeds) or on every call (it
 # fails after its attempts with this code), or none.
@@ -73,67 +69,52 @@ def main() -> int:
     args = parse_args()
     rng = random.Random(args.seed)
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="conveyor-soak-") as tmp:
-        workdir = Path(tmp)
-        pg = PostgresServer(workdir / "pg", durable=False).start()
-        rs = RedisServer(data_dir=workdir / "redis").start()
-        sim = SimulatorProcess(ttft=0.02, tps=200).start()
-        database_url = pg.create_database("conveyor_soak")
-        upgrade(database_url)
-        cluster = Cluster(workdir, pg, rs, sim, database_url)
-        try:
-            cluster.web = WebServer(cluster.settings(), workers=2).start()
-            cluster.key = create_key(cluster)
-            cluster.start_beat()
-            env = {
-                "CONVEYOR_LLM_TIMEOUT": "2",
-                "CONVEYOR_WORKER_CONCURRENCY": str(args.concurrency),
-            }
-            workers = [
-                cluster.start_worker(f"w{i}", pool="gevent", concurrency=args.concurrency, **env)
-                for i in range(args.workers)
-            ]
-            jobs = plan(args, rng)
-            print(f"cluster ready in {time.monotonic() - began:.1f} s; submitting {len(jobs)} jobs")
+    with (
+        tempfile.TemporaryDirectory(prefix="conveyor-soak-") as tmp,
+        running_cluster(Path(tmp), web_workers=2, ttft=0.02, tps=200) as cluster,
+    ):
+        cluster.start_beat()
+        env = {
+            "CONVEYOR_LLM_TIMEOUT": "2",
+            "CONVEYOR_WORKER_CONCURRENCY": str(args.concurrency),
+        }
+        workers = [
+            cluster.start_worker(f"w{i}", pool="gevent", concurrency=args.concurrency, **env)
+            for i in range(args.workers)
+        ]
+        jobs = plan(args, rng)
+        print(f"cluster ready in {time.monotonic() - began:.1f} s; submitting {len(jobs)} jobs")
 
-            kills = 0
-            done = threading.Event()
+        kills = 0
+        done = threading.Event()
 
-            def chaos() -> None:
-                nonlocal kills
-                while args.kill_every and not done.wait(args.kill_every):
-                    victim = rng.randrange(len(workers))
-                    cluster.stop(workers[victim], signal.SIGKILL)
-                    kills += 1
-                    workers[victim] = cluster.start_worker(
-                        f"w{victim}-{kills}", pool="gevent", concurrency=args.concurrency, **env
-                    )
+        def chaos() -> None:
+            nonlocal kills
+            while args.kill_every and not done.wait(args.kill_every):
+                victim = rng.randrange(len(workers))
+                cluster.stop(workers[victim], signal.SIGKILL)
+                kills += 1
+                workers[victim] = cluster.start_worker(
+                    f"w{victim}-{kills}", pool="gevent", concurrency=args.concurrency, **env
+                )
 
-            killer = threading.Thread(target=chaos, daemon=True)
-            killer.start()
-            with ThreadPoolExecutor(max_workers=16) as pool:
-                ids = list(pool.map(lambda job: cluster.submit(job[0]), jobs))
-            submitted = time.monotonic()
-            print(f"submitted in {submitted - began:.1f} s; waiting for every job to end")
-            deadline = submitted + args.timeout
-            while True:
-                open_jobs = cluster.sql(
-                    "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')"
-                )[0][0]
-                if open_jobs == 0 or time.monotonic() > deadline:
-                    break
-                time.sleep(1.0)
-            done.set()
-            killer.join()
-            return report(cluster, args, jobs, ids, kills, time.monotonic() - began)
-        finally:
-            for process in cluster.processes:
-                cluster.stop(process, signal.SIGKILL)
-            if cluster.web is not None:
-                cluster.web.stop()
-            sim.stop()
-            rs.stop()
-            pg.stop()
+        killer = threading.Thread(target=chaos, daemon=True)
+        killer.start()
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            ids = list(pool.map(lambda job: cluster.submit(job[0]), jobs))
+        submitted = time.monotonic()
+        print(f"submitted in {submitted - began:.1f} s; waiting for every job to end")
+        deadline = submitted + args.timeout
+        while True:
+            open_jobs = cluster.sql(
+                "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')"
+            )[0][0]
+            if open_jobs == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        done.set()
+        killer.join()
+        return report(cluster, args, jobs, ids, kills, time.monotonic() - began)
 
 
 def feed_problem(cluster: Cluster, job_id: str) -> str | None:

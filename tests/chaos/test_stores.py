@@ -8,7 +8,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import redis
 import socketio
 
@@ -133,11 +132,7 @@ def test_postgres_restarted_mid_job(cluster: Cluster) -> None:
         live.disconnect()
         assert ack == {"ok": False, "error": "unavailable", "detail": "try again shortly"}
         began = time.monotonic()
-        with httpx.Client(
-            base_url=f"{cluster.web.url}/api/v1",  # type: ignore[union-attr]
-            headers={"Authorization": f"Bearer {cluster.key}"},
-            timeout=30,
-        ) as client:
+        with cluster.http(timeout=30) as client:
             down = client.get(f"/jobs/{job_id}")
         assert down.status_code in (401, 503), down.text  # a cached key, or not: never a 500
         print(

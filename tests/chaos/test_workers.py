@@ -7,6 +7,7 @@ live worker; each test allows that plus the job's own length and start-up slack.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import uuid
@@ -48,8 +49,6 @@ def test_sigkill_of_a_prefork_child_mid_stream(cluster: Cluster) -> None:
     child_pid = int(cluster.db_job(job_id)["worker"].rsplit(":", 1)[1])
     assert child_pid != worker.pid
     signal_sent = time.monotonic()
-    import os
-
     os.kill(child_pid, signal.SIGKILL)
 
     job, _ = cluster.wait_terminal(job_id, within=40)
@@ -135,8 +134,6 @@ def test_a_job_outliving_the_visibility_timeout_is_not_run_twice(cluster: Cluste
 def test_a_poison_job_that_always_kills_its_worker_fails_after_its_attempts(
     cluster: Cluster,
 ) -> None:
-    import os
-
     cluster.start_beat()
     worker = cluster.start_worker("prefork", pool="prefork", concurrency=2)
     job_id = cluster.submit(f"{STREAM} poison")

@@ -66,7 +66,7 @@ def test_one_batch_gives_each_job_its_own_outcome(tenant: Tenant) -> None:
         assert tenant.wait_for(str(job.id))["status"] == "succeeded"  # and the worker got it
 
 
-def test_concurrent_posts_are_stored_together_and_all_run(tenant: Tenant, app) -> None:
+def test_forty_concurrent_posts_get_forty_jobs_and_all_run(tenant: Tenant, app) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     def post(n: int) -> tuple[int, str]:

@@ -104,7 +104,6 @@ export class Live {
   }
 
   setState(state) {
-    this.state = state;
     this.onState(state);
   }
 
