@@ -117,26 +117,6 @@ def main() -> int:
         return report(cluster, args, jobs, ids, kills, time.monotonic() - began)
 
 
-def feed_problem(cluster: Cluster, job_id: str) -> str | None:
-    """What a client resuming from seq 0 gets must have no gap: contiguous seqs from the
-    stream, or from PostgreSQL every durable event, each naming the one before it."""
-    with cluster.http() as client:
-        page = client.get(f"/jobs/{job_id}/events", params={"after": 0, "limit": 1000}).json()
-    seqs = [item["seq"] for item in page["items"]]
-    if page["source"] == "stream":
-        return None if seqs == list(range(1, len(seqs) + 1)) else f"stream seqs {seqs[:6]}…"
-    durable = [
-        seq
-        for (seq,) in cluster.sql(
-            "SELECT seq FROM job_events WHERE job_id = %s ORDER BY seq", job_id
-        )
-    ]
-    prevs = [item.get("prev") for item in page["items"]]
-    if seqs != durable or prevs != [0, *seqs[:-1]]:
-        return f"database replay {seqs[:6]}… against {durable[:6]}…"
-    return None
-
-
 def report(
     cluster: Cluster,
     args: argparse.Namespace,
@@ -184,7 +164,7 @@ def report(
         entries = client.xrange(stream_key(job_id))
         stream_seqs = [int(entry_id.decode().split("-")[1]) for entry_id, _ in entries]
         holes += stream_seqs != list(range(1, len(stream_seqs) + 1))
-        if (feed := feed_problem(cluster, job_id)) is not None:
+        if (feed := cluster.feed_problem(job_id)) is not None:
             gaps += 1
             problems.append(f"{job_id}: {feed}")
     client.close()
