@@ -15,6 +15,7 @@ from app.api.spec import Api, json_response
 from app.jobs import service
 from app.jobs.events import replay
 from app.jobs.schemas import (
+    MAX_SEQ,
     BadCursor,
     EventOut,
     EventPage,
@@ -74,15 +75,25 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
         except ValidationError as exc:
             raise validation_problem(exc, prefix="input") from None
         key = _idempotency_key()
+        max_attempts = body.max_attempts or runtime().settings.job_max_attempts
+        fingerprint = None
+        if key:
+            request_with_defaults = {
+                "kind": body.kind,
+                "input": job_input.model_dump(mode="json", by_alias=True),
+                "priority": body.priority,
+                "max_attempts": max_attempts,
+            }
+            fingerprint = service.request_fingerprint(request_with_defaults)
         try:
             created = service.create_job(
                 owner=principal.owner,
                 kind=body.kind,
                 input=job_input.model_dump(mode="json", by_alias=True, exclude_none=True),
                 priority=body.priority,
-                max_attempts=body.max_attempts,
+                max_attempts=max_attempts,
                 idempotency_key=key,
-                fingerprint=service.request_fingerprint(body.model_dump()) if key else None,
+                fingerprint=fingerprint,
             )
         except service.IdempotencyConflict as exc:
             raise ApiProblem(
@@ -328,10 +339,10 @@ def _last_event_id(default: int) -> int:
         value = int(header)
     except ValueError:
         value = -1
-    if value < 0:
+    if not 0 <= value <= MAX_SEQ:
         raise field_problem(
             "Last-Event-ID",
-            "must be a non-negative integer",
+            f"must be an integer from 0 to {MAX_SEQ}",
             "Last-Event-ID must be the seq of an event",
         )
     return value

@@ -6,6 +6,7 @@ import base64
 import json
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,6 +16,10 @@ from app.models import Job
 
 # Kind names as the registry spells them; anything else (a NUL byte, say) is refused here.
 KIND_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
+
+# A job's seqs are PostgreSQL `integer`s: a larger `after` could never match, and would
+# overflow the query's parameter.
+MAX_SEQ = 2**31 - 1
 
 
 class JobCreate(BaseModel):
@@ -26,6 +31,15 @@ class JobCreate(BaseModel):
     max_attempts: int | None = Field(None, ge=1, le=10)
 
 
+# Money is NUMERIC(16, 8) in PostgreSQL; `str(Decimal)` would say "0E-8" for a zero there.
+USD_QUANTUM = Decimal("0.00000001")
+
+
+def usd(amount: Decimal | int) -> str:
+    """US dollars as a plain decimal string with the database's 8 places: "0.00000000"."""
+    return f"{Decimal(amount).quantize(USD_QUANTUM):f}"
+
+
 class JobError(BaseModel):
     code: str
     message: str | None
@@ -34,7 +48,9 @@ class JobError(BaseModel):
 class Usage(BaseModel):
     tokens_in: int
     tokens_out: int
-    cost_usd: str = Field(description="Decimal string, US dollars")
+    cost_usd: str = Field(
+        description="US dollars as a plain decimal string with 8 places", examples=["0.00003150"]
+    )
 
 
 class JobLinks(BaseModel):
@@ -79,7 +95,7 @@ class JobOut(BaseModel):
             if job.error_code and job.status == JobStatus.FAILED
             else None,
             usage=Usage(
-                tokens_in=job.tokens_in, tokens_out=job.tokens_out, cost_usd=str(job.cost_usd)
+                tokens_in=job.tokens_in, tokens_out=job.tokens_out, cost_usd=usd(job.cost_usd)
             ),
             cancel_requested=job.cancel_requested_at is not None,
             retry_of=job.retry_of,
@@ -134,7 +150,9 @@ class EventOut(BaseModel):
 class EventsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    after: int = Field(0, ge=0, description="Return events with a seq greater than this")
+    after: int = Field(
+        0, ge=0, le=MAX_SEQ, description="Return events with a seq greater than this"
+    )
     wait: float = Field(0, ge=0, le=30, description="Seconds to wait for a new event (long poll)")
     limit: int = Field(500, ge=1, le=1000)
 

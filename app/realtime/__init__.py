@@ -32,6 +32,7 @@ from app.api.auth import Principal, principal_for_key
 from app.config import Settings
 from app.jobs import service
 from app.jobs.events import SOCKET_EVENT, SOCKETIO_CHANNEL, job_room, owner_room, replay
+from app.jobs.schemas import MAX_SEQ
 from app.realtime.tokens import TokenError, read_token
 from app.runtime import runtime
 
@@ -101,8 +102,12 @@ def on_subscribe(data: Any = None) -> dict[str, Any]:
         after = int(data.get("after_seq") or 0)
     except (TypeError, ValueError):
         return {"ok": False, "error": "bad-request", "detail": "send {job_id, after_seq}"}
-    if after < 0:
-        return {"ok": False, "error": "bad-request", "detail": "after_seq must be >= 0"}
+    if not 0 <= after <= MAX_SEQ:
+        return {
+            "ok": False,
+            "error": "bad-request",
+            "detail": f"after_seq must be from 0 to {MAX_SEQ}",
+        }
     if session["only_job"] not in (None, job_id):
         return _not_found(job_id)
     rt = runtime()

@@ -137,6 +137,9 @@ def test_invalid_list_queries_are_422(tenant: Tenant, query: str, field: str) ->
 def test_invalid_events_query_is_422(tenant: Tenant) -> None:
     job_id = service.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
     assert_problem(tenant.get(f"/api/v1/jobs/{job_id}/events?after=-1"), 422, "after")
+    huge = 10**30  # seqs are PostgreSQL integers: this would overflow the query
+    assert_problem(tenant.get(f"/api/v1/jobs/{job_id}/events?after={huge}"), 422, "after")
+    assert_problem(tenant.get(f"/api/v1/jobs/{job_id}/events?after={2**31}"), 422, "after")
     assert_problem(tenant.get(f"/api/v1/jobs/{job_id}/events?wait=600"), 422, "wait")
 
 
@@ -164,7 +167,9 @@ def test_another_owners_job_is_404_everywhere(new_tenant) -> None:
         assert_problem(mallory.post(f"/api/v1/jobs/{job_id}{action}"), 404)
     assert_problem(mallory.delete(f"/api/v1/jobs/{job_id}"), 404)
     assert mallory.get("/api/v1/jobs").get_json()["items"] == []
-    assert mallory.get("/api/v1/stats").get_json()["by_status"]["queued"] == 0
+    stats = mallory.get("/api/v1/stats").get_json()
+    assert stats["by_status"]["queued"] == 0
+    assert stats["cost_usd"] == "0.00000000"  # not "0" or "0E-8"
     assert alice.get(f"/api/v1/jobs/{job_id}").status_code == 200
 
 

@@ -161,6 +161,9 @@ def test_another_owners_job_is_refused_like_a_missing_one(
     }
     bad = client.call("subscribe", {"job_id": "nope"}, timeout=10)
     assert bad == {"ok": False, "error": "bad-request", "detail": "send {job_id, after_seq}"}
+    huge = client.call("subscribe", {"job_id": job_id, "after_seq": 10**30}, timeout=10)
+    assert huge["ok"] is False and huge["error"] == "bad-request"
+    assert client.connected  # refused with an answer, not a dropped connection
 
 
 def test_a_job_scoped_token_sees_only_its_job(

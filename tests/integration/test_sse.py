@@ -83,3 +83,11 @@ def test_sse_errors_are_problems(web_server: WebServer, new_tenant) -> None:
     bad = httpx.get(url, headers={**alice.headers, **sse, "Last-Event-ID": "x"})
     assert bad.status_code == 422
     assert bad.json()["errors"][0]["field"] == "Last-Event-ID"
+    # Seqs beyond what the database holds are refused before the stream starts.
+    huge = str(10**30)
+    beyond = httpx.get(url, headers={**alice.headers, **sse, "Last-Event-ID": huge})
+    assert beyond.status_code == 422
+    assert beyond.json()["errors"][0]["field"] == "Last-Event-ID"
+    beyond = httpx.get(url, params={"after": huge}, headers={**alice.headers, **sse})
+    assert beyond.status_code == 422
+    assert beyond.json()["errors"][0]["field"] == "after"
