@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from app.jobs import sql
 from app.jobs.events import Event, record_event
 from app.jobs.intake import RUN_JOB_TASK, NewJob, task_priority
+from app.jobs.schemas import usd
 from app.jobs.states import TERMINAL, TERMINAL_EVENTS, EventType, JobStatus
 from app.models import Job
 from app.runtime import runtime
@@ -63,6 +64,8 @@ def now() -> datetime:
 
 
 def request_fingerprint(body: dict[str, Any]) -> str:
+    """Of the validated request with its defaults applied, so that two bodies asking for the
+    same job (one spelling a default, one leaving it out) have the same fingerprint."""
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -86,7 +89,9 @@ def create_job(
     idempotency_key: str | None = None,
     fingerprint: str | None = None,
     retry_of: uuid.UUID | None = None,
+    model: str | None = None,
 ) -> Created:
+    """`max_attempts` and `model` default to the configuration's for the kind."""
     rt = runtime()
     row = rt.intake.create(
         NewJob(
@@ -98,7 +103,7 @@ def create_job(
             max_attempts=max_attempts or rt.settings.job_max_attempts,
             idempotency_key=idempotency_key,
             request_hash=fingerprint,
-            model=rt.settings.model_for(kind),
+            model=model or rt.settings.model_for(kind),
             retry_of=retry_of,
             at=now(),
             event={"kind": kind, "retry_of": _str(retry_of)},
@@ -179,16 +184,22 @@ def cancel_job(owner: str, job_id: uuid.UUID) -> Job:
 
 
 def retry_job(owner: str, job_id: uuid.UUID) -> Job:
-    """A new job with the same input, linked to the old one through `retry_of`."""
+    """A new job cloned from the old one's request (kind, input, priority, max_attempts and
+    model: a configuration change since does not change what is retried), linked to it
+    through `retry_of`."""
     with runtime().db.transaction() as session:
         old = get_job(session, owner, job_id)
         if JobStatus(old.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
             raise JobStateConflict(old, "only failed or canceled jobs can be retried")
-        kind, job_input, priority = old.kind, old.input, old.priority
+        request = {
+            "kind": old.kind,
+            "input": old.input,
+            "priority": old.priority,
+            "max_attempts": old.max_attempts,
+            "model": old.model,
+        }
     try:
-        return create_job(
-            owner=owner, kind=kind, input=job_input, priority=priority, retry_of=job_id
-        ).job
+        return create_job(owner=owner, retry_of=job_id, **request).job
     except IntegrityError:
         # The old job was deleted between the read above and the insert (retry_of is a
         # foreign key): for the caller it no longer exists.
@@ -577,7 +588,7 @@ def job_stats(session: Session, owner: str) -> dict[str, Any]:
         "by_kind": by_kind,
         "tokens_in": int(totals[0]),
         "tokens_out": int(totals[1]),
-        "cost_usd": str(totals[2]),
+        "cost_usd": usd(totals[2]),
         "duration_seconds": {"p50": p50, "p90": p90, "p99": p99, "count": percentiles[1]},
     }
 

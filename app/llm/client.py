@@ -43,6 +43,8 @@ class CallRecord:
     tokens_in: int = 0
     tokens_out: int = 0
     usage_reported: bool = False
+    # The provider answered with an error status: the request was refused, nothing was billed.
+    refused: bool = False
     ttft_ms: float | None = None
     latency_ms: float = 0.0
     outcome: str = "ok"
@@ -174,7 +176,9 @@ class ModelClient:
             manager = self.client.chat.completions.with_streaming_response.create(**request)
             response = manager.__enter__()
         except openai.APIStatusError as exc:
-            raise classify_status_error(exc) from exc
+            error = classify_status_error(exc)
+            error.refused = True  # type: ignore[attr-defined]
+            raise error from exc
         try:
             register_closer(response.close)
             yield response.iter_lines()
@@ -242,7 +246,8 @@ def _close_record(
     error: BaseException | None,
 ) -> None:
     record.latency_ms = (time.perf_counter() - started) * 1000
-    if not record.usage_reported:
+    record.refused = getattr(error, "refused", False)
+    if not (record.usage_reported or record.refused):
         # The provider sends usage only at the end of a complete stream. For a call cut short
         # the tokens were still billed: estimate them (about 4 characters a token).
         record.tokens_in = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 1

@@ -72,6 +72,27 @@ def test_same_idempotency_key_with_another_body_is_a_clear_4xx(tenant: Tenant) -
     assert problem["errors"][0]["field"] == "Idempotency-Key"
 
 
+def test_a_body_spelling_its_defaults_is_a_replay_of_one_leaving_them_out(
+    tenant: Tenant,
+) -> None:
+    headers = {"Idempotency-Key": f"defaults-{uuid.uuid4()}"}
+    plain = {"kind": "chat", "input": {"prompt": "same job"}}
+    first = tenant.post("/api/v1/jobs", json=plain, headers=headers)
+    assert first.status_code == 202
+    spelled = {
+        "kind": "chat",
+        "input": {"prompt": "same job", "system": None, "max_tokens": None},
+        "priority": 0,
+        "max_attempts": runtime().settings.job_max_attempts,
+    }
+    replay = tenant.post("/api/v1/jobs", json=spelled, headers=headers)
+    assert replay.status_code == 200, replay.get_json()
+    assert replay.get_json()["id"] == first.get_json()["id"]
+    # A value other than the default is another request.
+    other = tenant.post("/api/v1/jobs", json={**spelled, "max_attempts": 1}, headers=headers)
+    assert other.status_code == 422
+
+
 def test_duplicate_task_delivery_runs_the_model_once(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner)
     assert service.dispatch(job_id) and service.dispatch(job_id)

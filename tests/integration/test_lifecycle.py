@@ -9,9 +9,9 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from app.models import ModelCall
+from app.models import Job, ModelCall
 from app.runtime import runtime
 from tests.conftest import Tenant, undispatched_job, wait_until
 
@@ -186,13 +186,39 @@ def test_canceling_a_running_job_closes_the_stream_and_keeps_partial_usage(
 
 
 def test_retry_creates_a_new_job_linked_to_the_old_one(tenant: Tenant) -> None:
-    failed = tenant.wait_for(tenant.submit("chat", {"prompt": unique("[[sim fault=401]]")})["id"])
+    response = tenant.post(
+        "/api/v1/jobs",
+        json={
+            "kind": "chat",
+            "input": {"prompt": unique("[[sim fault=401]]")},
+            "priority": 7,
+            "max_attempts": 1,
+        },
+    )
+    failed = tenant.wait_for(response.get_json()["id"])
     assert failed["error"]["code"] == "model_auth_failed"
+    # Money is a plain decimal string, never scientific notation ("0E-8").
+    assert failed["usage"]["cost_usd"] == "0.00000000"
+    # The configuration has changed since (another model for the kind): the retry still asks
+    # for the model the original was made with.
+    with runtime().db.transaction() as session:
+        session.execute(
+            update(Job).where(Job.id == uuid.UUID(failed["id"])).values(model="model-of-then")
+        )
     response = tenant.post(f"/api/v1/jobs/{failed['id']}/retry")
     assert response.status_code == 202
     retried = response.get_json()
     assert retried["retry_of"] == failed["id"] and retried["id"] != failed["id"]
     assert response.headers["Location"].endswith(retried["id"])
+    detail = tenant.get(f"/api/v1/jobs/{retried['id']}").get_json()
+    original = tenant.get(f"/api/v1/jobs/{failed['id']}").get_json()
+    assert detail["input"] == original["input"]
+    assert (detail["kind"], detail["priority"], detail["max_attempts"], detail["model"]) == (
+        "chat",
+        7,
+        1,
+        "model-of-then",
+    )
 
 
 def test_delete_only_finished_jobs(tenant: Tenant) -> None:
