@@ -41,7 +41,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         JobIntake(db, bus, celery),
         ModelClient(settings),
     ).init_app(app)
-    api.init_app(app)
+    api.init_app(app, settings)
     realtime.init_app(app, settings)
     web.init_app(app)
     cli.init_app(app)

@@ -5,12 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, render_template
+from flask_cors import CORS
 
 from app.api import jobs, problems, realtime, system
 from app.api.spec import Api
+from app.config import Settings
 from app.kinds import KINDS
 
 PREFIX = jobs.PREFIX
+
+# What a browser app on an allowed origin may send and read. Credentials (cookies) are never
+# allowed: the API authenticates with a bearer key the app sends itself.
+CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"]
+CORS_EXPOSED_HEADERS = ["Location", "Retry-After", "Idempotent-Replayed"]
+CORS_MAX_AGE = 600
 
 
 def build_api() -> Api:
@@ -51,8 +59,18 @@ def link_kind_inputs(document: dict[str, Any]) -> None:
     }
 
 
-def init_app(app: Flask) -> None:
+def init_app(app: Flask, settings: Settings) -> None:
     problems.init_app(app)
     api = build_api()
     app.register_blueprint(api.blueprint)
     app.extensions["conveyor.api"] = api
+    if settings.allowed_origins:
+        # The same origins Socket.IO accepts; none configured means same-origin only.
+        CORS(
+            app,
+            resources={f"{PREFIX}/*": {"origins": settings.allowed_origins}},
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_EXPOSED_HEADERS,
+            supports_credentials=False,
+            max_age=CORS_MAX_AGE,
+        )
