@@ -121,6 +121,8 @@ def main() -> int:
             "PORT": str(web_port),
             "FLOWER_PORT": str(flower_port),
             "CONVEYOR_SECRET_KEY": env.get("CONVEYOR_SECRET_KEY") or persistent_secret("secret"),
+            "FLOWER_BASIC_AUTH": env.get("FLOWER_BASIC_AUTH")
+            or f"conveyor:{persistent_secret('flower-password')}",
             "CONVEYOR_BEAT_SCHEDULE": str(STATE / "celerybeat-schedule"),
             "PYTHONUNBUFFERED": "1",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
@@ -177,7 +179,7 @@ def run_demo_then_wait(
 [bold]Conveyor is running.[/bold] Ctrl-C stops everything.
   dashboard   {url}/
   API docs    {url}/api/v1/docs   (OpenAPI: {url}/api/v1/openapi.json)
-  Flower      http://127.0.0.1:{flower_port}/
+  Flower      http://127.0.0.1:{flower_port}/   (basic auth: {env["FLOWER_BASIC_AUTH"]})
   demo key    export CONVEYOR_URL={url} CONVEYOR_API_KEY={key}
   try         conveyor submit chat --prompt "Hello" --follow
   databases   DATABASE_URL={env["DATABASE_URL"]}  REDIS_URL={env["REDIS_URL"]}
