@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 .PHONY: dev test soak lint format bench-dispatch bench-concurrency bench-events migrate clean
 
 $(STAMP): pyproject.toml app/web/package-lock.json
+	tools/require npm
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -19,7 +20,10 @@ $(STAMP): pyproject.toml app/web/package-lock.json
 dev: $(STAMP)
 	$(BIN)/python -m app.cli.dev
 
+# The browser tests drive a real Chromium: Debian's, installed here where it is missing and the
+# user may install packages, else Playwright's own download (tools/require says which).
 test: $(STAMP)
+	tools/require chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
