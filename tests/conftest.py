@@ -158,18 +158,24 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10, interval: floa
 
 
 def undispatched_job(
-    owner: str, prompt: str = "hello", dispatched_ago: timedelta = timedelta(0)
+    owner: str,
+    prompt: str = "hello",
+    dispatched_ago: timedelta = timedelta(0),
+    kind: str = "chat",
+    extra_input: dict[str, Any] | None = None,
 ) -> uuid.UUID:
-    """A committed queued job whose publish never happened (as after a broker outage)."""
+    """A committed queued job whose publish never happened (as after a broker outage).
+
+    Its input is stored as given, without the API's validation."""
     with runtime().db.transaction() as session:
         job_id = uuid.uuid4()
         session.add(
             Job(
                 id=job_id,
                 owner=owner,
-                kind="chat",
+                kind=kind,
                 status="queued",
-                input={"prompt": f"{prompt} {job_id}"},
+                input={"prompt": f"{prompt} {job_id}", **(extra_input or {})},
                 max_attempts=3,
                 last_seq=1,
                 dispatched_at=func.now() - dispatched_ago,

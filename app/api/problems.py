@@ -1,6 +1,9 @@
 """RFC 9457 problem details: every error the API returns, in one shape.
 
 `errors` lists each bad field as a dotted path (`input.prompt`, `limit`) with its message.
+A validator that checks a document held in one field (a JSON Schema) names the place inside it
+in its error's `ctx["within"]`, a list of keys and indexes that extends the path
+(`input.schema.$defs.a.$ref`).
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ def problem_response(
 def field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
     errors = []
     for error in exc.errors(include_url=False):
-        path = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+        within = error.get("ctx", {}).get("within", [])
+        parts = [*(part for part in (prefix, *error["loc"]) if part != ""), *within]
+        path = ".".join(str(part) for part in parts)
         errors.append(FieldError(field=path or prefix or "(body)", message=error["msg"]))
     return errors
 

@@ -3,6 +3,8 @@
 Models sometimes return JSON that does not parse or does not match. One repair call shows the
 model its answer and the validation error; if that fails too, the job fails with
 `output_invalid` (retrying the same prompt would most likely fail the same way, and cost again).
+The schema is the user's, so it is checked at submit and run with a bounded validator
+(`app.kinds.json_schemas`).
 """
 
 from __future__ import annotations
@@ -10,24 +12,27 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from app.jobs.context import JobContext, token_progress
+from app.kinds import json_schemas
 from app.kinds.base import PromptInput
 from app.llm.errors import ModelError
 
 NAME = "structured"
 DESCRIPTION = "A JSON document that validates against the JSON Schema you give."
 
-MAX_SCHEMA_CHARS = 50_000
-
 
 class StructuredInput(PromptInput):
     json_schema: dict[str, Any] = Field(
         alias="schema",
-        description="A JSON Schema (2020-12) for the output; its root must be an object.",
+        description=(
+            "A JSON Schema (2020-12) for the output; its root must be an object. $refs only "
+            "inside it and no $ref cycle that does not descend into the value; patterns in "
+            f"RE2 syntax; at most {json_schemas.MAX_SCHEMA_CHARS:,} characters and "
+            f"{json_schemas.MAX_NESTING} levels of nesting."
+        ),
     )
     schema_name: str = Field("output", pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -35,13 +40,16 @@ class StructuredInput(PromptInput):
 
     @field_validator("json_schema")
     @classmethod
-    def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        if len(json.dumps(schema)) > MAX_SCHEMA_CHARS:
-            raise ValueError(f"the schema is larger than {MAX_SCHEMA_CHARS} characters")
+    def _runnable_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
         try:
-            Draft202012Validator.check_schema(schema)
-        except SchemaError as exc:
-            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+            json_schemas.check_schema(schema)
+        except json_schemas.SchemaRefused as refused:
+            # `within` extends the error's field path into the schema (app.api.problems).
+            raise PydanticCustomError(
+                "json_schema_refused",
+                "{refused}",
+                {"refused": str(refused), "within": list(refused.path)},
+            ) from None
         if schema.get("type") != "object":
             raise ValueError('the schema\'s root must be {"type": "object", ...}')
         return schema
@@ -101,11 +109,26 @@ def run(ctx: JobContext, job_input: StructuredInput) -> StructuredOutput:
 
 
 def parse_and_validate(text: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """The model's answer as a document that matches `schema`.
+
+    Raises `InvalidOutput` for an answer worth one repair, and `ModelError("output_invalid")`
+    when the answer cannot even be checked (nested too deeply for the validator, or too costly
+    to check against this schema): asking again would cost a call for the same outcome.
+    """
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidOutput(f"not JSON ({exc.msg} at character {exc.pos})") from None
-    error = next(iter(Draft202012Validator(schema).iter_errors(document)), None)
+    except RecursionError:
+        raise InvalidOutput("the JSON is nested too deeply to read") from None
+    try:
+        error = json_schemas.first_error(schema, document)
+    except json_schemas.OutputUncheckable as exc:
+        raise ModelError(
+            "output_invalid",
+            f"the model's output could not be checked against the schema: {exc}",
+            retryable=False,
+        ) from None
     if error is not None:
         where = "/".join(str(part) for part in error.absolute_path) or "(root)"
         raise InvalidOutput(f"at {where}: {error.message}")

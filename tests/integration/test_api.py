@@ -49,7 +49,10 @@ def assert_problem(response, status: int, field: str | None = None) -> dict:
             {"kind": "structured", "input": {"prompt": "x", "schema": {"type": "array"}}},
             "input.schema",
         ),
-        ({"kind": "structured", "input": {"prompt": "x", "schema": {"type": 12}}}, "input.schema"),
+        (
+            {"kind": "structured", "input": {"prompt": "x", "schema": {"type": 12}}},
+            "input.schema.type",
+        ),
     ],
 )
 def test_invalid_job_bodies_are_422_naming_the_field(
@@ -115,6 +118,48 @@ def test_a_nul_in_a_structured_schema_key_is_422(tenant: Tenant) -> None:
         "/api/v1/jobs", json={"kind": "structured", "input": {"prompt": "x", "schema": schema}}
     )
     assert_problem(response, 422, "input.schema.properties.a\u0000")
+
+
+def deeply_nested(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("schema", "field"),
+    [
+        (
+            {
+                "type": "object",
+                "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                "properties": {"x": {"$ref": "#/$defs/a"}},
+            },
+            "input.schema.$defs.b.$ref",
+        ),
+        (
+            {"type": "object", "properties": {"x": {"$ref": "http://127.0.0.1:9/s.json"}}},
+            "input.schema.properties.x.$ref",
+        ),
+        (
+            {"type": "object", "properties": {"x": {"type": "string", "pattern": "(a)\\1"}}},
+            "input.schema.properties.x.pattern",
+        ),
+        (deeply_nested(95), "input.schema" + ".properties.a" * 32),
+    ],
+    ids=["ref-cycle", "remote-ref", "backreference", "nested-95-levels"],
+)
+def test_a_schema_no_worker_could_run_is_422_naming_the_place_inside_it(
+    tenant: Tenant, schema: dict, field: str
+) -> None:
+    response = tenant.post(
+        "/api/v1/jobs", json={"kind": "structured", "input": {"prompt": "x", "schema": schema}}
+    )
+    problem = assert_problem(response, 422, field)
+    pointer = "#/" + "/".join(field.split(".")[2:])
+    assert problem["errors"][0]["message"].startswith(pointer), "the message names it too"
+    assert tenant.get("/api/v1/jobs?kind=structured").get_json()["items"] == []
 
 
 @pytest.mark.parametrize(

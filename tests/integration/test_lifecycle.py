@@ -11,6 +11,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import select, update
 
+from app.jobs import service
 from app.models import Job, ModelCall
 from app.runtime import runtime
 from tests.conftest import Tenant, undispatched_job, wait_until
@@ -102,6 +103,23 @@ def test_structured_job_fails_clearly_when_the_repair_fails_too(tenant: Tenant) 
     assert job["error"]["code"] == "output_invalid"
     assert job["attempt"] == 1, "an invalid output is not retried"
     assert len(model_calls(job["id"])) == 2
+
+
+def test_a_schema_that_bypassed_the_api_fails_the_job_cleanly(tenant: Tenant) -> None:
+    """A row the API never saw (an older version's, or written by hand): the worker checks the
+    schema again and fails the job as invalid input, instead of crashing on a $ref cycle."""
+    cycle = {
+        "type": "object",
+        "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+        "properties": {"x": {"$ref": "#/$defs/a"}},
+    }
+    job_id = undispatched_job(tenant.owner, kind="structured", extra_input={"schema": cycle})
+    service.dispatch(job_id)
+    job = tenant.wait_for(str(job_id))
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "invalid_input", job["error"]
+    assert "#/$defs/b/$ref" in job["error"]["message"]
+    assert model_calls(str(job_id)) == [], "refused before any model call"
 
 
 def test_rate_limit_with_retry_after_is_retried_then_succeeds(tenant: Tenant) -> None:
