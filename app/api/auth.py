@@ -1,6 +1,8 @@
 """Bearer API keys, stored as SHA-256 hashes (keys are 256-bit random, so a slow hash adds
 nothing). A validated key is cached for a few seconds per process so that the hot path of
-`POST /jobs` does not pay a query for it; revocation takes effect within that time."""
+`POST /jobs` does not pay a query for it; revocation takes effect within that time, for what a
+key opened before it too (Socket.IO connections, event streams, long-polls:
+app/realtime/revocation.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ import hashlib
 import secrets
 import threading
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from cachetools import TTLCache
 from flask import g, request
-from sqlalchemy import func, insert, update
+from sqlalchemy import func, insert, select, update
 
 from app.api.problems import ApiProblem
 from app.models import ApiKey
@@ -23,6 +26,8 @@ CACHE_SECONDS = 10
 ROLES = ("user", "admin")
 
 _cache: TTLCache[str, Principal] = TTLCache(maxsize=10_000, ttl=CACHE_SECONDS)
+# Key ids known to be active, for the subscription tokens that name their key by id.
+_active: TTLCache[uuid.UUID, bool] = TTLCache(maxsize=10_000, ttl=CACHE_SECONDS)
 _cache_lock = threading.Lock()
 
 
@@ -66,6 +71,7 @@ def revoke_api_key(prefix: str) -> int:
         )
     with _cache_lock:
         _cache.clear()
+        _active.clear()
     return result.rowcount
 
 
@@ -106,8 +112,59 @@ def _load(digest: str) -> Principal | None:
     return None if row is None else Principal(row.owner, row.role, row.id)
 
 
+def key_is_active(key_id: uuid.UUID) -> bool:
+    """Whether the key exists and is not revoked (an answer cached for CACHE_SECONDS)."""
+    with _cache_lock:
+        if _active.get(key_id):
+            return True
+    with runtime().db.transaction() as session:
+        active = session.scalar(
+            select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+        )
+    if active is None:
+        return False
+    with _cache_lock:
+        _active[key_id] = True
+    return True
+
+
+def revoked_among(key_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
+    """Those of `key_ids` that are revoked or deleted, in one query and never from the cache:
+    for checks that must see a revocation made by another process.
+
+    This process's cache forgets the ones found at once, so that a client cut off because of
+    them cannot reconnect with the key for the rest of the cache's window."""
+    if not key_ids:
+        return set()
+    with runtime().db.transaction() as session:
+        active = set(
+            session.scalars(
+                select(ApiKey.id).where(ApiKey.id.in_(key_ids), ApiKey.revoked_at.is_(None))
+            )
+        )
+    revoked = set(key_ids) - active
+    if revoked:
+        _forget(revoked)
+    return revoked
+
+
+def _forget(key_ids: set[uuid.UUID]) -> None:
+    with _cache_lock:
+        for digest in list(_cache.keys()):
+            principal = _cache.get(digest)  # None once expired
+            if principal is not None and principal.key_id in key_ids:
+                del _cache[digest]
+        for key_id in key_ids:
+            _active.pop(key_id, None)
+
+
 def current_principal() -> Principal:
     return g.principal
+
+
+def revoked_while_waiting() -> ApiProblem:
+    """The answer to a request whose key was revoked while the request waited (a long-poll)."""
+    return _unauthorized("The API key was revoked while this request waited.")
 
 
 def _unauthorized(detail: str) -> ApiProblem:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import Any
 
 from flask import Response, request
 from pydantic import ValidationError
 from sqlalchemy import select, tuple_
 
-from app.api.auth import current_principal
+from app.api.auth import current_principal, revoked_while_waiting
 from app.api.problems import ApiProblem, FieldError, field_problem, validation_problem
 from app.api.spec import Api, json_response
 from app.jobs import service
@@ -37,6 +38,7 @@ from app.jobs.sse import SSE_TYPE, event_stream_response
 from app.jobs.states import TERMINAL, EventType, JobStatus
 from app.kinds import KINDS
 from app.models import Job, JobEvent
+from app.realtime.revocation import key_watch
 from app.runtime import runtime
 
 JSON_TYPE = "application/json"
@@ -190,17 +192,31 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
 
         With `Accept: text/event-stream`, the same feed as Server-Sent Events (one event per
         message, `id` = seq), kept open until the job ends; a client resumes with
-        `Last-Event-ID` (or `after`)."""
+        `Last-Event-ID` (or `after`).
+
+        Revoking the API key ends a stream, and answers a waiting request 401, within
+        seconds."""
         if request.accept_mimetypes.best_match([JSON_TYPE, SSE_TYPE]) == SSE_TYPE:
             job = owned_job(job_id)
             after = _last_event_id(query.after)
             runtime().db.request_session.close()
-            return event_stream_response(runtime(), job.owner, job_id, after)
+            grant = key_watch().watch(current_principal().key_id)
+            response = event_stream_response(
+                runtime(), job.owner, job_id, after, lambda: grant.revoked
+            )
+            response.call_on_close(partial(key_watch().forget, grant))
+            return response
         job = owned_job(job_id)
         rt = runtime()
         if query.wait and job.last_seq <= query.after and job.status not in TERMINAL:
             rt.db.request_session.close()  # hold no connection while waiting
-            rt.bus.wait_stream(job_id, query.after, query.wait)
+            grant = key_watch().watch(current_principal().key_id)
+            try:
+                rt.bus.wait_stream(job_id, query.after, query.wait, lambda: grant.revoked)
+            finally:
+                key_watch().forget(grant)
+            if grant.revoked:
+                raise revoked_while_waiting()
             job = owned_job(job_id)
         items, source = replay(rt.db.request_session, rt.bus, job, query.after, query.limit)
         last_seq = max([job.last_seq, *(item["seq"] for item in items)])

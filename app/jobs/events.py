@@ -222,15 +222,23 @@ class EventBus:
             return None
         return [json.loads(fields[b"e"]) for _id, fields in entries]
 
-    def wait_stream(self, job_id: uuid.UUID, after: int, timeout: float) -> bool:
-        """Blocks until the stream has an entry newer than `after` (True) or the timeout passes
-        or Redis fails (False).
+    def wait_stream(
+        self,
+        job_id: uuid.UUID,
+        after: int,
+        timeout: float,
+        stop: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Blocks until the stream has an entry newer than `after` (True) or the timeout passes,
+        Redis fails or `stop()` turns true (False).
 
         Blocks in slices shorter than the client's socket timeout, which stays short so that
-        every other Redis call fails fast when Redis stalls."""
+        every other Redis call fails fast when Redis stalls; `stop` is asked before each."""
         deadline = time.monotonic() + timeout
         key = stream_key(job_id)
         while (remaining := deadline - time.monotonic()) > 0:
+            if stop is not None and stop():
+                return False
             block_ms = max(1, int(min(remaining, 1.5) * 1000))
             try:
                 if self._redis.xread({key: f"0-{after}"}, count=1, block=block_ms):

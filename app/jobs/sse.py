@@ -5,13 +5,16 @@ client that reconnects with `Last-Event-ID` continues after the last event it sa
 The connection holds no database connection while it waits: it blocks on the job's Redis
 Stream (XREAD) and asks PostgreSQL only when the stream cannot prove it holds everything (then
 replaying from there) and, every keep-alive period, whether a quiet job has ended.
+
+It ends early, without a terminal event, once `revoked()` says the caller's API key has been
+revoked (asked between events and between the slices of every wait).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Response
@@ -26,9 +29,11 @@ KEEPALIVE_SECONDS = 15.0
 RETRY_MS = 1000
 
 
-def event_stream_response(rt: Runtime, owner: str, job_id: uuid.UUID, after: int) -> Response:
+def event_stream_response(
+    rt: Runtime, owner: str, job_id: uuid.UUID, after: int, revoked: Callable[[], bool]
+) -> Response:
     return Response(
-        _frames(rt, owner, job_id, after),
+        _frames(rt, owner, job_id, after, revoked),
         mimetype=SSE_TYPE,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -39,9 +44,11 @@ def _frame(event: dict[str, Any]) -> str:
     return f"id: {event['seq']}\nevent: {event['type']}\ndata: {data}\n\n"
 
 
-def _frames(rt: Runtime, owner: str, job_id: uuid.UUID, after: int) -> Iterator[str]:
+def _frames(
+    rt: Runtime, owner: str, job_id: uuid.UUID, after: int, revoked: Callable[[], bool]
+) -> Iterator[str]:
     yield f"retry: {RETRY_MS}\n\n"
-    while True:
+    while not revoked():
         items = rt.bus.read_stream(job_id, after)
         finished = False
         if items is None:
@@ -61,7 +68,11 @@ def _frames(rt: Runtime, owner: str, job_id: uuid.UUID, after: int) -> Iterator[
                 return
         if finished:
             return
-        if not items and not rt.bus.wait_stream(job_id, after, KEEPALIVE_SECONDS):
+        if (
+            not items
+            and not rt.bus.wait_stream(job_id, after, KEEPALIVE_SECONDS, revoked)
+            and not revoked()
+        ):
             # Quiet for a whole period: say we are alive, and stop if the job has ended
             # without its last events in the stream (Redis lost them).
             yield ": keep-alive\n\n"

@@ -15,13 +15,16 @@ Protocol (docs/events.md):
 - `subscribe {job_id, after_seq}` joins the job's room, then replays what is newer than
   `after_seq`; live events follow. The client drops duplicates by `seq`;
 - a connection that is not scoped to one job is also in its owner's room and sees every one of
-  its jobs change state (all events but token deltas).
+  its jobs change state (all events but token deltas);
+- when the API key behind a connection (directly, or as the minter of its token) is revoked,
+  the server disconnects it within seconds (app/realtime/revocation.py).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from functools import partial
 from typing import Any
 
 from flask import Flask, request
@@ -33,12 +36,15 @@ from app.config import Settings
 from app.jobs import service
 from app.jobs.events import SOCKET_EVENT, SOCKETIO_CHANNEL, job_room, owner_room, replay
 from app.jobs.schemas import MAX_SEQ
+from app.realtime import revocation
 from app.realtime.tokens import TokenError, read_token
 from app.runtime import runtime
 
 logger = logging.getLogger(__name__)
 
 socketio = SocketIO()
+# sid -> what its key holds open, for this process's connections.
+_grants: dict[str, revocation.Grant] = {}
 
 
 def async_mode() -> str:
@@ -61,6 +67,7 @@ def init_app(app: Flask, settings: Settings) -> None:
         transports=["websocket"],
         manage_session=False,
     )
+    revocation.init_app(app, socketio.start_background_task, socketio.sleep)
 
 
 def _principal(auth: Any) -> tuple[Principal, uuid.UUID | None]:
@@ -84,12 +91,24 @@ def on_connect(auth: Any = None) -> None:
         principal, only_job = _principal(auth)
     except TokenError as exc:
         raise ConnectionRefusedError(f"unauthorized: {exc}") from None
-    socketio.server.save_session(
-        request.sid,  # type: ignore[attr-defined]
-        {"owner": principal.owner, "only_job": only_job},
-    )
+    sid = request.sid  # type: ignore[attr-defined]
+    socketio.server.save_session(sid, {"owner": principal.owner, "only_job": only_job})
     if only_job is None:
         join_room(owner_room(principal.owner))
+    watch = revocation.key_watch()
+    _grants[sid] = watch.watch(principal.key_id, partial(_disconnect_revoked, sid))
+
+
+@socketio.on("disconnect")
+def on_disconnect(reason: Any = None) -> None:
+    grant = _grants.pop(request.sid, None)  # type: ignore[attr-defined]
+    if grant is not None:
+        revocation.key_watch().forget(grant)
+
+
+def _disconnect_revoked(sid: str) -> None:
+    logger.info("disconnecting %s: its API key has been revoked", sid)
+    socketio.server.disconnect(sid)
 
 
 @socketio.on("subscribe")

@@ -4,6 +4,10 @@ A token names its owner and, optionally, the one job it may watch; it is signed 
 `CONVEYOR_SECRET_KEY` (itsdangerous, as Flask's own sessions are) and expires after
 `CONVEYOR_REALTIME_TOKEN_TTL` seconds. Expiry only matters at connect: an open connection
 stays open.
+
+A token is bound to the API key that minted it (it carries the key's id): it is refused once
+that key is revoked or deleted, and a connection it opened is closed then
+(app/realtime/revocation.py).
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from app.api.auth import Principal
+from app.api.auth import Principal, key_is_active
 from app.runtime import runtime
 
 SALT = "conveyor.realtime"
 
 
 class TokenError(Exception):
-    """The token is malformed, forged, expired, or this server cannot check tokens."""
+    """The token is malformed, forged, expired, its key is revoked, or this server cannot check
+    tokens."""
 
 
 @dataclass(frozen=True)
@@ -56,4 +61,6 @@ def read_token(token: str) -> TokenClaims:
         raise TokenError("the token has expired") from None
     except (BadSignature, KeyError, TypeError, ValueError):
         raise TokenError("the token is not valid") from None
+    if not key_is_active(principal.key_id):
+        raise TokenError("the API key that minted the token has been revoked")
     return TokenClaims(principal, job)
