@@ -15,6 +15,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     from app.db import db
     from app.jobs.events import EventBus
     from app.jobs.intake import JobIntake
+    from app.jobs.leases import worker_heartbeat_step
     from app.llm.client import ModelClient
     from app.queue import make_celery
     from app.runtime import Runtime, build_redis
@@ -32,6 +33,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     redis_client = build_redis(settings)
     bus = EventBus(settings, redis_client)
     celery = make_celery(app, settings)
+    celery.steps["worker"].add(worker_heartbeat_step(app))
     Runtime(
         settings,
         db,

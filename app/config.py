@@ -71,7 +71,12 @@ class Settings(BaseSettings):
 
     # API
     max_request_bytes: int = Field(256 * 1024, ge=1024)
-    ready_timeout: float = Field(1.0, gt=0)
+    ready_timeout: float = Field(
+        1.0, gt=0, description="seconds /ready and /health wait for their checks"
+    )
+    health_max_age: float = Field(
+        1.0, ge=0, description="seconds a process reuses a readiness or health check's result"
+    )
     secret_key: str | None = Field(None, validation_alias=_alias("SECRET_KEY"))
 
     # Realtime (Socket.IO and the dashboard)

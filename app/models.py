@@ -54,6 +54,11 @@ class Job(Base):
             "lease_expires_at",
             postgresql_where=text("status = 'running'"),
         ),
+        Index(
+            "jobs_failed_finished",
+            "finished_at",
+            postgresql_where=text("status = 'failed'"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)

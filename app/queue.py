@@ -10,6 +10,8 @@ from app.config import Settings
 
 SWEEP_TASK = "conveyor.sweep"
 QUEUE = "conveyor"
+PRIORITY_STEPS = list(range(10))
+QUEUE_SEP = ":"
 
 
 def make_celery(app: Flask, settings: Settings) -> Celery:
@@ -25,6 +27,13 @@ def make_celery(app: Flask, settings: Settings) -> Celery:
     celery.steps["consumer"].add(GreenPoolHeadroom)
     celery.set_default()
     return celery
+
+
+def broker_queue_keys() -> list[str]:
+    """The Redis lists that hold the broker's waiting messages: kombu keeps one per priority
+    step ("conveyor", "conveyor:1" ... "conveyor:9"). Reserved (unacknowledged) messages are in
+    none of them."""
+    return [QUEUE, *(f"{QUEUE}{QUEUE_SEP}{step}" for step in PRIORITY_STEPS if step)]
 
 
 class GreenPoolHeadroom(bootsteps.StartStopStep):
@@ -59,8 +68,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
             or max(3600, int(settings.job_time_limit) * 2),
             "socket_timeout": 5,
             "socket_connect_timeout": 3,
-            "priority_steps": list(range(10)),
-            "sep": ":",
+            "priority_steps": PRIORITY_STEPS,
+            "sep": QUEUE_SEP,
             "queue_order_strategy": "priority",
             # kombu's default of 10 makes acks fail with MaxConnectionsError at high slot counts.
             "max_connections": settings.worker_concurrency + 20,

@@ -1,7 +1,7 @@
 """`POST /api/v1/jobs` throughput and latency under gunicorn (the Procfile's web line), against
 peers measured in the same run on the same private PostgreSQL and Redis:
 
-  health  peer (a): GET /api/v1/health, same server and settings (HTTP + Flask floor)
+  live    peer (a): GET /api/v1/live, same server and settings (HTTP + Flask floor)
   post    POST /api/v1/jobs {"kind":"chat","input":{"prompt":"hello"}} with a Bearer key
   raw1    peer (b): INSERT jobs + INSERT job_events in one transaction, then
           send_task("conveyor.run_job") with the app's Celery config; no HTTP; one thread
@@ -18,8 +18,8 @@ phase runs under py-spy to show where a POST's time goes.
 
     python -m bench.dispatch                    # about 2.5 minutes
     python -m bench.dispatch --runs 1 --duration 5 --profile-seconds 0
-    python -m bench.dispatch --phases health,post,svc1 --variants no-sent-event,core-insert
-    python -m bench.dispatch --workers 4 --threads 4 --phases health,post
+    python -m bench.dispatch --phases live,post,svc1 --variants no-sent-event,core-insert
+    python -m bench.dispatch --workers 4 --threads 4 --phases live,post
 
 --variants applies what-if patches (bench/variants.py) inside the server and the svc1 phase;
 --env KEY=VALUE adds server environment (e.g. CONVEYOR_DB_POOL_SIZE=20).
@@ -66,11 +66,11 @@ from bench.common import (
     wait_until,
 )
 
-PHASES = ("health", "post", "raw1", "rawN", "svc1")
-DEFAULT_PHASES = ("health", "post", "raw1", "rawN")
+PHASES = ("live", "post", "raw1", "rawN", "svc1")
+DEFAULT_PHASES = ("live", "post", "raw1", "rawN")
 POST_BODY = {"kind": "chat", "input": {"prompt": "hello"}}
 OWNER = "bench"
-TARGETS = {"health": 0.5, "rawN": 0.8}
+TARGETS = {"live": 0.5, "rawN": 0.8}
 
 
 def parse_args() -> argparse.Namespace:
@@ -368,7 +368,7 @@ def start_server(services: Services, args: argparse.Namespace) -> tuple[Child, s
     server = Child("gunicorn", cmd, env, services.workdir).start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(url, server), 60, "gunicorn answering /api/v1/health")
+        wait_until(lambda: _answers(url, server), 60, "gunicorn answering /api/v1/live")
         # Every worker must have booted, or the first phase measures one of them.
         wait_until(lambda: len(descendants(server.pid)) >= args.workers, 30, "gunicorn workers")
     except TimeoutError:
@@ -383,17 +383,17 @@ def _answers(url: str, server: Child) -> bool:
     if not server.alive():
         raise RuntimeError(f"gunicorn exited:\n{server.log_tail()}")
     try:
-        with urllib.request.urlopen(f"{url}/api/v1/health", timeout=1) as response:
+        with urllib.request.urlopen(f"{url}/api/v1/live", timeout=1) as response:
             return response.status == 200
     except OSError:
         return False
 
 
 def http_request(bench: Bench, phase: str) -> dict[str, Any]:
-    if phase == "health":
+    if phase == "live":
         return {
             "method": "GET",
-            "url": f"{bench.url}/api/v1/health",
+            "url": f"{bench.url}/api/v1/live",
             "headers": {},
             "body": None,
             "expect": 200,
@@ -409,7 +409,7 @@ def http_request(bench: Bench, phase: str) -> dict[str, Any]:
 
 def submit_phase(bench: Bench, phase: str, window: Window) -> list[Future[LoadResult]]:
     args = bench.args
-    if phase in ("health", "post"):
+    if phase in ("live", "post"):
         request = http_request(bench, phase)
         return [bench.pool.submit(http_phase, request, args.concurrency, window)]
     if phase == "svc1":
@@ -462,7 +462,7 @@ def summarize(
 # Reporting ----------------------------------------------------------------------------------
 
 PHASE_LABELS = {
-    "health": "(a) GET /health",
+    "live": "(a) GET /live",
     "post": "POST /jobs",
     "raw1": "(b) raw 1 thread",
     "rawN": "(b) raw {procs}x{threads} threads",
@@ -483,7 +483,7 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> dict[str, fl
         rps = median([r.rps for r in runs])
         rates[phase] = rps
         cpu = {k: median([r.cpu[k] for r in runs]) for k in runs[0].cpu}
-        served_by = "gunicorn" if phase in ("health", "post") else "load"
+        served_by = "gunicorn" if phase in ("live", "post") else "load"
         bad = sum(sum(r.bad.values()) for r in runs)
         rows.append(
             [
@@ -540,7 +540,7 @@ def report_ratios(rates: dict[str, float], args: argparse.Namespace) -> None:
     if not post:
         return
     rows = []
-    for peer in ("health", "raw1", "rawN", "svc1"):
+    for peer in ("live", "raw1", "rawN", "svc1"):
         if rates.get(peer):
             target = TARGETS.get(peer)
             ratio = post / rates[peer]

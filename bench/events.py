@@ -353,7 +353,7 @@ def start_web(services: Services) -> tuple[Child, str]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/api/v1/live", timeout=1).status_code == 200:
                 return web, url
         except httpx.HTTPError:
             time.sleep(0.2)

@@ -54,7 +54,7 @@ class WebServer:
             if self._process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited:\n{self._log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/api/v1/health", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/api/v1/live", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 time.sleep(0.1)

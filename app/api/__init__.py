@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, jsonify, render_template
 from flask_cors import CORS
 
-from app.api import jobs, problems, realtime, system
+from app.api import health, jobs, problems, realtime, system
 from app.api.spec import Api
 from app.config import Settings
 from app.kinds import KINDS
@@ -61,6 +61,7 @@ def link_kind_inputs(document: dict[str, Any]) -> None:
 
 def init_app(app: Flask, settings: Settings) -> None:
     problems.init_app(app)
+    health.init_app(app)
     api = build_api()
     app.register_blueprint(api.blueprint)
     app.extensions["conveyor.api"] = api

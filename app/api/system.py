@@ -1,38 +1,40 @@
-"""Operators' endpoints: liveness, readiness, statistics."""
+"""Operators' endpoints: liveness, readiness, the health of the whole system, statistics.
+
+Three probes for three questions (see docs/architecture.md, "Operating it"):
+- /live: does this process answer? Touches nothing, so a dependency outage never gets a
+  healthy process restarted. The compose healthcheck and the dispatch benchmark's floor.
+- /ready: can this process serve? PostgreSQL and Redis answer; 503 if not, so a balancer
+  routes around it.
+- /health: what is the whole system doing? Stores, workers, sweeper, queue, failures. Always
+  200 once the process answers: it reports outages in its body rather than failing.
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-
-from flask import Response, current_app
-from sqlalchemy import text
+from flask import Response
 
 from app.api.auth import current_principal
+from app.api.health import monitor
 from app.api.spec import Api, json_response
 from app.jobs import service
-from app.jobs.schemas import Health, Ready, ReadyCheck, Stats
-from app.runtime import Runtime, runtime
+from app.jobs.schemas import Health, Live, Ready, Stats
+from app.runtime import runtime
 
-# Readiness checks run in parallel on a small shared pool so that one stalled dependency
-# costs the probe its timeout, not the sum of all timeouts.
-_probes = ThreadPoolExecutor(max_workers=6, thread_name_prefix="ready-probe")
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 def register(api: Api) -> None:
     @api.operation(
-        "/health",
+        "/live",
         "GET",
         summary="Liveness",
         auth=False,
         tag="operations",
-        responses={200: (Health, "The process answers")},
+        responses={200: (Live, "The process answers")},
     )
-    def health() -> Response:
-        """Touches no dependency: a load balancer restarts a process only if this fails."""
-        return json_response(Health(status="ok"))
+    def live() -> Response:
+        """Touches no dependency: restart a process only if this fails."""
+        return json_response(Live())
 
     @api.operation(
         "/ready",
@@ -41,23 +43,33 @@ def register(api: Api) -> None:
         auth=False,
         tag="operations",
         responses={
-            200: (Ready, "healthy or degraded"),
-            503: (Ready, "unhealthy: the database or the broker is down"),
+            200: (Ready, "healthy: this process reaches PostgreSQL and Redis"),
+            503: (Ready, "unhealthy: PostgreSQL or Redis does not answer"),
         },
     )
     def ready() -> Response:
-        rt = runtime()
-        app = current_app._get_current_object()  # type: ignore[attr-defined]
-        checks = _run_checks(rt, app, rt.settings.ready_timeout)
-        if not (checks["database"].ok and checks["broker"].ok):
-            status = "unhealthy"
-        elif not checks["workers"].ok:
-            status = "degraded"
-        else:
-            status = "healthy"
-        return json_response(
-            Ready(status=status, checks=checks), 503 if status == "unhealthy" else 200
-        )
+        """Whether this process can serve. Checks run at most once per
+        `CONVEYOR_HEALTH_MAX_AGE` seconds per process, shared by every caller meanwhile; an
+        answer takes at most `CONVEYOR_READY_TIMEOUT` seconds. Workers are not checked: their
+        absence queues jobs but does not stop this process from serving (see /health)."""
+        answer = monitor().readiness()
+        return json_response(answer, 200 if answer.status == "healthy" else 503, NO_STORE)
+
+    @api.operation(
+        "/health",
+        "GET",
+        summary="Health of the system",
+        auth=False,
+        tag="operations",
+        responses={200: (Health, "The system as this process sees it, outages included")},
+    )
+    def health() -> Response:
+        """PostgreSQL and Redis, workers (from their heartbeats), the sweeper (its last sweep),
+        queue depth and the last hour's failures by error code. Figures are at most
+        `CONVEYOR_HEALTH_MAX_AGE` seconds old, the answer takes at most
+        `CONVEYOR_READY_TIMEOUT` seconds, and a dependency that is down is reported in the
+        body (`status: down`), never as an error."""
+        return json_response(monitor().health(), headers=NO_STORE)
 
     @api.operation(
         "/stats",
@@ -69,49 +81,3 @@ def register(api: Api) -> None:
     def stats() -> Response:
         data = service.job_stats(runtime().db.request_session, current_principal().owner)
         return json_response(Stats(**data))
-
-
-def _run_checks(rt: Runtime, app: object, timeout: float) -> dict[str, ReadyCheck]:
-    probes: dict[str, Callable[[], str | None]] = {
-        "database": lambda: _check_database(rt),
-        "broker": lambda: _check_broker(rt),
-        "workers": lambda: _check_workers(rt, timeout * 0.8),
-    }
-    futures = {name: _probes.submit(_timed, probe) for name, probe in probes.items()}
-    deadline = time.monotonic() + timeout
-    results = {}
-    for name, future in futures.items():
-        try:
-            results[name] = future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except FutureTimeout:
-            results[name] = ReadyCheck(ok=False, detail=f"no answer within {timeout:g} s")
-    return results
-
-
-def _timed(probe: Callable[[], str | None]) -> ReadyCheck:
-    started = time.perf_counter()
-    try:
-        detail = probe()
-    except Exception as exc:
-        return ReadyCheck(ok=False, detail=f"{type(exc).__name__}: {exc}"[:300])
-    latency = round((time.perf_counter() - started) * 1000, 2)
-    return ReadyCheck(ok=True, detail=detail, latency_ms=latency)
-
-
-def _check_database(rt: Runtime) -> str | None:
-    with rt.db.transaction() as session:
-        session.execute(text("SET LOCAL statement_timeout = 1000"))
-        session.execute(text("SELECT 1"))
-    return None
-
-
-def _check_broker(rt: Runtime) -> str | None:
-    rt.redis.ping()
-    return None
-
-
-def _check_workers(rt: Runtime, timeout: float) -> str | None:
-    replies = rt.celery.control.ping(timeout=timeout)
-    if not replies:
-        raise RuntimeError("no worker answered a ping")
-    return f"{len(replies)} worker(s) answered"

@@ -269,7 +269,7 @@ def wait_for_api(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url.rstrip("/") + "/api/v1/health", timeout=2).status_code == 200:
+            if httpx.get(url.rstrip("/") + "/api/v1/live", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

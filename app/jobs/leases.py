@@ -2,7 +2,8 @@
 UPDATE, and one Redis subscription that delivers cancellations at once.
 
 The heartbeat also carries cancellation (the `cancel_requested_at` column), so a cancel whose
-Redis message was lost still arrives within one heartbeat.
+Redis message was lost still arrives within one heartbeat, and it records the process's
+presence in Redis (presence.py), which is how GET /health counts workers.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ import logging
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import redis
+from celery import bootsteps, signals
+from celery.concurrency import ALIASES
 from flask import Flask
 
-from app.jobs import service
+from app.jobs import presence, service
 from app.jobs.events import CANCEL_CHANNEL
-from app.runtime import runtime
+from app.jobs.presence import WorkerIdentity
+from app.runtime import Runtime, runtime
 
 if TYPE_CHECKING:
     from app.jobs.context import JobContext
@@ -31,6 +36,7 @@ class ActiveJobs:
         self._lock = threading.Lock()
         self._jobs: dict[uuid.UUID, JobContext] = {}
         self._started = False
+        self._identity: WorkerIdentity | None = None
 
     def track(self, ctx: JobContext) -> None:
         with self._lock:
@@ -49,9 +55,14 @@ class ActiveJobs:
         with self._lock:
             return list(self._jobs.values())
 
-    def ensure_started(self, app: Flask) -> None:
-        """Starts the heartbeat and the cancel listener on first use, in the process that runs
-        jobs (never at import, and after a prefork child has forked)."""
+    def ensure_started(self, app: Flask, identity: WorkerIdentity | None = None) -> None:
+        """Starts the heartbeat and the cancel listener once, in the process that runs jobs:
+        when its Celery worker starts (`worker_heartbeat_step`, which gives `identity`) or at
+        its first job; never at import, and after a prefork child has forked. Only a process
+        that knows its identity records its presence: one running a job outside a worker is
+        no worker."""
+        if identity is not None:
+            self._identity = identity
         if self._started:
             return
         with self._lock:
@@ -66,15 +77,27 @@ class ActiveJobs:
 
     def _heartbeat(self, app: Flask) -> None:
         with app.app_context():
-            interval = runtime().settings.heartbeat_seconds
+            rt = runtime()
+            interval = rt.settings.heartbeat_seconds
             while True:
+                self._beat(rt, interval)
                 time.sleep(interval)
-                try:
-                    self.renew_all()
-                except Exception:
-                    # A database outage must not kill the heartbeat; leases may lapse and the
-                    # sweeper will recover those jobs, which is the designed outcome.
-                    logger.exception("lease renewal failed")
+
+    def _beat(self, rt: Runtime, interval: float) -> None:
+        try:
+            self.renew_all()
+        except Exception:
+            # A database outage must not kill the heartbeat; leases may lapse and the
+            # sweeper will recover those jobs, which is the designed outcome.
+            logger.exception("lease renewal failed")
+        if self._identity is None:
+            return
+        beat = presence.worker_beat(self._identity, len(self.snapshot()), interval)
+        try:
+            presence.record_worker_beat(rt.redis, beat)
+        except redis.RedisError as exc:
+            # Leases live in PostgreSQL, so jobs are unaffected; GET /health reports Redis down.
+            logger.warning("worker presence not recorded: %s", exc)
 
     def renew_all(self) -> None:
         jobs = self.snapshot()
@@ -129,3 +152,39 @@ class ActiveJobs:
 
 
 active_jobs = ActiveJobs()
+
+
+def worker_heartbeat_step(app: Flask) -> type[bootsteps.StartStopStep]:
+    """A worker bootstep for `app`'s Celery app (added by create_app)."""
+
+    class WorkerHeartbeat(bootsteps.StartStopStep):
+        """Starts the heartbeat of every process that runs jobs when the worker starts, not at
+        its first job: GET /health counts workers by the presence their heartbeats record, so an
+        idle worker must beat too."""
+
+        requires = ("celery.worker.components:Pool",)
+
+        def __init__(self, worker: Any, **kwargs: Any) -> None:
+            super().__init__(worker, **kwargs)
+            pool = pool_name(worker.pool_cls)
+            self.identity = WorkerIdentity(worker.hostname, pool, worker.concurrency)
+            if pool == "prefork":
+                # Prefork children run the jobs, each with its own heartbeat. The pool forks
+                # them before any step starts, so the hook is connected here, at construction.
+                signals.worker_process_init.connect(self.start_in_child, weak=False)
+
+        def start(self, worker: Any) -> None:
+            if self.identity.pool != "prefork":
+                active_jobs.ensure_started(app, self.identity)
+
+        def start_in_child(self, **_: Any) -> None:
+            active_jobs.ensure_started(app, replace(self.identity, concurrency=1))
+
+    return WorkerHeartbeat
+
+
+def pool_name(pool_cls: type) -> str:
+    """The name `celery worker --pool` knows the pool by (threads, not thread)."""
+    path = f"{pool_cls.__module__}:{pool_cls.__name__}"
+    names = [name for name, target in ALIASES.items() if target == path and name != "processes"]
+    return names[0] if names else pool_cls.__name__

@@ -7,7 +7,7 @@ import json
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -196,19 +196,94 @@ class Stats(BaseModel):
     duration_seconds: dict[str, float | int | None]
 
 
-class Health(BaseModel):
-    status: str
+class Live(BaseModel):
+    status: Literal["ok"] = "ok"
 
 
 class ReadyCheck(BaseModel):
     ok: bool
     detail: str | None = None
     latency_ms: float | None = None
+    checked_at: datetime | None = Field(
+        None,
+        description="When the check ran. Each process runs a check at most once per "
+        "`CONVEYOR_HEALTH_MAX_AGE` seconds and every caller meanwhile shares its result.",
+    )
 
 
 class Ready(BaseModel):
-    status: str = Field(description="healthy, degraded (no worker answered) or unhealthy")
-    checks: dict[str, ReadyCheck]
+    status: Literal["healthy", "unhealthy"] = Field(
+        description="healthy: this process reaches PostgreSQL and Redis; unhealthy (503): not"
+    )
+    checks: dict[str, ReadyCheck] = Field(description="database, redis")
+
+
+Condition = Literal["ok", "degraded", "down"]
+
+
+class Component(BaseModel):
+    status: Condition
+    detail: str | None = None
+
+
+class StoreHealth(Component):
+    latency_ms: float | None = None
+
+
+class WorkersHealth(Component):
+    count: int | None = Field(
+        description="worker processes whose heartbeat is younger than 3 of their intervals"
+    )
+    slots: int | None = Field(description="jobs those processes can run at once")
+    running: int | None = Field(description="jobs they were running at their last heartbeat")
+    pools: dict[str, int] = Field(description="processes by Celery pool")
+    last_heartbeat_age_s: float | None = Field(
+        description="age of the newest heartbeat of any worker seen in the last hour"
+    )
+
+
+class SweeperHealth(Component):
+    interval_s: float | None
+    last_sweep_at: datetime | None
+    last_sweep_age_s: float | None
+    last_sweep: dict[str, int] | None = Field(
+        description="what the last sweep did: republished, recovered, failed, canceled"
+    )
+
+
+class Components(BaseModel):
+    database: StoreHealth
+    redis: StoreHealth
+    workers: WorkersHealth
+    sweeper: SweeperHealth
+
+
+class QueueDepth(BaseModel):
+    queued: int | None = Field(description="queued jobs in PostgreSQL (due and awaiting retry)")
+    running: int | None = Field(description="running jobs in PostgreSQL")
+    broker: int | None = Field(
+        description="messages waiting in the broker's Redis lists; null when the broker is "
+        "not the Redis of CONVEYOR_REDIS_URL"
+    )
+    detail: str | None = Field(None, description="why queued and running are null")
+
+
+class Failures(BaseModel):
+    window_s: int
+    total: int | None
+    by_code: dict[str, int] = Field(description="failed jobs by error code, most frequent first")
+    detail: str | None = Field(None, description="why total is null")
+
+
+class Health(BaseModel):
+    status: Condition = Field(
+        description="down: PostgreSQL or Redis unreachable; degraded: no live worker, or sweeps "
+        "overdue; ok otherwise"
+    )
+    checked_at: datetime = Field(description="when the oldest figure here was gathered")
+    components: Components
+    queue: QueueDepth
+    failures: Failures
 
 
 # Keyset cursors ---------------------------------------------------------------------------------

@@ -15,16 +15,17 @@ import json
 import logging
 import random
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import redis
 from sqlalchemy import delete, func, literal_column, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.jobs import sql
+from app.jobs import presence, sql
 from app.jobs.events import Event, record_event
 from app.jobs.intake import RUN_JOB_TASK, NewJob, task_priority
 from app.jobs.schemas import usd
@@ -457,6 +458,12 @@ def sweep(batch: int = 500) -> SweepReport:
     _republish_unclaimed(report, batch)
     if report.republished or report.recovered or report.failed or report.canceled:
         logger.info("sweep: %s", report)
+    rt = runtime()
+    try:
+        presence.record_sweep(rt.redis, rt.settings.sweeper_interval, asdict(report))
+    except redis.RedisError as exc:
+        # The sweep itself is done; GET /health shows both the stale sweep and Redis down.
+        logger.warning("sweep not recorded: %s", exc)
     return report
 
 
@@ -591,6 +598,28 @@ def job_stats(session: Session, owner: str) -> dict[str, Any]:
         "cost_usd": usd(totals[2]),
         "duration_seconds": {"p50": p50, "p90": p90, "p99": p99, "count": percentiles[1]},
     }
+
+
+def queue_depth(session: Session) -> tuple[int, int]:
+    """Queued and running jobs of every owner (each count can use its status's partial index)."""
+
+    def count(status: JobStatus) -> Any:
+        return select(func.count()).where(Job.status == status.value).scalar_subquery()
+
+    row = session.execute(select(count(JobStatus.QUEUED), count(JobStatus.RUNNING))).one()
+    return row[0], row[1]
+
+
+def failures_by_code(session: Session, window: timedelta) -> dict[str, int]:
+    """Jobs of every owner that failed within `window`, by error code, most frequent first."""
+    code = func.coalesce(Job.error_code, "unknown").label("code")
+    rows = session.execute(
+        select(code, func.count())
+        .where(Job.status == JobStatus.FAILED.value, Job.finished_at >= func.now() - window)
+        .group_by(code)
+        .order_by(func.count().desc())
+    ).all()
+    return {code: count for code, count in rows}
 
 
 def _str(value: object | None) -> str | None:

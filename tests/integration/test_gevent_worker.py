@@ -65,6 +65,17 @@ def run_on_gevent(job_id: uuid.UUID) -> None:
     runtime().celery.send_task("conveyor.run_job", args=[str(job_id)], queue=QUEUE)
 
 
+def test_a_gevent_worker_reports_its_heartbeat_while_idle(tenant: Tenant, gevent_worker) -> None:
+    """Its heartbeat starts with the worker (a bootstep), not with its first job: this runs
+    before any job has been sent to it."""
+
+    def gevent_workers() -> int:
+        workers = tenant.client.get("/api/v1/health").get_json()["components"]["workers"]
+        return workers["pools"].get("gevent", 0)
+
+    assert wait_until(gevent_workers, timeout=60) == 1  # includes the worker's start-up
+
+
 def test_a_gevent_worker_runs_a_job(tenant: Tenant, gevent_worker) -> None:
     job_id = undispatched_job(tenant.owner)
     run_on_gevent(job_id)
