@@ -7,13 +7,19 @@
     conveyor jobs cancel JOB_ID
 
 The API address and key come from --url/--key or CONVEYOR_URL/CONVEYOR_API_KEY.
+
+`submit` always sends an Idempotency-Key (a random one unless --idempotency-key is given) and
+retries with that same key when the answer is lost (a dropped connection, a 502/503/504), so a
+retry never creates a second job.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
@@ -31,6 +37,12 @@ from rich.text import Text
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 TERMINAL_EVENTS = {f"job.{status}" for status in TERMINAL}
+SUBMIT_ATTEMPTS = 5
+# A gateway's answers when it lost the API behind it: the request may or may not have arrived.
+GATEWAY_ERRORS = {502, 503, 504}
+# The request went out but no answer came back (UnsupportedProtocol and the like are the
+# caller's mistake, not the network's: they are not retried).
+LOST_ANSWER = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
 console = Console()
 
 
@@ -46,9 +58,41 @@ class Api:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise click.ClickException(f"cannot reach the API: {exc}") from None
-        if response.status_code >= 400:
-            raise click.ClickException(_problem_text(response))
-        return response.json() if response.content else None
+        return _answer(response)
+
+    def create_job(self, body: dict[str, Any], idempotency_key: str) -> tuple[dict[str, Any], bool]:
+        """POSTs the job; returns it, and whether an earlier attempt of this call had created it.
+
+        A POST whose answer is lost (a dropped connection, a web process killed mid-request, a
+        gateway that gave up) may still have created the job. Every attempt carries the same
+        Idempotency-Key, so a retry gets that job back (200, Idempotent-Replayed) instead of
+        creating a second one."""
+        headers = {"Idempotency-Key": idempotency_key}
+        attempt = 0
+        while True:
+            attempt += 1
+            retry_after = None
+            try:
+                response = self.http.post("/jobs", json=body, headers=headers)
+            except LOST_ANSWER as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+            except httpx.HTTPError as exc:
+                raise click.ClickException(f"cannot reach the API: {exc}") from None
+            else:
+                if response.status_code not in GATEWAY_ERRORS:
+                    replayed = response.headers.get("Idempotent-Replayed") == "true"
+                    return _answer(response), replayed and attempt > 1
+                failure = f"HTTP {response.status_code}"
+                retry_after = _seconds(response.headers.get("Retry-After"))
+            if attempt == SUBMIT_ATTEMPTS:
+                raise click.ClickException(
+                    f"cannot reach the API after {attempt} attempts ({failure}); resubmit with "
+                    f"--idempotency-key {idempotency_key} to get the job if one was created"
+                )
+            delay = min(8.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+            delay = min(retry_after, 10.0) if retry_after is not None else delay
+            click.echo(f"{failure}; retrying in {delay:.1f} s with the same key", err=True)
+            time.sleep(delay)
 
     def follow_events(self, job_id: str) -> Iterator[dict[str, Any]]:
         """The job's events as Server-Sent Events until its terminal one, each once and in
@@ -79,6 +123,19 @@ class Api:
                     raise click.ClickException(f"lost the event stream: {exc}") from None
             # The server closed a stream that had not ended, or the connection dropped.
             time.sleep(min(5.0, 0.25 * 2**failures))
+
+
+def _answer(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        raise click.ClickException(_problem_text(response))
+    return response.json() if response.content else None
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
 
 
 def _problem_text(response: httpx.Response) -> str:
@@ -113,7 +170,10 @@ def main(ctx: click.Context, url: str, key: str | None) -> None:
 )
 @click.option("--input", "input_json", help="The whole input as JSON, or @file.json.")
 @click.option("--priority", type=click.IntRange(0, 9), default=0)
-@click.option("--idempotency-key", help="Resubmitting with the same key returns the same job.")
+@click.option(
+    "--idempotency-key",
+    help="Resubmitting with the same key returns the same job (default: a fresh random key).",
+)
 @click.option("--follow/--no-follow", default=False, help="Stream the job until it finishes.")
 @click.pass_obj
 def submit(
@@ -132,13 +192,10 @@ def submit(
         job_input["prompt"] = prompt
     if schema_file is not None:
         job_input["schema"] = _load_json("@" + schema_file)
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    job = api.request(
-        "POST",
-        "/jobs",
-        json={"kind": kind, "input": job_input, "priority": priority},
-        headers=headers,
-    )
+    body = {"kind": kind, "input": job_input, "priority": priority}
+    job, created_earlier = api.create_job(body, idempotency_key or str(uuid.uuid4()))
+    if created_earlier:
+        click.echo(f"job {job['id']}: created by an earlier attempt, not twice", err=True)
     if not follow:
         click.echo(job["id"])
         return

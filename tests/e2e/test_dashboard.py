@@ -8,7 +8,15 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Page,
+    Route,
+    WebSocketRoute,
+    expect,
+    sync_playwright,
+)
 from playwright.sync_api import Error as PlaywrightError
 
 from app.config import Settings
@@ -61,16 +69,29 @@ def dashboard_server(settings: Settings, app) -> Iterator[WebServer]:
 
 
 @pytest.fixture
-def page(browser: Browser, dashboard_server: WebServer, tenant: Tenant) -> Iterator[Page]:
+def context(browser: Browser, dashboard_server: WebServer) -> Iterator[BrowserContext]:
     context = browser.new_context(base_url=dashboard_server.url)
-    page = context.new_page()
+    yield context
+    context.close()
+
+
+def sign_in(page: Page, tenant: Tenant, connection: str = "live") -> Page:
     page.goto("/")
     page.fill("#api-key", tenant.key)
     page.click("#sign-in-form button")
     expect(page.locator("#home")).to_be_visible()
-    expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=10_000)
-    yield page
-    context.close()
+    expect(page.locator("#connection")).to_have_attribute("data-state", connection, timeout=10_000)
+    return page
+
+
+@pytest.fixture
+def page(context: BrowserContext, tenant: Tenant) -> Page:
+    return sign_in(context.new_page(), tenant)
+
+
+def without_socketio(page: Page) -> None:
+    """As behind a proxy that refuses WebSockets: the page has no Socket.IO at all."""
+    page.route("**/vendor/socket.io.min.js", lambda route: route.abort())
 
 
 def submit_chat(page: Page, prompt: str) -> str:
@@ -85,6 +106,18 @@ def submit_chat(page: Page, prompt: str) -> str:
 
 def stored_text(tenant: Tenant, job_id: str) -> str:
     return tenant.get(f"/api/v1/jobs/{job_id}/result").get_json()["output"]["text"]
+
+
+def job_ids(tenant: Tenant) -> list[str]:
+    return [job["id"] for job in tenant.get("/api/v1/jobs").get_json()["items"]]
+
+
+def row(page: Page, job_id: str):
+    return page.locator(f"tr[data-job-id='{job_id}']")
+
+
+def alert_saying(page: Page, text: str):
+    return page.locator("[role=alert]:visible", has_text=text)
 
 
 def test_submit_a_chat_job_and_watch_it_stream_to_the_end(page: Page, tenant: Tenant) -> None:
@@ -120,20 +153,141 @@ def test_the_page_reconnects_after_a_web_restart_and_ends_with_the_whole_text(
 
 
 def test_without_websockets_the_page_polls_the_api_to_the_end(
-    browser: Browser, dashboard_server: WebServer, tenant: Tenant
+    context: BrowserContext, tenant: Tenant
 ) -> None:
-    context = browser.new_context(base_url=dashboard_server.url)
     page = context.new_page()
-    page.route("**/vendor/socket.io.min.js", lambda route: route.abort())  # no Socket.IO
-    page.goto("/")
-    page.fill("#api-key", tenant.key)
-    page.click("#sign-in-form button")
-    expect(page.locator("#connection")).to_have_attribute("data-state", "polling")
+    without_socketio(page)
+    sign_in(page, tenant, connection="polling")
     job_id = submit_chat(page, "[[sim tokens=60 tps=30]] Over plain HTTP.")
     expect(page.locator("#job-status")).to_have_text("succeeded", timeout=20_000)
     expect(page.locator("#job-progress-text")).to_have_text("100%")
     assert page.locator("#job-output").inner_text() == stored_text(tenant, job_id)
-    context.close()
+
+
+def test_without_websockets_the_job_list_polls_the_api(
+    context: BrowserContext, tenant: Tenant
+) -> None:
+    page = context.new_page()
+    without_socketio(page)
+    sign_in(page, tenant, connection="polling")
+    expect(page.locator("#job-rows tr")).to_have_count(0)
+    # Submitted elsewhere (another tab, a backend): the list finds it and follows it to the end.
+    job_id = tenant.submit("chat", {"prompt": "[[sim tokens=40 tps=20]] elsewhere"})["id"]
+    expect(row(page, job_id)).to_be_visible(timeout=30_000)
+    expect(row(page, job_id).locator(".status")).to_have_text("succeeded", timeout=30_000)
+    expect(page.locator("#connection")).to_have_attribute("data-state", "polling")
+
+
+def withhold_progress_events(ws: WebSocketRoute) -> None:
+    """Relays the Socket.IO connection but drops the `job.progress` events, which a worker
+    writes only every few seconds in production: what moves a bar then can only be a delta."""
+    server = ws.connect_to_server()
+    progress_event = re.compile(r'"type":\s*"job\.progress"')
+    server.on_message(
+        lambda message: (
+            None
+            if isinstance(message, str) and progress_event.search(message)
+            else ws.send(message)
+        )
+    )
+
+
+def test_the_list_shows_a_running_jobs_progress_from_its_deltas(
+    context: BrowserContext, tenant: Tenant
+) -> None:
+    page = context.new_page()
+    page.route_web_socket(re.compile(r"/socket\.io/"), withhold_progress_events)
+    sign_in(page, tenant)
+    job_id = tenant.submit("chat", {"prompt": "[[sim tokens=100 tps=20]] a running row"})["id"]
+    expect(row(page, job_id)).to_be_visible(timeout=10_000)
+    page.wait_for_function(
+        """(jobId) => {
+            const row = document.querySelector(`tr[data-job-id="${jobId}"]`);
+            const running = row?.cells[2].textContent === "running";
+            return running && row.querySelector("progress").value > 0;
+        }""",
+        arg=job_id,
+        timeout=15_000,
+    )
+    expect(row(page, job_id).locator(".status")).to_have_text("succeeded", timeout=30_000)
+    expect(row(page, job_id).locator("progress")).to_have_attribute("value", "100")
+
+
+def test_a_double_click_on_submit_creates_one_job(page: Page, tenant: Tenant) -> None:
+    keys: list[str | None] = []
+    page.on(
+        "request",
+        lambda request: (
+            keys.append(request.headers.get("idempotency-key"))
+            if request.method == "POST" and request.url.endswith("/api/v1/jobs")
+            else None
+        ),
+    )
+    page.select_option("#kind", "chat")
+    page.fill("#kind-fields textarea[name=prompt]", "[[sim tokens=20]] once, please")
+    page.dblclick("#new-job button[type=submit]")
+    page.wait_for_url(JOB_PAGE)
+    job_id = JOB_PAGE.search(page.url).group(1)  # type: ignore[union-attr]
+    # By the time it has run to the end, a second POST would long have landed.
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=20_000)
+    assert job_ids(tenant) == [job_id]
+    # Another submission of the same form is another job, with a key of its own.
+    page.click("text=← All jobs")
+    second = submit_chat(page, "[[sim tokens=20]] once, please")
+    assert sorted(job_ids(tenant)) == sorted([job_id, second])
+    assert len(keys) == 2 and all(keys) and keys[0] != keys[1], keys
+
+
+def test_a_submission_whose_answer_is_lost_is_retried_with_its_key(
+    page: Page, tenant: Tenant
+) -> None:
+    keys: list[str | None] = []
+    replayed: list[str | None] = []
+
+    def lose_the_first_answer(route: Route) -> None:
+        if route.request.method != "POST":
+            route.continue_()
+            return
+        keys.append(route.request.headers.get("idempotency-key"))
+        if len(keys) == 1:
+            route.fetch()  # the server creates the job...
+            route.abort("connectionreset")  # ...and its answer never reaches the page
+        else:
+            response = route.fetch()
+            replayed.append(response.headers.get("idempotent-replayed"))
+            route.fulfill(response=response)
+
+    page.route("**/api/v1/jobs", lose_the_first_answer)
+    job_id = submit_chat(page, "[[sim tokens=20]] lost on the way back")
+    assert job_ids(tenant) == [job_id]
+    assert len(keys) == 2 and keys[0] and keys[0] == keys[1], keys
+    assert replayed == ["true"]
+
+
+def unreachable(route: Route) -> None:
+    route.abort("connectionrefused")
+
+
+def test_a_failure_after_an_action_is_shown_not_swallowed(page: Page, tenant: Tenant) -> None:
+    job_id = submit_chat(page, "[[sim tokens=400 tps=40]] cancel me")
+    expect(page.locator("#job-status")).to_have_text("running", timeout=10_000)
+    # Cancel is accepted, but reading the job back afterwards fails: the page must say so
+    # rather than go on showing "running" as if all were well.
+    job_url = re.compile(rf"/api/v1/jobs/{job_id}$")
+    page.route(job_url, unreachable)
+    page.click("#cancel-job")
+    expect(alert_saying(page, "Failed to fetch")).to_be_visible(timeout=15_000)
+    assert tenant.wait_for(job_id)["status"] == "canceled"
+    page.unroute(job_url)
+    page.reload()
+    expect(page.locator("#job-status")).to_have_text("canceled", timeout=10_000)
+    expect(alert_saying(page, "Failed to fetch")).to_have_count(0)
+    # Delete succeeds, but the list it returns to cannot be loaded.
+    page.route(re.compile(r"/api/v1/jobs\?"), unreachable)
+    page.click("#delete-job")
+    expect(page.locator("#home")).to_be_visible()
+    expect(alert_saying(page, "Failed to fetch")).to_be_visible(timeout=10_000)
+    assert job_ids(tenant) == []
 
 
 def test_an_old_job_whose_stream_expired_shows_its_stored_output(

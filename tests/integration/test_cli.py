@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import socket
 import threading
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 from click.testing import CliRunner
@@ -69,3 +73,95 @@ def test_bad_input_shows_the_problem(api_url: str, tenant: Tenant) -> None:
 def test_unreachable_api_is_a_clear_error(tenant: Tenant) -> None:
     result = CliRunner().invoke(main, ["--url", "http://127.0.0.1:9", "--key", "k", "jobs", "list"])
     assert result.exit_code != 0 and "cannot reach the API" in result.output
+
+
+class AnswerLosingProxy:
+    """A TCP proxy in front of the API that loses the answer to the first request: it forwards
+    the request whole, waits until the API starts answering (so the job is committed), then
+    closes the client's connection without a byte (`dropped`) or answers 504 itself, as a
+    gateway that gave up waiting would. Later connections are relayed as they are."""
+
+    def __init__(self, upstream_url: str, failure: str) -> None:
+        upstream = urlsplit(upstream_url)
+        self.upstream = (upstream.hostname, upstream.port)
+        self.failure = failure
+        self.sent: list[bytes] = []  # everything clients sent, in order
+        self.lost_one = False
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def __enter__(self) -> AnswerLosingProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+
+    def idempotency_keys(self) -> list[str]:
+        sent = b"".join(self.sent).decode()
+        return re.findall(r"(?im)^idempotency-key: *(\S+)", sent)
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self.handle, args=(client,), daemon=True).start()
+
+    def handle(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.upstream)
+        if self.lost_one:
+            threading.Thread(target=self.pipe, args=(client, upstream, True), daemon=True).start()
+            self.pipe(upstream, client, False)
+            return
+        self.lost_one = True
+        request = read_request(client)
+        self.sent.append(request)
+        upstream.sendall(request)
+        upstream.recv(1)  # the API has answered: whatever it did is committed
+        if self.failure == "504":
+            client.sendall(b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\n\r\n")
+        upstream.close()
+        client.close()
+
+    def pipe(self, source: socket.socket, target: socket.socket, record: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                if record:
+                    self.sent.append(chunk)
+                target.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):  # the other direction got there first
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def read_request(client: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += client.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += client.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize(("failure", "given_key"), [("dropped", None), ("504", "nightly-report-7")])
+def test_submit_whose_answer_is_lost_retries_with_its_key_and_creates_one_job(
+    api_url: str, tenant: Tenant, failure: str, given_key: str | None
+) -> None:
+    submit = ["submit", "chat", "--prompt", "only once"]
+    submit += ["--idempotency-key", given_key] if given_key else []
+    with AnswerLosingProxy(api_url, failure) as proxy:
+        result = CliRunner().invoke(main, ["--url", proxy.url, "--key", tenant.key, *submit])
+    assert result.exit_code == 0, result.output
+    listed = [job["id"] for job in tenant.get("/api/v1/jobs").get_json()["items"]]
+    assert listed == [result.stdout.strip()]
+    keys = proxy.idempotency_keys()
+    assert len(keys) == 2 and keys[0] == keys[1], keys
+    assert keys[0] == (given_key or keys[0])
+    assert "created by an earlier attempt" in result.stderr

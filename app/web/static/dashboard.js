@@ -6,14 +6,32 @@ import { FieldError, renderForm, showFieldErrors } from "./schema-form.js";
 const KEY_STORAGE = "conveyor.apiKey";
 const PAGE_SIZE = 20;
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+const ACTIONS = ["cancel", "retry", "delete"];
+const SUBMIT_ATTEMPTS = 5;
+const GATEWAY_ERRORS = new Set([502, 503, 504]);
 const $ = (id) => document.getElementById(id);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 class ApiError extends Error {
-  constructor(status, problem) {
+  constructor(status, problem, retryAfter) {
     super(problem.detail || problem.title || `HTTP ${status}`);
     this.status = status;
     this.problem = problem;
+    this.retryAfter = retryAfter; // seconds, when the server said
   }
+}
+
+/** The request never got an answer (fetch rejects with a TypeError), or a gateway gave up. */
+function isTransient(error) {
+  if (error instanceof ApiError) return GATEWAY_ERRORS.has(error.status);
+  return error instanceof TypeError;
+}
+
+function randomKey() {
+  // Not crypto.randomUUID(): it exists only in secure contexts, and a dashboard served over
+  // plain HTTP on a LAN address is not one. getRandomValues works everywhere.
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
 
 class Api {
@@ -21,18 +39,22 @@ class Api {
     this.key = key;
   }
 
-  async request(method, path, body) {
+  async request(method, path, body, headers = {}) {
     const response = await fetch(`/api/v1${path}`, {
       method,
       headers: {
         Authorization: `Bearer ${this.key}`,
         ...(body === undefined ? {} : { "Content-Type": "application/json" }),
+        ...headers,
       },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
     if (response.status === 204) return null;
     const data = await response.json().catch(() => ({}));
-    if (!response.ok) throw new ApiError(response.status, data);
+    if (!response.ok) {
+      const retryAfter = Number(response.headers.get("Retry-After")) || undefined;
+      throw new ApiError(response.status, data, retryAfter);
+    }
     return data;
   }
 
@@ -47,6 +69,25 @@ class Api {
   async token() {
     return (await this.post("/realtime/token")).token;
   }
+
+  /**
+   * Creates a job, once. A POST whose answer is lost (a proxy dropped the connection, the web
+   * process restarted) may still have created the job, so each submission carries a key of its
+   * own and repeats it when it retries: the server answers a repeat with the job it already
+   * made (200, Idempotent-Replayed) instead of making a second one.
+   */
+  async createJob(body) {
+    const headers = { "Idempotency-Key": randomKey() };
+    for (let attempt = 1; ; attempt += 1) {
+      try {
+        return await this.request("POST", "/jobs", body, headers);
+      } catch (error) {
+        if (attempt === SUBMIT_ATTEMPTS || !isTransient(error)) throw error;
+        const backoff = Math.min(8000, 500 * 2 ** (attempt - 1)) * (0.5 + Math.random());
+        await sleep(error.retryAfter ? Math.min(error.retryAfter * 1000, 10000) : backoff);
+      }
+    }
+  }
 }
 
 const state = {
@@ -56,6 +97,8 @@ const state = {
   readForm: null,
   filters: { status: "", kind: "" },
   cursors: [null], // the cursor of each page shown so far
+  page: 0,
+  listRequest: 0, // the newest list request: an older answer arriving later is dropped
   rows: new Map(), // job id -> its table row
   job: null, // the job page's job
 };
@@ -65,12 +108,21 @@ const state = {
 async function signIn(key) {
   const api = new Api(key);
   await api.get("/jobs?limit=1"); // throws on a bad key
+  const kinds = (await api.get("/kinds")).items;
   localStorage.setItem(KEY_STORAGE, key);
   state.api = api;
-  state.live = new Live(api, { onState: showConnection, onOwnerEvent: onOwnerEvent });
+  state.kinds = kinds;
+  state.live = new Live(api, {
+    onState: showConnection,
+    onOwnerEvent,
+    onRowProgress: (jobId, progress) => {
+      const row = state.rows.get(jobId);
+      if (row) updateRow(row, undefined, progress);
+    },
+    refreshList: () => ($("home").hidden ? Promise.resolve(true) : refreshJobs()),
+  });
   state.live.start();
   $("sign-out").hidden = false;
-  state.kinds = (await api.get("/kinds")).items;
   setUpForm();
   route();
 }
@@ -104,10 +156,13 @@ function setUpForm() {
 async function submitJob(event) {
   event.preventDefault();
   const form = $("new-job");
+  const button = form.querySelector("button[type=submit]");
+  if (button.disabled) return; // this submission is still being posted
+  button.disabled = true;
   $("new-job-error").textContent = "";
   try {
     const input = state.readForm();
-    const job = await state.api.post("/jobs", { kind: $("kind").value, input });
+    const job = await state.api.createJob({ kind: $("kind").value, input });
     window.location.hash = `#/jobs/${job.id}`;
   } catch (error) {
     const errors = error instanceof FieldError
@@ -117,16 +172,33 @@ async function submitJob(event) {
     const lines = rest.map((e) => `${e.field}: ${e.message}`);
     if (!(error instanceof FieldError) && !errors.length) lines.unshift(error.message);
     $("new-job-error").textContent = lines.join("\n");
+  } finally {
+    button.disabled = false;
   }
 }
 
 // --- job list ------------------------------------------------------------------------------
 
-async function loadJobs(page = 0) {
+/** Loads and shows a page of the list, or says above it why it could not; resolves to which. */
+async function refreshJobs(page = state.page) {
   const params = new URLSearchParams({ limit: PAGE_SIZE });
   for (const [name, value] of Object.entries(state.filters)) if (value) params.set(name, value);
   if (state.cursors[page]) params.set("cursor", state.cursors[page]);
-  const result = await state.api.get(`/jobs?${params}`);
+  const request = ++state.listRequest;
+  try {
+    const result = await state.api.get(`/jobs?${params}`);
+    if (request === state.listRequest) showJobs(page, result);
+  } catch (error) {
+    if (request === state.listRequest) {
+      $("list-error").textContent = `Could not load the jobs: ${error.message}`;
+    }
+    return false;
+  }
+  return true;
+}
+
+function showJobs(page, result) {
+  $("list-error").textContent = "";
   state.cursors = state.cursors.slice(0, page + 1);
   state.cursors.push(result.next_cursor);
   state.page = page;
@@ -136,6 +208,7 @@ async function loadJobs(page = 0) {
   for (const job of result.items) body.append(jobRow(job));
   $("next-page").disabled = !result.next_cursor;
   $("first-page").disabled = page === 0;
+  state.live.watchRows(unfinishedRows());
 }
 
 function jobRow(job) {
@@ -154,8 +227,10 @@ function jobRow(job) {
 }
 
 function updateRow(row, status, progress) {
-  row.cells[2].textContent = status;
-  row.cells[2].className = `status ${status}`;
+  if (status !== undefined) {
+    row.cells[2].textContent = status;
+    row.cells[2].className = `status ${status}`;
+  }
   if (progress !== undefined) row.querySelector("progress").value = progress;
 }
 
@@ -168,27 +243,46 @@ const EVENT_STATUS = {
   "job.canceled": "canceled",
 };
 
+// What each state change does to a row's progress bar: a new attempt starts from zero.
+const EVENT_PROGRESS = { "job.started": 0, "job.retrying": 0, "job.succeeded": 100 };
+
 function onOwnerEvent(event) {
   // The owner's room: every job of this key changing state, for the list.
   const row = state.rows.get(event.job_id);
   const status = EVENT_STATUS[event.type];
-  if (row && status) updateRow(row, status, status === "succeeded" ? 100 : undefined);
-  else if (!row && event.type === "job.queued" && state.page === 0 && !$("home").hidden) {
-    loadJobs(0); // a new job, perhaps from another tab: show it
+  if (row && event.type === "job.progress") updateRow(row, undefined, event.data.progress);
+  else if (row && status) {
+    updateRow(row, status, EVENT_PROGRESS[event.type]);
+    if (TERMINAL.has(status)) state.live.watchRows(unfinishedRows());
+  } else if (!row && event.type === "job.queued" && state.page === 0 && !$("home").hidden) {
+    refreshJobs(0); // a new job, perhaps from another tab: show it
   }
+}
+
+function unfinishedRows() {
+  const unfinished = [...state.rows].filter(([, row]) => !TERMINAL.has(row.cells[2].textContent));
+  return unfinished.map(([jobId]) => jobId);
 }
 
 // --- job page ------------------------------------------------------------------------------
 
 async function showJob(jobId) {
+  $("action-error").textContent = "";
+  $("job-sync-error").textContent = "";
   const job = await state.api.get(`/jobs/${jobId}`);
   state.job = job;
   $("job-id").textContent = job.id;
   $("job-output").textContent = "";
   $("job-timeline").replaceChildren();
+  $("job-logs").replaceChildren();
   renderJob(job);
-  await loadLogs(jobId);
-  state.live.follow(jobId, (event) => applyEvent(jobId, event));
+  state.live.follow(jobId, (event) => applyEvent(jobId, event).catch(showSyncError));
+  await loadLogs(jobId).catch(showSyncError);
+}
+
+function showSyncError(error) {
+  // The page no longer matches the job: say so rather than show a stale state as current.
+  $("job-sync-error").textContent = `Could not refresh this job: ${error.message}`;
 }
 
 function renderJob(job) {
@@ -205,6 +299,10 @@ function renderJob(job) {
   const error = $("job-error");
   error.hidden = !job.error;
   error.textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
+  enableActions(job);
+}
+
+function enableActions(job) {
   $("cancel-job").disabled = TERMINAL.has(job.status);
   $("retry-job").disabled = !TERMINAL.has(job.status);
   $("delete-job").disabled = !TERMINAL.has(job.status);
@@ -229,12 +327,13 @@ async function applyEvent(jobId, event) {
   $("job-timeline").append(item);
   if (event.type === "job.progress") setProgress(data.progress);
   if (event.type === "job.started") $("job-output").textContent = ""; // a new attempt's text
-  if (event.type === "job.log") loadLogs(jobId);
+  if (event.type === "job.log") loadLogs(jobId).catch(showSyncError);
   if (event.type in EVENT_STATUS) {
     const job = await state.api.get(`/jobs/${jobId}`);
     if (state.job?.id !== jobId) return;
     state.job = job;
     renderJob(job);
+    $("job-sync-error").textContent = "";
     if (event.type === "job.succeeded" && !$("job-output").textContent) {
       // Replayed from PostgreSQL after the stream expired: the stored output stands in.
       const output = data.output ?? (await state.api.get(`/jobs/${jobId}/result`)).output;
@@ -257,6 +356,7 @@ async function loadLogs(jobId) {
 async function jobAction(action) {
   const jobId = state.job.id;
   $("action-error").textContent = "";
+  for (const name of ACTIONS) $(`${name}-job`).disabled = true; // one action at a time
   try {
     if (action === "delete") {
       await state.api.request("DELETE", `/jobs/${jobId}`);
@@ -268,7 +368,8 @@ async function jobAction(action) {
       renderJob(await state.api.post(`/jobs/${jobId}/cancel`));
     }
   } catch (error) {
-    $("action-error").textContent = error.message;
+    $("action-error").textContent = `Could not ${action} the job: ${error.message}`;
+    if (state.job?.id === jobId) enableActions(state.job);
   }
 }
 
@@ -283,6 +384,7 @@ async function route() {
   const match = window.location.hash.match(/^#\/jobs\/([0-9a-f-]{36})$/);
   if (match) {
     show("job");
+    state.live.watchRows([]); // the list is hidden: its rows' deltas are not wanted
     try {
       await showJob(match[1]);
     } catch (error) {
@@ -293,7 +395,7 @@ async function route() {
     state.live.unfollow();
     state.job = null;
     show("home");
-    await loadJobs(0);
+    await refreshJobs(0);
   }
 }
 
@@ -313,14 +415,19 @@ $("sign-out").addEventListener("click", () => {
 $("new-job").addEventListener("submit", submitJob);
 $("filters").addEventListener("change", (event) => {
   state.filters[event.target.name] = event.target.value;
-  loadJobs(0);
+  refreshJobs(0);
 });
-$("next-page").addEventListener("click", () => loadJobs(state.page + 1));
-$("first-page").addEventListener("click", () => loadJobs(0));
-for (const action of ["cancel", "retry", "delete"]) {
+$("next-page").addEventListener("click", () => refreshJobs(state.page + 1));
+$("first-page").addEventListener("click", () => refreshJobs(0));
+for (const action of ACTIONS) {
   $(`${action}-job`).addEventListener("click", () => jobAction(action));
 }
 
 const saved = localStorage.getItem(KEY_STORAGE);
-if (saved) signIn(saved).catch(() => show("sign-in"));
-else show("sign-in");
+if (saved) {
+  signIn(saved).catch((error) => {
+    show("sign-in");
+    if (error.status === 401) return; // the saved key no longer works: ask for another
+    $("sign-in-error").textContent = `Could not sign in: ${error.message}`;
+  });
+} else show("sign-in");

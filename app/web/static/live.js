@@ -50,20 +50,81 @@ export class Feed {
 
 const GAP_TIMEOUT_MS = 3000;
 const POLL_WAIT_SECONDS = 20;
+const LIST_POLL_MS = 3000;
+const LIST_POLL_MAX_MS = 30000;
+// A list row needs only the deltas still to come: an after_seq past any real seq replays nothing.
+const LIVE_ONLY = Number.MAX_SAFE_INTEGER;
 
 /**
- * The connection, and the one job page that follows a job through it.
+ * Runs `task` every `interval` ms until stopped. `task` reports its own errors and resolves to
+ * whether it succeeded; after a failure the wait doubles, up to `maxInterval`, so that every open
+ * tab does not hammer an API that is already struggling. Jitter keeps the tabs out of step.
+ */
+export class Repeater {
+  constructor(task, { interval, maxInterval }) {
+    this.task = task;
+    this.interval = interval;
+    this.maxInterval = maxInterval;
+    this.delay = interval;
+    this.running = false;
+    this.timer = null;
+  }
+
+  start() {
+    if (this.running) return;
+    this.running = true;
+    this.delay = this.interval;
+    this.schedule();
+  }
+
+  stop() {
+    this.running = false;
+    clearTimeout(this.timer);
+  }
+
+  schedule() {
+    this.timer = setTimeout(() => this.tick(), this.delay * (0.75 + Math.random() * 0.5));
+  }
+
+  async tick() {
+    let succeeded = false;
+    try {
+      succeeded = await this.task();
+    } finally {
+      if (this.running) {
+        this.delay = succeeded ? this.interval : Math.min(this.maxInterval, this.delay * 2);
+        this.schedule();
+      }
+    }
+  }
+}
+
+/**
+ * The connection, the one job page that follows a job through it, and the job list's rows.
  * states: live | reconnecting | polling | offline
+ *
+ * The owner's room carries every state change but no token deltas, so the list also subscribes
+ * to the rooms of the unfinished jobs it shows: their deltas carry progress, while a worker
+ * writes progress (and its `job.progress` event) only every few seconds. Without a WebSocket
+ * the list is reloaded from the API on an interval instead.
  */
 export class Live {
-  constructor(api, { onState, onOwnerEvent }) {
+  constructor(api, { onState, onOwnerEvent, onRowProgress, refreshList }) {
     this.api = api;
     this.onState = onState;
     this.onOwnerEvent = onOwnerEvent;
+    this.onRowProgress = onRowProgress;
+    this.refreshList = refreshList;
     this.watch = null; // { jobId, feed }
+    this.rows = new Set(); // ids of the list's unfinished jobs, whose deltas it wants
     this.failures = 0;
     this.polling = false;
+    this.everConnected = false;
     this.socket = null;
+    this.listPoller = new Repeater(() => this.pollList(), {
+      interval: LIST_POLL_MS,
+      maxInterval: LIST_POLL_MAX_MS,
+    });
   }
 
   start() {
@@ -81,10 +142,15 @@ export class Live {
       randomizationFactor: 0.5,
     });
     this.socket.on("connect", () => {
+      // The owner's room said nothing to this page while it was away: reload the list once.
+      const missedEvents = this.everConnected || this.polling;
+      this.everConnected = true;
       this.failures = 0;
-      this.polling = false;
+      this.stopPolling();
       this.setState("live");
       this.resubscribe();
+      this.subscribeRows(this.rows);
+      if (missedEvents) this.refreshList();
     });
     this.socket.on("disconnect", () => this.setState("reconnecting"));
     this.socket.on("connect_error", () => {
@@ -97,6 +163,7 @@ export class Live {
     this.socket.on("job_event", (event) => {
       if (this.watch && event.job_id === this.watch.jobId) this.watch.feed.accept(event);
       if (event.type !== "job.output.delta") this.onOwnerEvent(event);
+      else if (this.rows.has(event.job_id)) this.onRowProgress(event.job_id, event.data.progress);
     });
     this.socket.io.on("reconnect_attempt", () => {
       if (!this.polling) this.setState("reconnecting");
@@ -115,7 +182,7 @@ export class Live {
   }
 
   unfollow() {
-    if (this.watch && this.socket?.connected) {
+    if (this.watch && this.socket?.connected && !this.rows.has(this.watch.jobId)) {
       this.socket.emit("unsubscribe", { job_id: this.watch.jobId });
     }
     this.watch = null;
@@ -129,11 +196,44 @@ export class Live {
     });
   }
 
+  /** The list shows these jobs unfinished: follow their deltas (only while live). */
+  watchRows(jobIds) {
+    const wanted = new Set(jobIds);
+    const connected = this.socket?.connected;
+    for (const jobId of this.rows) {
+      if (!wanted.has(jobId) && connected && jobId !== this.watch?.jobId) {
+        this.socket.emit("unsubscribe", { job_id: jobId });
+      }
+    }
+    const added = [...wanted].filter((jobId) => !this.rows.has(jobId));
+    this.rows = wanted;
+    if (connected) this.subscribeRows(added);
+  }
+
+  subscribeRows(jobIds) {
+    for (const jobId of jobIds) {
+      this.socket.emit("subscribe", { job_id: jobId, after_seq: LIVE_ONLY });
+    }
+  }
+
   startPolling() {
     if (this.polling) return;
     this.polling = true;
     this.setState("polling");
+    this.listPoller.start();
     if (this.watch) this.pollJob(this.watch);
+  }
+
+  stopPolling() {
+    // pollJob's loop ends by itself at its next turn.
+    this.polling = false;
+    this.listPoller.stop();
+  }
+
+  async pollList() {
+    const succeeded = await this.refreshList();
+    if (this.polling) this.setState(succeeded ? "polling" : "offline");
+    return succeeded;
   }
 
   async pollJob(watch) {
