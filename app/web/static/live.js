@@ -52,8 +52,9 @@ const GAP_TIMEOUT_MS = 3000;
 const POLL_WAIT_SECONDS = 20;
 const LIST_POLL_MS = 3000;
 const LIST_POLL_MAX_MS = 30000;
-// A list row needs only the deltas still to come: an after_seq past any real seq replays nothing.
-const LIVE_ONLY = Number.MAX_SAFE_INTEGER;
+// A list row needs only the deltas still to come: the largest seq there can be (seqs are
+// PostgreSQL integers) replays nothing.
+const LIVE_ONLY = 2 ** 31 - 1;
 
 /**
  * Runs `task` every `interval` ms until stopped. `task` reports its own errors and resolves to
