@@ -109,7 +109,12 @@ def _load(digest: str) -> Principal | None:
             .values(last_used_at=func.now())
             .returning(ApiKey.owner, ApiKey.role, ApiKey.id)
         ).one_or_none()
-    return None if row is None else Principal(row.owner, row.role, row.id)
+    if row is None:
+        return None
+    with _cache_lock:
+        # Seen active just now: a subscription token it mints is good for the same window.
+        _active[row.id] = True
+    return Principal(row.owner, row.role, row.id)
 
 
 def key_is_active(key_id: uuid.UUID) -> bool:

@@ -30,6 +30,7 @@ from typing import Any
 from flask import Flask, request
 from flask_socketio import ConnectionRefusedError, SocketIO, join_room, leave_room
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.api.auth import Principal, principal_for_key
 from app.config import Settings
@@ -91,6 +92,11 @@ def on_connect(auth: Any = None) -> None:
         principal, only_job = _principal(auth)
     except TokenError as exc:
         raise ConnectionRefusedError(f"unauthorized: {exc}") from None
+    except (OperationalError, PoolTimeout) as exc:
+        # The key could not be checked: refuse with a reason the client can act on (retry),
+        # not an unexplained error.
+        logger.warning("connect refused, database unavailable: %s", exc)
+        raise ConnectionRefusedError("unavailable: try again shortly") from None
     sid = request.sid  # type: ignore[attr-defined]
     socketio.server.save_session(sid, {"owner": principal.owner, "only_job": only_job})
     if only_job is None:

@@ -125,7 +125,8 @@ def test_postgres_restarted_mid_job(cluster: Cluster) -> None:
         live = socketio.Client(reconnection=False)
         live.connect(
             cluster.web.url,  # type: ignore[union-attr]
-            auth={"token": token},  # a token needs no database to check
+            # The key that minted the token was checked moments ago: no database needed.
+            auth={"token": token},
             transports=["websocket"],
             wait_timeout=10,
         )

@@ -22,6 +22,7 @@ from httpx_sse import connect_sse
 
 from app import realtime
 from app.api.auth import CACHE_SECONDS, create_api_key, principal_for_key, revoke_api_key
+from app.devservices import free_port
 from app.realtime.revocation import KeyWatch
 from tests.conftest import Tenant, undispatched_job, wait_until
 from tests.integration.test_realtime import connect, refusal, token
@@ -53,6 +54,20 @@ def test_a_token_minted_before_its_key_was_revoked_is_refused(
     assert "revoked" in refusal(web_server, {"token": owner_wide})
     assert "revoked" in refusal(web_server, {"token": job_scoped})
     assert "unauthorized" in refusal(web_server, {"api_key": tenant.key})
+
+
+def test_a_token_whose_key_cannot_be_checked_is_refused_as_unavailable(
+    settings, tenant: Tenant
+) -> None:
+    """A web process that cannot reach PostgreSQL cannot tell a revoked key from a good one: it
+    refuses the connection with a reason to retry, not an unexplained error."""
+    nobody_listens = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/conveyor"
+    server = WebServer(settings.model_copy(update={"database_url": nobody_listens})).start()
+    try:
+        minted = tenant.post("/api/v1/realtime/token", json={}).get_json()["token"]
+        assert "unavailable: try again shortly" in refusal(server, {"token": minted})
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("credential", ["api_key", "token"])
