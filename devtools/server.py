@@ -4,6 +4,13 @@ model simulator.
 A server runs in the foreground as a child of the calling Python process, on a private port,
 so it never touches (or depends on) system services that may already listen on 5432/6379.
 It stays in our process group: a terminal's Ctrl-C reaches it together with us.
+
+Why not mirakuru's Executor: it starts every child in a session of its own (setsid), so a
+Ctrl-C would no longer reach the servers; it SIGKILLs a server that is slow to come up
+instead of shutting it down; it cannot drop the developer's PG* variables from a child's
+environment; and DevServer rebuilt on it (probe, log tails, port retry kept) came out 11
+lines longer. pytest-postgresql wipes its data directory on every start and daemonizes
+through pg_ctl, which rules out make dev's kept cluster and running as a non-root account.
 """
 
 from __future__ import annotations
