@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml app/web/package-lock.json
 	touch $(STAMP)
 
 dev: $(STAMP)
-	$(BIN)/python -m app.cli.dev
+	$(BIN)/python -m devtools.dev
 
 # The browser tests drive a real Chromium: Debian's, installed here where it is missing and the
 # user may install packages, else Playwright's own download (tools/require says which).

@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from devtools.postgres import PostgresServer
+from devtools.processes import proc_stat
+from devtools.redis_server import RedisServer
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
@@ -36,8 +40,8 @@ _prctl = ctypes.CDLL(None, use_errno=True).prctl
 class Services:
     """The private PostgreSQL and Redis of one benchmark run."""
 
-    pg: Any  # app.devservices.PostgresServer
-    redis: Any  # app.devservices.RedisServer
+    pg: PostgresServer
+    redis: RedisServer
     workdir: Path
 
     def settings(self, **overrides: Any) -> Any:
@@ -89,7 +93,6 @@ class Services:
 @contextlib.contextmanager
 def private_services() -> Iterator[Services]:
     """PostgreSQL (non-durable) and Redis on free ports, migrated; stopped on the way out."""
-    from app.devservices import PostgresServer, RedisServer
     from app.migrate import upgrade
 
     with (
@@ -232,19 +235,10 @@ def sleep_until(wall_time: float) -> None:
 # /proc accounting -------------------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat from field 3 (state) on; the command name may contain spaces."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
 def cpu_seconds(pid: int, *, reaped: bool = False) -> float:
     """utime+stime of a live process (all threads); with `reaped`, plus its waited-for
     children's, so CPU of short-lived children (PostgreSQL backends) is not lost."""
-    fields = _stat_fields(pid)
+    fields = proc_stat(pid)
     if fields is None:
         return 0.0
     ticks = int(fields[11]) + int(fields[12])
@@ -257,7 +251,7 @@ def _parents() -> dict[int, int]:
     result = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
+            fields = proc_stat(int(entry.name))
             if fields is not None:
                 result[int(entry.name)] = int(fields[1])
     return result

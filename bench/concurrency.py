@@ -726,7 +726,7 @@ def run_all(ctx: Ctx) -> list[RunResult]:
 
 
 def main() -> int:
-    from app.sim.process import SimulatorProcess
+    from devtools.simprocess import SimulatorProcess
 
     args = parse_args()
     stop_on_sigterm()

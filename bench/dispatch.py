@@ -351,7 +351,7 @@ def create_key(settings: Any) -> str:
 
 
 def start_server(services: Services, args: argparse.Namespace) -> tuple[Child, str]:
-    from app.devservices import free_port
+    from devtools.processes import free_port
 
     port = free_port()
     cmd = [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}"]

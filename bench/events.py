@@ -342,7 +342,7 @@ def run_fanout(
 def start_web(services: Services) -> tuple[Child, str]:
     import httpx
 
-    from app.devservices import free_port
+    from devtools.processes import free_port
 
     port = free_port()
     cmd = [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--worker-class", "gevent"]

@@ -22,11 +22,12 @@ from sqlalchemy import func
 
 from app import create_app
 from app.config import Settings, testing_settings
-from app.devservices import PostgresServer, RedisServer
 from app.migrate import upgrade
 from app.models import Job, JobEvent
 from app.runtime import runtime
-from app.sim.process import SimulatorProcess
+from devtools.postgres import PostgresServer
+from devtools.redis_server import RedisServer
+from devtools.simprocess import SimulatorProcess
 from tests.webserver import WebServer
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 
 from app.config import Settings
-from app.devservices import free_port
 from app.migrate import ROOT
+from devtools.processes import free_port
 
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 

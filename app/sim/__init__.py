@@ -1,7 +1,7 @@
 """Conveyor's OpenAI-compatible model simulator: offline endpoint, test peer, fault injector.
 
 Run it with `python -m app.sim --port 8100` (see `python -m app.sim --help`), or from tests
-with `SimulatorProcess`. It speaks the OpenAI wire format for:
+with `devtools.simprocess.SimulatorProcess`. It speaks the OpenAI wire format for:
 
 - `GET /v1/models` and `POST /v1/chat/completions` (streamed or not, `response_format`
   json_object / json_schema, `max_tokens` / `max_completion_tokens`, usage).
@@ -17,7 +17,6 @@ wins). Faults: 429, 500, 400, 401, hang, drop, malformed, invalid_json, schema_m
 from app.sim.config import SimConfig
 from app.sim.directives import Directives, parse_directive_text, parse_headers
 from app.sim.faults import FAULT_KINDS, FaultRates
-from app.sim.process import SimulatorError, SimulatorProcess
 from app.sim.server import MODEL_IDS, make_app
 
 __all__ = [
@@ -26,8 +25,6 @@ __all__ = [
     "Directives",
     "FaultRates",
     "SimConfig",
-    "SimulatorError",
-    "SimulatorProcess",
     "make_app",
     "parse_directive_text",
     "parse_headers",

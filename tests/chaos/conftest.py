@@ -25,9 +25,10 @@ import psycopg
 import pytest
 
 from app.config import Settings
-from app.devservices import PostgresServer, RedisServer
 from app.migrate import ROOT, upgrade
-from app.sim.process import SimulatorProcess
+from devtools.postgres import PostgresServer
+from devtools.redis_server import RedisServer
+from devtools.simprocess import SimulatorProcess
 from tests.webserver import WebServer
 
 FAST_RECOVERY = {

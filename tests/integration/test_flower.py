@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from app.config import Settings
-from app.devservices import free_port
 from app.migrate import ROOT
+from devtools.processes import free_port
 
 CREDENTIALS = ("operator", "flower-test-password")
 

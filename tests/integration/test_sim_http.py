@@ -16,8 +16,8 @@ import jsonschema
 import openai
 import pytest
 
-from app.sim.process import SimulatorProcess
 from app.sim.text import prompt_token_count
+from devtools.simprocess import SimulatorProcess
 
 SCHEMA = {
     "type": "object",

@@ -1,4 +1,4 @@
-"""Tests for app.devservices: these really start PostgreSQL and Redis/Valkey servers."""
+"""Tests for devtools' servers: these really start PostgreSQL and Redis/Valkey servers."""
 
 from __future__ import annotations
 
@@ -14,14 +14,13 @@ import psycopg
 import pytest
 import redis
 
-from app import devservices
-from app.devservices import (
-    PostgresServer,
-    RedisServer,
-    ServiceError,
-    free_port,
-    postgres_run_as,
-)
+from devtools import accounts, binaries
+from devtools import server as dev_server
+from devtools.accounts import postgres_run_as
+from devtools.errors import ServiceError
+from devtools.postgres import PostgresServer
+from devtools.processes import free_port, pid_alive, proc_stat, read_pid_file
+from devtools.redis_server import REDIS_LOG_NAME, RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,30 +48,14 @@ REDIS_SOURCES = [
 ]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] not in "ZX"
+_alive = pid_alive
 
 
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+        fields = proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and int(fields[1]) == pid:
             found.append(int(entry.name))
     return found
 
@@ -107,9 +90,7 @@ def test_free_port_is_bindable() -> None:
 def test_postgres_lifecycle_and_durability(tmp_path: Path, prefer_system: bool) -> None:
     data = tmp_path / "pg"
     server = PostgresServer(data, prefer_system=prefer_system)
-    _expect_source(
-        prefer_system, server.binaries.source, devservices._system_postgres() is not None
-    )
+    _expect_source(prefer_system, server.binaries.source, binaries.system_postgres() is not None)
     port = server.port
     assert server.url == f"postgresql+psycopg://postgres@127.0.0.1:{port}/conveyor"
     assert server.pid is None
@@ -226,7 +207,7 @@ def test_postgres_reclaims_server_orphaned_by_killed_parent(tmp_path: Path) -> N
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from app.devservices import PostgresServer\n"
+        "from devtools.postgres import PostgresServer\n"
         "server = PostgresServer(Path(sys.argv[1]), durable=False).start()\n"
         "sys.stdout.write(f'{server.pid}\\n')\n"
         "sys.stdout.flush()\n"
@@ -281,7 +262,7 @@ def test_postgres_start_failure_reports_log_and_leaves_nothing(tmp_path: Path) -
     with pytest.raises(ServiceError, match="did not accept connections"):
         server.start(timeout=0)
     assert server.pid is None
-    leftover = devservices._read_pid_file(data / "postmaster.pid")
+    leftover = read_pid_file(data / "postmaster.pid")
     assert leftover is None or _wait_dead(leftover)
 
     server.start()
@@ -290,11 +271,11 @@ def test_postgres_start_failure_reports_log_and_leaves_nothing(tmp_path: Path) -
 
 def test_postgres_run_as_creates_fallback_user(monkeypatch: pytest.MonkeyPatch) -> None:
     created: list[list[str]] = []
-    entry = devservices.pwd.struct_passwd(
+    entry = accounts.pwd.struct_passwd(
         ("conveyor", "x", 999, 999, "", "/nonexistent", "/usr/sbin/nologin")
     )
 
-    def getpwnam(name: str) -> devservices.pwd.struct_passwd:
+    def getpwnam(name: str) -> accounts.pwd.struct_passwd:
         if name == "conveyor" and created:
             return entry
         raise KeyError(name)
@@ -303,10 +284,10 @@ def test_postgres_run_as_creates_fallback_user(monkeypatch: pytest.MonkeyPatch) 
         created.append(cmd)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(devservices.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(devservices.pwd, "getpwnam", getpwnam)
-    monkeypatch.setattr(devservices.shutil, "which", lambda name: f"/usr/sbin/{name}")
-    monkeypatch.setattr(devservices.subprocess, "run", run)
+    monkeypatch.setattr(accounts.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(accounts.pwd, "getpwnam", getpwnam)
+    monkeypatch.setattr(accounts.shutil, "which", lambda name: f"/usr/sbin/{name}")
+    monkeypatch.setattr(accounts.subprocess, "run", run)
 
     run_as = postgres_run_as()
     assert (run_as.name, run_as.uid, run_as.gid) == ("conveyor", 999, 999)
@@ -328,7 +309,7 @@ def test_postgres_run_as_creates_fallback_user(monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.parametrize("prefer_system", REDIS_SOURCES)
 def test_redis_in_memory_lifecycle(prefer_system: bool) -> None:
     server = RedisServer(prefer_system=prefer_system)
-    _expect_source(prefer_system, server.binary.source, devservices._system_redis() is not None)
+    _expect_source(prefer_system, server.binary.source, binaries.system_redis() is not None)
     port = server.port
     assert server.url == f"redis://127.0.0.1:{port}/0"
 
@@ -371,7 +352,7 @@ def test_redis_persistent_keeps_data_across_restart(tmp_path: Path, prefer_syste
         client = redis.Redis.from_url(server.url)
         assert client.get("job:1") == b"queued"
         client.close()
-    assert (data / devservices.REDIS_LOG_NAME).exists()
+    assert (data / REDIS_LOG_NAME).exists()
 
     # A brand-new object on the same directory sees the data too.
     with RedisServer(data, prefer_system=prefer_system) as again:
@@ -396,8 +377,7 @@ def test_redis_port_collision_fails_cleanly() -> None:
 def test_redis_auto_port_retries_when_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     with RedisServer() as squatter:
         ports = iter([squatter.port])
-        real_free_port = devservices.free_port
-        monkeypatch.setattr(devservices, "free_port", lambda: next(ports, None) or real_free_port())
+        monkeypatch.setattr(dev_server, "free_port", lambda: next(ports, None) or free_port())
         with RedisServer() as server:
             assert server.port != squatter.port
             client = redis.Redis.from_url(server.url)

@@ -25,9 +25,11 @@ from sqlalchemy.pool import NullPool
 
 from app.api.auth import hash_key
 from app.cli.client import Api, console, follow_job, wait_for_api
-from app.devservices import PostgresServer, RedisServer, free_port
 from app.migrate import ROOT, upgrade
-from app.sim.process import SimulatorProcess
+from devtools.postgres import PostgresServer
+from devtools.processes import free_port
+from devtools.redis_server import RedisServer
+from devtools.simprocess import SimulatorProcess
 
 STATE = ROOT / ".conveyor"
 PROCESSES = ("web", "worker", "beat", "flower")

@@ -1,4 +1,4 @@
-"""Run the simulator as a subprocess, for tests and local development.
+"""Run the simulator as a subprocess, for tests, benchmarks and `make dev`.
 
     with SimulatorProcess(ttft=0.01, tps=0) as sim:
         client = openai.OpenAI(base_url=sim.base_url, api_key="sim")
@@ -11,22 +11,24 @@ and the simulator's CPU is not shared with the test's event loop.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from devtools.errors import ServiceError
+from devtools.server import DevServer
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 _LISTENING = re.compile(r"simulator listening on http://(?P<host>[^:/\s]+):(?P<port>\d+)/v1")
@@ -34,12 +36,15 @@ _LISTENING = re.compile(r"simulator listening on http://(?P<host>[^:/\s]+):(?P<p
 _FLAG_KNOBS = ("ttft", "tps", "faults", "seed", "retry_after")
 
 
-class SimulatorError(RuntimeError):
+class SimulatorError(ServiceError):
     """The simulator process did not start, or its admin API answered with an error."""
 
 
-class SimulatorProcess:
+class SimulatorProcess(DevServer):
     """`python -m app.sim` in a subprocess; `port=None` lets the simulator pick a free port."""
+
+    name = "simulator"
+    stop_timeout = STOP_TIMEOUT
 
     def __init__(
         self,
@@ -53,121 +58,58 @@ class SimulatorProcess:
         unknown = set(knobs) - set(_FLAG_KNOBS)
         if unknown:
             raise TypeError(f"unknown simulator knobs: {', '.join(sorted(unknown))}")
+        # Port 0: the simulator binds a free port itself and logs it, so there is no race.
+        super().__init__(port or 0)
         self.host = host
-        self.port = port
         self.knobs = knobs
-        self.startup_timeout = startup_timeout
+        self.start_timeout = startup_timeout
         self.extra_env = env or {}
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_path: Path | None = None
 
-    # --- lifecycle --------------------------------------------------------------------------
+    # --- DevServer hooks --------------------------------------------------------------------
 
-    def start(self) -> Self:
-        if self._process is not None:
-            return self
+    def _prepare(self, deadline: float) -> None:
         log_fd, log_name = tempfile.mkstemp(prefix="conveyor-sim-", suffix=".log")
-        self._log_path = Path(log_name)
+        os.close(log_fd)
+        self.log_path = Path(log_name)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
         env = {**os.environ, **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")])
         )
-        try:
-            self._process = subprocess.Popen(
-                self._command(),
-                cwd=PROJECT_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=subprocess.STDOUT,
-            )
-        finally:
-            os.close(log_fd)  # the child has its own copy
-        atexit.register(self.stop)
-        try:
-            self._wait_until_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _command(self) -> list[str]:
         command = [sys.executable, "-m", "app.sim", "--host", self.host]
-        command += ["--port", str(self.port or 0), "--exit-with-parent", str(os.getpid())]
+        command += ["--port", str(self.port), "--exit-with-parent", str(os.getpid())]
         for name, value in self.knobs.items():
             if value is not None:
                 command += [f"--{name.replace('_', '-')}", str(value)]
-        return command
+        return self._popen(command, cwd=PROJECT_ROOT, env=env)
 
-    def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                raise SimulatorError(
-                    f"simulator exited with {self._process.returncode}:\n{self.log_text()}"
-                )
-            if self.port in (None, 0):
-                self.port = self._port_from_log()
-            if self.port and self._answers():
-                return
-            time.sleep(0.05)
-        raise SimulatorError(
-            f"simulator not ready after {self.startup_timeout:g} s:\n{self.log_text()}"
-        )
-
-    def _port_from_log(self) -> int | None:
-        match = _LISTENING.search(self.log_text())
-        return int(match.group("port")) if match else None
-
-    def _answers(self) -> bool:
+    def _probe(self) -> bool:
+        if self.port == 0:
+            match = _LISTENING.search(self.log_text())
+            if match is None:
+                return False
+            self.port = int(match.group("port"))
         try:
             with urllib.request.urlopen(f"{self.base_url}/models", timeout=1.0) as response:
                 return response.status == 200
         except (OSError, urllib.error.URLError):
             return False
 
-    def stop(self) -> None:
-        """Terminate the simulator and wait for it; kill it if it does not go in time."""
-        process, self._process = self._process, None
-        atexit.unregister(self.stop)
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log_path is not None:
-            with contextlib.suppress(OSError):
-                self._log_path.unlink()
-            self._log_path = None
+    def _after_stop(self) -> None:
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+    def _log_ready(self) -> None:
+        logger.info("simulator ready at %s in %.2fs", self.base_url, self.timings["total"])
 
     def log_text(self) -> str:
         """What the simulator has logged so far (handy when a test fails)."""
-        if self._log_path is None:
+        if self.log_path is None:
             return ""
         try:
-            return self._log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
 
