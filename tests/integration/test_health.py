@@ -19,12 +19,13 @@ import pytest
 from sqlalchemy import func, select
 
 from app.config import Settings
-from app.devservices import PostgresServer, free_port
 from app.jobs import service
 from app.migrate import upgrade
 from app.models import Job
 from app.queue import QUEUE
 from app.runtime import runtime
+from devtools.postgres import PostgresServer
+from devtools.processes import free_port
 from tests.conftest import Tenant, undispatched_job, wait_until
 from tests.webserver import WebServer
 

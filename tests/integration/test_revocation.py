@@ -22,8 +22,8 @@ from httpx_sse import connect_sse
 
 from app import realtime
 from app.api.auth import CACHE_SECONDS, create_api_key, principal_for_key, revoke_api_key
-from app.devservices import free_port
 from app.realtime.revocation import KeyWatch
+from devtools.processes import free_port
 from tests.conftest import Tenant, undispatched_job, wait_until
 from tests.integration.test_realtime import connect, refusal, token
 from tests.webserver import WebServer
