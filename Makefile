@@ -26,6 +26,7 @@ test: $(STAMP)
 	tools/require chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 # Thousands of jobs with random faults and worker kills; not part of `make test`.
@@ -34,6 +35,7 @@ soak: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .

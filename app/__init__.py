@@ -13,9 +13,9 @@ from app.config import Settings
 def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     from app import api, cli, logs, realtime, web
     from app.db import db
+    from app.execution.leases import worker_heartbeat_step
     from app.jobs.events import EventBus
     from app.jobs.intake import JobIntake
-    from app.jobs.leases import worker_heartbeat_step
     from app.llm.client import ModelClient
     from app.queue import make_celery
     from app.runtime import Runtime, build_redis

@@ -7,16 +7,21 @@ through `runtime()` inside an app context, so no module reads configuration at i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
-from celery import Celery
 from flask import Flask, current_app
 
-from app.config import Settings
-from app.db import Database
-from app.jobs.events import EventBus
-from app.jobs.intake import JobIntake
-from app.llm.client import ModelClient
+if TYPE_CHECKING:
+    # Types only: the runtime sits below the layers whose clients it holds (the import contract
+    # in pyproject.toml), and create_app() builds them.
+    from celery import Celery
+
+    from app.config import Settings
+    from app.db import Database
+    from app.jobs.events import EventBus
+    from app.jobs.intake import JobIntake
+    from app.llm.client import ModelClient
 
 EXTENSION_KEY = "conveyor"
 

@@ -6,7 +6,7 @@ tokens (`[[sim duration=D tokens=T]]` in the prompt). One worker process runs
 settings (DB pool: --db-pool-size / --db-max-overflow override them). The ideal is S/D jobs/s.
 
 How a run measures steady state without the job creator competing for the two cores:
-  1. all jobs are created up front with app.jobs.service.create_job(), in two processes, while
+  1. all jobs are created up front with app.jobs.transitions.create_job(), in two processes, while
      no worker runs: first S warm-up jobs whose durations are spread over (0, D], then more
      D-second jobs than the worker can finish at its ideal rate;
   2. the worker starts and takes the warm-up jobs first (the queue is FIFO); as they end one by
@@ -131,12 +131,12 @@ def _init_creator(settings_values: dict[str, Any]) -> None:
 
 def create_batch(owner: str, prompts: list[str]) -> float:
     """create_job() for every prompt, in order; returns the CPU seconds it took."""
-    from app.jobs import service
+    from app.jobs import transitions
 
     began = time.process_time()
     with _creator_app.app_context():
         for prompt in prompts:
-            service.create_job(owner=owner, kind="chat", input={"prompt": prompt})
+            transitions.create_job(owner=owner, kind="chat", input={"prompt": prompt})
     # Idle pooled connections would show up as worker connections in pg_stat_activity.
     _creator_app.extensions["conveyor"].db.dispose()
     return time.process_time() - began
@@ -460,7 +460,7 @@ WORKER_RULES: list[Rule] = [
     ("DB pool: waiting for a connection", [("QueuePool._do_get (",)]),
     ("deltas: flush (XADD+EXPIRE, Socket.IO PUBLISH)", [("JobContext.flush (",)]),
     ("progress: UPDATE + event + publish", [("JobContext.progress (",)]),
-    ("claim: UPDATE + event + publish", [("claim_job (", "service.py")]),
+    ("claim: UPDATE + event + publish", [("claim_job (", "transitions.py")]),
     ("finish: UPDATE + event + publish", [("JobContext.finish (",)]),
     ("record_model_call(s): INSERT + UPDATE", [("record_model_call",)]),
     ("model call: open stream (openai, httpx)", [("ModelClient._open_stream (",)]),
@@ -476,7 +476,7 @@ WORKER_RULES: list[Rule] = [
 
 
 # Inside the state-change paths (claim, progress, record_model_call, finish: every stack
-# through service.py), where one transaction plus its event publish spends its time.
+# through transitions.py), where one transaction plus its event publish spends its time.
 TX_RULES: list[Rule] = [
     ("publish: Socket.IO emit (JSON + PUBLISH)", [("EventBus._emit (",)]),
     ("publish: Redis XADD+EXPIRE pipeline", [("EventBus._append_to_streams (",)]),
@@ -532,10 +532,10 @@ def print_worker_profile(profile: Profile, mode: str, pool: str, slots: int, pat
         rows,
     )
     if mode == "gil":
-        within = "service.py:"
+        within = "transitions.py:"
         tx = [[n, share, count] for n, count, share in profile.breakdown(TX_RULES, within)]
         print_table(
-            f"  inside state changes (stacks through service.py: {profile.total(within)} "
+            f"  inside state changes (stacks through transitions.py: {profile.total(within)} "
             f"samples, {100 * profile.total(within) / profile.total():.0f}% of the above)",
             ["step", "%", "samples"],
             tx,

@@ -7,7 +7,7 @@ peers measured in the same run on the same private PostgreSQL and Redis:
           send_task("conveyor.run_job") with the app's Celery config; no HTTP; one thread
   rawN    the same in --raw-procs processes x --raw-threads threads (default 2 x 16, the
           server's processes)
-  svc1    (c, optional) app.jobs.service.create_job() in-process, one thread, no HTTP: what
+  svc1    (c, optional) app.jobs.transitions.create_job() in-process, one thread, no HTTP: what
           the service layer costs without gunicorn, Flask and the view
 
 Each phase: --warmup seconds, then --duration seconds measured, with --concurrency
@@ -270,19 +270,19 @@ def _raw_dispatch_one(conn: Any, celery: Any, with_event: bool) -> None:
             conn.execute(INSERT_EVENT, (job_id, now, Jsonb({"kind": "chat", "retry_of": None})))
     else:
         conn.execute(INSERT_JOB, job_args)
-    # Exactly what app.jobs.service.dispatch publishes for a priority-0 job.
+    # Exactly what app.jobs.transitions.dispatch publishes for a priority-0 job.
     celery.send_task("conveyor.run_job", args=[str(job_id)], countdown=None, priority=9)
 
 
 def service_phase(
     settings_values: dict[str, Any], patches: list[str], window: Window
 ) -> LoadResult:
-    """service.create_job() in a loop inside an app context: the POST minus HTTP and view."""
+    """transitions.create_job() in a loop inside an app context: the POST minus HTTP and view."""
     os.environ["CONVEYOR_LOG_LEVEL"] = "WARNING"
     variants.apply(patches)
     from app import create_app
     from app.config import Settings
-    from app.jobs import service
+    from app.jobs import transitions
 
     app = create_app(Settings(**settings_values))
     result = LoadResult()
@@ -293,7 +293,7 @@ def service_phase(
             if cpu_before is None and now >= window.measure_from:
                 cpu_before = time.process_time()
             began = time.perf_counter()
-            service.create_job(owner=OWNER, kind="chat", input=POST_BODY["input"])
+            transitions.create_job(owner=OWNER, kind="chat", input=POST_BODY["input"])
             if window.measure_from <= time.time() <= window.until:
                 result.latencies.append(time.perf_counter() - began)
                 result.statuses[0] += 1
@@ -341,7 +341,7 @@ class PhaseResult:
 
 def create_key(settings: Any) -> str:
     from app import create_app
-    from app.api.auth import create_api_key
+    from app.keys.api_keys import create_api_key
 
     app = create_app(settings)
     with app.app_context():
@@ -559,11 +559,11 @@ def report_ratios(rates: dict[str, float], args: argparse.Namespace) -> None:
 # Profiling ----------------------------------------------------------------------------------
 
 # First matching rule wins (see Profile.breakdown): specific call sites first, then the layers
-# they sit in. Names follow py-spy's frames, e.g. "create_job (service.py:90)".
+# they sit in. Names follow py-spy's frames, e.g. "create_job (transitions.py:90)".
 POST_RULES: list[Rule] = [
     ("kombu: new redis.Redis() per publish", [("Channel._create_client (",)]),
     ("Celery: task-sent event (PUBLISH)", [("EventDispatcher.publish (", "celery/events")]),
-    ("Celery: send_task (message, LPUSH)", [("dispatch (", "service.py")]),
+    ("Celery: send_task (message, LPUSH)", [("dispatch (", "transitions.py")]),
     ("events: Redis XADD + EXPIRE", [("EventBus._append_to_streams (",)]),
     ("events: Redis script XADD+EXPIRE+PUBLISH", [("EventBus._send (",)]),
     ("events: Socket.IO emit x2 (PUBLISH)", [("EventBus._emit (",)]),
@@ -574,7 +574,7 @@ POST_RULES: list[Rule] = [
     ("SQL: psycopg execute (driver)", [("psycopg/",)]),
     (
         "SQL: INSERT statements, engine/ORM/session bookkeeping",
-        [("create_job (", "service.py"), ("record_event (",), ("Database.transaction (",)],
+        [("create_job (", "transitions.py"), ("record_event (",), ("Database.transaction (",)],
     ),
     ("auth (cached key lookup)", [("authenticate (", "auth.py")]),
     ("pydantic: parse JobCreate body", [("parse_body (", "spec.py")]),

@@ -197,13 +197,13 @@ class Target:
 
 def new_target(services: Services) -> Target:
     from app import create_app
-    from app.api.auth import create_api_key
-    from app.jobs import service
+    from app.jobs import transitions
+    from app.keys.api_keys import create_api_key
 
     app = create_app(services.settings())
     with app.app_context():
         key = create_api_key(OWNER, "bench")
-        job = service.create_job(owner=OWNER, kind="chat", input={"prompt": "events"}).job
+        job = transitions.create_job(owner=OWNER, kind="chat", input={"prompt": "events"}).job
         app.extensions["conveyor"].db.dispose()
     return Target(str(job.id), OWNER, key, 2)
 

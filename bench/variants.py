@@ -9,7 +9,7 @@ BENCH_VARIANTS for gunicorn / the Celery worker). The app's code is not modified
   redis-pool      Redis pools sized for the worker's slots (redis-py 8 caps a default pool at
                   100 connections and raises instead of waiting), for the event bus and the
                   Socket.IO emitter alike
-  core-insert     service.create_job with two prebuilt Core INSERTs (bind parameters at
+  core-insert     transitions.create_job with two prebuilt Core INSERTs (bind parameters at
                   execute time, so nothing is rebuilt or re-keyed per call) instead of
                   pg_insert(Job).values(**row).returning(Job) and the ORM event insert
 """
@@ -96,7 +96,7 @@ def _redis_pool() -> None:
 def _core_insert() -> None:
     from sqlalchemy import insert
 
-    from app.jobs import service
+    from app.jobs import transitions
     from app.jobs.events import Event
     from app.jobs.states import EventType, JobStatus
     from app.models import Job, JobEvent
@@ -104,13 +104,13 @@ def _core_insert() -> None:
 
     insert_job = insert(Job.__table__).returning(*Job.__table__.c)
     insert_event = insert(JobEvent.__table__)
-    original = service.create_job
+    original = transitions.create_job
 
-    def create_job(**kw: Any) -> service.Created:
+    def create_job(**kw: Any) -> transitions.Created:
         if kw.get("idempotency_key") is not None:
             return original(**kw)  # the rare replay path keeps its ON CONFLICT logic
         rt = runtime()
-        job_id, started = uuid.uuid4(), service.now()
+        job_id, started = uuid.uuid4(), transitions.now()
         kind, priority = kw["kind"], kw.get("priority", 0)
         row = {
             "id": job_id,
@@ -137,10 +137,10 @@ def _core_insert() -> None:
                 {"job_id": job_id, "seq": 1, "type": str(event.type), "at": started, "data": data},
             )
         rt.bus.publish([event])
-        service.dispatch(job_id, priority)
-        return service.Created(Job(**stored._mapping), created=True)
+        transitions.dispatch(job_id, priority)
+        return transitions.Created(Job(**stored._mapping), created=True)
 
-    service.create_job = create_job  # the API view calls service.create_job at request time
+    transitions.create_job = create_job  # the API view calls transitions.create_job at request time
 
 
 VARIANTS: dict[str, Callable[[], None]] = {

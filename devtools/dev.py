@@ -23,8 +23,8 @@ import httpx
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from app.api.auth import hash_key
 from app.cli.client import Api, console, follow_job, wait_for_api
+from app.keys.api_keys import hash_key
 from app.migrate import ROOT, upgrade
 from devtools.postgres import PostgresServer
 from devtools.processes import free_port

@@ -133,7 +133,7 @@ class Tenant:
 
 @pytest.fixture
 def new_tenant(app: Flask) -> Callable[[], Tenant]:
-    from app.api.auth import create_api_key
+    from app.keys.api_keys import create_api_key
 
     def make() -> Tenant:
         owner = f"tenant-{uuid.uuid4().hex[:10]}"

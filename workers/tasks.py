@@ -6,16 +6,16 @@ import uuid
 
 from celery import shared_task
 
-from app.jobs import service
-from app.jobs.runner import execute_job
+from app.execution.runner import execute_job
+from app.jobs import transitions
 from app.queue import SWEEP_TASK
 
 
-@shared_task(name=service.RUN_JOB_TASK, ignore_result=True)
+@shared_task(name=transitions.RUN_JOB_TASK, ignore_result=True)
 def run_job(job_id: str) -> str:
     return execute_job(uuid.UUID(job_id)).value
 
 
 @shared_task(name=SWEEP_TASK, ignore_result=True, soft_time_limit=60, time_limit=90)
 def sweep() -> dict[str, int]:
-    return vars(service.sweep())
+    return vars(transitions.sweep())

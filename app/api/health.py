@@ -25,9 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from app.jobs import presence, service
-from app.jobs.presence import SweepRecord, WorkerBeat
-from app.jobs.schemas import (
+from app.api.schemas import (
     Components,
     Condition,
     Failures,
@@ -39,6 +37,8 @@ from app.jobs.schemas import (
     SweeperHealth,
     WorkersHealth,
 )
+from app.jobs import presence, transitions
+from app.jobs.presence import SweepRecord, WorkerBeat
 from app.queue import broker_queue_keys
 from app.runtime import EXTENSION_KEY as RUNTIME_KEY
 from app.runtime import Runtime
@@ -148,9 +148,9 @@ class HealthMonitor:
 
     def _database_figures(self) -> DatabaseFigures:
         def read(session: Session) -> DatabaseFigures:
-            queued, running = service.queue_depth(session)
+            queued, running = transitions.queue_depth(session)
             return DatabaseFigures(
-                queued, running, service.failures_by_code(session, FAILURE_WINDOW)
+                queued, running, transitions.failures_by_code(session, FAILURE_WINDOW)
             )
 
         return self._in_transaction(read, FIGURES_STATEMENT_TIMEOUT)

@@ -12,11 +12,7 @@ from sqlalchemy import select, tuple_
 
 from app.api.auth import current_principal, revoked_while_waiting
 from app.api.problems import ApiProblem, FieldError, field_problem, validation_problem
-from app.api.spec import Api, json_response
-from app.jobs import service
-from app.jobs.events import replay
-from app.jobs.schemas import (
-    MAX_SEQ,
+from app.api.schemas import (
     BadCursor,
     EventOut,
     EventPage,
@@ -34,11 +30,14 @@ from app.jobs.schemas import (
     decode_cursor,
     encode_cursor,
 )
-from app.jobs.sse import SSE_TYPE, event_stream_response
+from app.api.spec import Api, json_response
+from app.api.sse import SSE_TYPE, event_stream_response
+from app.jobs import transitions
+from app.jobs.events import MAX_SEQ, replay
 from app.jobs.states import TERMINAL, EventType, JobStatus
+from app.keys.watch import key_watch
 from app.kinds import KINDS
 from app.models import Job, JobEvent
-from app.realtime.revocation import key_watch
 from app.runtime import runtime
 
 JSON_TYPE = "application/json"
@@ -86,9 +85,9 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
                 "priority": body.priority,
                 "max_attempts": max_attempts,
             }
-            fingerprint = service.request_fingerprint(request_with_defaults)
+            fingerprint = transitions.request_fingerprint(request_with_defaults)
         try:
-            created = service.create_job(
+            created = transitions.create_job(
                 owner=principal.owner,
                 kind=body.kind,
                 input=job_input.model_dump(mode="json", by_alias=True, exclude_none=True),
@@ -97,7 +96,7 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
                 idempotency_key=key,
                 fingerprint=fingerprint,
             )
-        except service.IdempotencyConflict as exc:
+        except transitions.IdempotencyConflict as exc:
             raise ApiProblem(
                 422,
                 "idempotency-key-reused",
@@ -265,7 +264,7 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
     def cancel_job(job_id: uuid.UUID) -> Response:
         """A queued job is canceled at once. A running job's worker closes the model stream,
         records the partial output and usage, and ends it as canceled within moments."""
-        job = _guarded(service.cancel_job, job_id)
+        job = _guarded(transitions.cancel_job, job_id)
         status = 202 if job.status == JobStatus.RUNNING else 200
         return json_response(JobOut.of(job, PREFIX), status)
 
@@ -279,7 +278,7 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
         },
     )
     def retry_job(job_id: uuid.UUID) -> Response:
-        job = _guarded(service.retry_job, job_id)
+        job = _guarded(transitions.retry_job, job_id)
         out = JobOut.of(job, PREFIX)
         return json_response(out, 202, {"Location": out.links.self})
 
@@ -290,7 +289,7 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
         responses={204: (None, "Deleted"), 409: (None, "The job has not finished")},
     )
     def delete_job(job_id: uuid.UUID) -> Response:
-        _guarded(service.delete_job, job_id)
+        _guarded(transitions.delete_job, job_id)
         return Response(status=204)
 
     @api.operation(
@@ -331,17 +330,17 @@ def _idempotency_key() -> str | None:
 def owned_job(job_id: uuid.UUID) -> Job:
     """The caller's job, or a 404 (another owner's job is answered like a missing one)."""
     try:
-        return service.get_job(runtime().db.request_session, current_principal().owner, job_id)
-    except service.JobNotFound:
+        return transitions.get_job(runtime().db.request_session, current_principal().owner, job_id)
+    except transitions.JobNotFound:
         raise _not_found(job_id) from None
 
 
 def _guarded(action: Any, job_id: uuid.UUID) -> Any:
     try:
         return action(current_principal().owner, job_id)
-    except service.JobNotFound:
+    except transitions.JobNotFound:
         raise _not_found(job_id) from None
-    except service.JobStateConflict as exc:
+    except transitions.JobStateConflict as exc:
         raise ApiProblem(
             409, "job-state-conflict", "Not allowed in the job's state", str(exc)
         ) from None

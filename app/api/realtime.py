@@ -1,5 +1,5 @@
 """`POST /realtime/token`: a short-lived subscription token for the Socket.IO connection, so a
-browser holds that instead of the API key (app/realtime/tokens.py)."""
+browser holds that instead of the API key (app/keys/tokens.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from flask import Response
 from app.api.auth import current_principal
 from app.api.jobs import owned_job
 from app.api.problems import ApiProblem
+from app.api.schemas import RealtimeToken, RealtimeTokenRequest
 from app.api.spec import Api, json_response
-from app.jobs.schemas import RealtimeToken, RealtimeTokenRequest
-from app.realtime.tokens import TokenError, mint_token
+from app.keys.tokens import TokenError, mint_token
 from app.runtime import runtime
 
 

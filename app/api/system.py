@@ -15,9 +15,9 @@ from flask import Response
 
 from app.api.auth import current_principal
 from app.api.health import monitor
+from app.api.schemas import Health, Live, Ready, Stats
 from app.api.spec import Api, json_response
-from app.jobs import service
-from app.jobs.schemas import Health, Live, Ready, Stats
+from app.jobs import transitions
 from app.runtime import runtime
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -79,5 +79,5 @@ def register(api: Api) -> None:
         responses={200: (Stats, "Counts, tokens, cost and durations")},
     )
     def stats() -> Response:
-        data = service.job_stats(runtime().db.request_session, current_principal().owner)
+        data = transitions.job_stats(runtime().db.request_session, current_principal().owner)
         return json_response(Stats(**data))

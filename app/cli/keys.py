@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from flask.cli import with_appcontext
 
-from app.api.auth import ROLES, create_api_key, revoke_api_key
+from app.keys.api_keys import ROLES, create_api_key, revoke_api_key
 
 
 @click.group(help="Manage API keys.")

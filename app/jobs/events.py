@@ -33,6 +33,9 @@ SOCKET_EVENT = "job_event"
 SOCKETIO_CHANNEL = "conveyor-socketio"
 CANCEL_CHANNEL = "conveyor:cancel"
 TERMINAL_EVENT_TYPES = frozenset(str(event_type) for event_type in TERMINAL_EVENTS.values())
+# A job's seqs are PostgreSQL `integer`s: a larger `after` could never match, and would
+# overflow the query's parameter.
+MAX_SEQ = 2**31 - 1
 
 
 def stream_key(job_id: uuid.UUID | str) -> str:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
-    from app.jobs.context import JobContext
+    from app.kinds.context import JobContext
 
 MAX_PROMPT_CHARS = 100_000
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from app.jobs.context import JobContext, token_progress
 from app.kinds.base import PromptInput
+from app.kinds.context import JobContext, token_progress
 
 NAME = "chat"
 DESCRIPTION = "A chat completion: streams tokens as it writes; the output is the text."

@@ -15,9 +15,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from app.jobs.context import JobContext, token_progress
 from app.kinds import json_schemas
 from app.kinds.base import PromptInput
+from app.kinds.context import JobContext, token_progress
 from app.llm.errors import ModelError
 
 NAME = "structured"

@@ -17,7 +17,7 @@ Protocol (docs/events.md):
 - a connection that is not scoped to one job is also in its owner's room and sees every one of
   its jobs change state (all events but token deltas);
 - when the API key behind a connection (directly, or as the minter of its token) is revoked,
-  the server disconnects it within seconds (app/realtime/revocation.py).
+  the server disconnects it within seconds (app/keys/watch.py).
 """
 
 from __future__ import annotations
@@ -32,20 +32,19 @@ from flask_socketio import ConnectionRefusedError, SocketIO, join_room, leave_ro
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from app.api.auth import Principal, principal_for_key
 from app.config import Settings
-from app.jobs import service
-from app.jobs.events import SOCKET_EVENT, SOCKETIO_CHANNEL, job_room, owner_room, replay
-from app.jobs.schemas import MAX_SEQ
-from app.realtime import revocation
-from app.realtime.tokens import TokenError, read_token
+from app.jobs import transitions
+from app.jobs.events import MAX_SEQ, SOCKET_EVENT, SOCKETIO_CHANNEL, job_room, owner_room, replay
+from app.keys import watch
+from app.keys.api_keys import Principal, principal_for_key
+from app.keys.tokens import TokenError, read_token
 from app.runtime import runtime
 
 logger = logging.getLogger(__name__)
 
 socketio = SocketIO()
 # sid -> what its key holds open, for this process's connections.
-_grants: dict[str, revocation.Grant] = {}
+_grants: dict[str, watch.Grant] = {}
 
 
 def async_mode() -> str:
@@ -68,7 +67,7 @@ def init_app(app: Flask, settings: Settings) -> None:
         transports=["websocket"],
         manage_session=False,
     )
-    revocation.init_app(app, socketio.start_background_task, socketio.sleep)
+    watch.init_app(app, socketio.start_background_task, socketio.sleep)
 
 
 def _principal(auth: Any) -> tuple[Principal, uuid.UUID | None]:
@@ -101,15 +100,15 @@ def on_connect(auth: Any = None) -> None:
     socketio.server.save_session(sid, {"owner": principal.owner, "only_job": only_job})
     if only_job is None:
         join_room(owner_room(principal.owner))
-    watch = revocation.key_watch()
-    _grants[sid] = watch.watch(principal.key_id, partial(_disconnect_revoked, sid))
+    key_watch = watch.key_watch()
+    _grants[sid] = key_watch.watch(principal.key_id, partial(_disconnect_revoked, sid))
 
 
 @socketio.on("disconnect")
 def on_disconnect(reason: Any = None) -> None:
     grant = _grants.pop(request.sid, None)  # type: ignore[attr-defined]
     if grant is not None:
-        revocation.key_watch().forget(grant)
+        watch.key_watch().forget(grant)
 
 
 def _disconnect_revoked(sid: str) -> None:
@@ -139,8 +138,8 @@ def on_subscribe(data: Any = None) -> dict[str, Any]:
     try:
         with rt.db.transaction() as db:
             try:
-                job = service.get_job(db, session["owner"], job_id)
-            except service.JobNotFound:
+                job = transitions.get_job(db, session["owner"], job_id)
+            except transitions.JobNotFound:
                 return _not_found(job_id)
             # Join first, then read: an event published in between arrives twice (the client
             # drops it by seq) rather than not at all.

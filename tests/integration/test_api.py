@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from app.jobs import service
+from app.jobs import transitions
 from tests.conftest import Tenant, undispatched_job
 
 PROBLEM = "application/problem+json"
@@ -180,7 +180,7 @@ def test_invalid_list_queries_are_422(tenant: Tenant, query: str, field: str) ->
 
 
 def test_invalid_events_query_is_422(tenant: Tenant) -> None:
-    job_id = service.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
+    job_id = transitions.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
     assert_problem(tenant.get(f"/api/v1/jobs/{job_id}/events?after=-1"), 422, "after")
     huge = 10**30  # seqs are PostgreSQL integers: this would overflow the query
     assert_problem(tenant.get(f"/api/v1/jobs/{job_id}/events?after={huge}"), 422, "after")
@@ -230,18 +230,22 @@ def test_wrong_method_is_405_problem(tenant: Tenant) -> None:
 
 def test_result_is_409_until_the_job_finishes(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner)  # no worker can finish it first
-    service.cancel_job(tenant.owner, job_id)  # terminal now
-    queued = service.create_job(
+    transitions.cancel_job(tenant.owner, job_id)  # terminal now
+    queued = transitions.create_job(
         owner=tenant.owner, kind="chat", input={"prompt": "[[sim ttft=5]]"}
     ).job.id
     assert_problem(tenant.get(f"/api/v1/jobs/{queued}/result"), 409)
     assert tenant.get(f"/api/v1/jobs/{job_id}/result").status_code == 200
-    service.cancel_job(tenant.owner, queued)
+    transitions.cancel_job(tenant.owner, queued)
 
 
 def test_keyset_pagination_walks_every_job_once(tenant: Tenant) -> None:
     created = {
-        str(service.create_job(owner=tenant.owner, kind="chat", input={"prompt": f"p{i}"}).job.id)
+        str(
+            transitions.create_job(
+                owner=tenant.owner, kind="chat", input={"prompt": f"p{i}"}
+            ).job.id
+        )
         for i in range(7)
     }
     seen, cursor = [], None
@@ -257,8 +261,8 @@ def test_keyset_pagination_walks_every_job_once(tenant: Tenant) -> None:
 
 
 def test_list_filters_by_status_and_kind(tenant: Tenant) -> None:
-    job_id = service.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
-    service.cancel_job(tenant.owner, job_id)
+    job_id = transitions.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
+    transitions.cancel_job(tenant.owner, job_id)
     canceled = tenant.get("/api/v1/jobs?status=canceled&kind=chat").get_json()["items"]
     assert [job["id"] for job in canceled] == [str(job_id)]
     assert tenant.get("/api/v1/jobs?kind=structured").get_json()["items"] == []
@@ -316,12 +320,12 @@ def test_live_and_ready(app, worker) -> None:
 
 def test_retrying_a_job_deleted_meanwhile_is_404_not_500(tenant: Tenant, monkeypatch) -> None:
     job_id = undispatched_job(tenant.owner)
-    service.cancel_job(tenant.owner, job_id)
-    create_job = service.create_job
+    transitions.cancel_job(tenant.owner, job_id)
+    create_job = transitions.create_job
 
     def deleted_by_someone_else_first(**fields):
-        service.delete_job(tenant.owner, job_id)  # the DELETE that raced the retry
+        transitions.delete_job(tenant.owner, job_id)  # the DELETE that raced the retry
         return create_job(**fields)
 
-    monkeypatch.setattr(service, "create_job", deleted_by_someone_else_first)
+    monkeypatch.setattr(transitions, "create_job", deleted_by_someone_else_first)
     assert_problem(tenant.post(f"/api/v1/jobs/{job_id}/retry"), 404)

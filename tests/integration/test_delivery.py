@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from app.jobs import service
+from app.jobs import transitions
 from app.jobs.events import stream_key
 from app.jobs.states import EventType, JobStatus
 from app.models import Job, ModelCall
@@ -95,7 +95,7 @@ def test_a_body_spelling_its_defaults_is_a_replay_of_one_leaving_them_out(
 
 def test_duplicate_task_delivery_runs_the_model_once(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner)
-    assert service.dispatch(job_id) and service.dispatch(job_id)
+    assert transitions.dispatch(job_id) and transitions.dispatch(job_id)
     job = tenant.wait_for(str(job_id))
     assert job["status"] == "succeeded"
     wait_until(broker_drained)
@@ -107,10 +107,10 @@ def test_two_workers_racing_for_a_claim_one_wins(tenant: Tenant, app) -> None:
     job_id = undispatched_job(tenant.owner)
     barrier = threading.Barrier(10)
 
-    def claim(n: int) -> service.Claim | None:
+    def claim(n: int) -> transitions.Claim | None:
         with app.app_context():
             barrier.wait()
-            return service.claim_job(job_id, f"racer-{n}")
+            return transitions.claim_job(job_id, f"racer-{n}")
 
     with ThreadPoolExecutor(max_workers=10) as pool:
         claims = [c for c in pool.map(claim, range(10)) if c is not None]
@@ -122,17 +122,19 @@ def test_two_workers_racing_for_a_claim_one_wins(tenant: Tenant, app) -> None:
 
 def test_a_stale_attempt_cannot_write(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner)
-    stale = service.claim_job(job_id, "ghost")
+    stale = transitions.claim_job(job_id, "ghost")
     assert stale is not None
     expire_lease(job_id)
-    report = service.sweep()
+    report = transitions.sweep()
     assert report.recovered >= 1
-    with pytest.raises(service.LeaseLost):
-        service.fenced_update(
+    with pytest.raises(transitions.LeaseLost):
+        transitions.fenced_update(
             stale, stale.seq + 1, EventType.PROGRESS, {"progress": 50}, progress=50.0
         )
-    with pytest.raises(service.LeaseLost):
-        service.finish_job(stale, stale.seq + 2, JobStatus.SUCCEEDED, {}, output={"text": "stale"})
+    with pytest.raises(transitions.LeaseLost):
+        transitions.finish_job(
+            stale, stale.seq + 2, JobStatus.SUCCEEDED, {}, output={"text": "stale"}
+        )
     job = tenant.wait_for(str(job_id))
     assert job["status"] == "succeeded" and job["attempt"] == 2
     result = tenant.get(f"/api/v1/jobs/{job_id}/result").get_json()
@@ -141,7 +143,7 @@ def test_a_stale_attempt_cannot_write(tenant: Tenant) -> None:
 
 def test_sweeper_republishes_a_job_nobody_claimed(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner, dispatched_ago=timedelta(minutes=5))
-    report = service.sweep()
+    report = transitions.sweep()
     assert report.republished >= 1
     job = tenant.wait_for(str(job_id))
     assert job["status"] == "succeeded" and job["attempt"] == 1
@@ -149,10 +151,10 @@ def test_sweeper_republishes_a_job_nobody_claimed(tenant: Tenant) -> None:
 
 def test_sweeper_recovers_an_expired_lease(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner)
-    lost = service.claim_job(job_id, "worker-that-died")
+    lost = transitions.claim_job(job_id, "worker-that-died")
     assert lost is not None
     expire_lease(job_id)
-    service.sweep()
+    transitions.sweep()
     job = tenant.wait_for(str(job_id))
     assert job["status"] == "succeeded" and job["attempt"] == 2
     events = tenant.get(f"/api/v1/jobs/{job_id}/events?after=0").get_json()["items"]
@@ -166,9 +168,9 @@ def test_sweeper_fails_a_lost_job_past_its_attempts(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner)
     with runtime().db.transaction() as session:
         session.execute(update(Job).where(Job.id == job_id).values(max_attempts=1))
-    assert service.claim_job(job_id, "doomed") is not None
+    assert transitions.claim_job(job_id, "doomed") is not None
     expire_lease(job_id)
-    service.sweep()
+    transitions.sweep()
     row = job_row(job_id)
     assert row.status == "failed" and row.error_code == "worker_lost"
     assert row.lease_expires_at is None

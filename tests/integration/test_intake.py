@@ -11,7 +11,7 @@ from celery import Celery
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from app.jobs import service
+from app.jobs import transitions
 from app.jobs.events import stream_key
 from app.jobs.intake import JobIntake, NewJob
 from app.models import Job, JobEvent
@@ -35,7 +35,7 @@ def new_job(owner: str, *, key: str | None = None, retry_of: uuid.UUID | None = 
         request_hash="same-body" if key else None,
         model=runtime().settings.model_for("chat"),
         retry_of=retry_of,
-        at=service.now(),
+        at=transitions.now(),
         event={"kind": "chat", "retry_of": None},
     )
 
@@ -108,6 +108,6 @@ def test_a_publish_that_fails_after_commit_leaves_the_job_for_the_sweeper(
             .where(Job.id == job.id)
             .values(dispatched_at=func.now() - timedelta(seconds=60))
         )
-    service.sweep()
+    transitions.sweep()
     assert tenant.wait_for(str(job.id))["status"] == "succeeded"
     assert wait_until(lambda: job_row(job.id).attempt == 1)

@@ -15,7 +15,7 @@ import pytest
 import socketio
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
-from app.realtime.tokens import SALT
+from app.keys.tokens import SALT
 from tests.conftest import Tenant, wait_until
 from tests.webserver import WebServer
 

@@ -1,6 +1,6 @@
 """Revoking an API key ends what it authorized, in the real web process (gunicorn, gevent):
 the subscription tokens it minted, and its open Socket.IO connections, event streams and
-long-polls, within the key cache's window (app/api/auth.py CACHE_SECONDS).
+long-polls, within the key cache's window (app/keys/api_keys.py CACHE_SECONDS).
 
 The key is revoked in this test process, as `flask keys revoke` does from another one: the web
 process learns of it only from PostgreSQL."""
@@ -21,8 +21,8 @@ from flask import Flask
 from httpx_sse import connect_sse
 
 from app import realtime
-from app.api.auth import CACHE_SECONDS, create_api_key, principal_for_key, revoke_api_key
-from app.realtime.revocation import KeyWatch
+from app.keys.api_keys import CACHE_SECONDS, create_api_key, principal_for_key, revoke_api_key
+from app.keys.watch import KeyWatch
 from devtools.processes import free_port
 from tests.conftest import Tenant, undispatched_job, wait_until
 from tests.integration.test_realtime import connect, refusal, token

@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from app.jobs.context import token_progress
-from app.jobs.schemas import BadCursor, decode_cursor, encode_cursor
-from app.jobs.service import request_fingerprint, retry_delay
+from app.api.schemas import BadCursor, decode_cursor, encode_cursor
 from app.jobs.states import TERMINAL, JobStatus
+from app.jobs.transitions import request_fingerprint, retry_delay
 from app.kinds import KINDS, KindError, get_kind
+from app.kinds.context import token_progress
 from app.kinds.structured import InvalidOutput, parse_and_validate
 
 

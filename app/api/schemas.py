@@ -7,19 +7,16 @@ import json
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from app.jobs.events import MAX_SEQ
 from app.jobs.states import JobStatus
 from app.models import Job
 
 # Kind names as the registry spells them; anything else (a NUL byte, say) is refused here.
 KIND_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
-
-# A job's seqs are PostgreSQL `integer`s: a larger `after` could never match, and would
-# overflow the query's parameter.
-MAX_SEQ = 2**31 - 1
 
 
 class JobCreate(BaseModel):
@@ -40,6 +37,16 @@ def usd(amount: Decimal | int) -> str:
     return f"{Decimal(amount).quantize(USD_QUANTUM):f}"
 
 
+# Money in a response: the domain's Decimal, formatted by `usd`.
+Usd = Annotated[
+    str,
+    BeforeValidator(usd),
+    Field(
+        description="US dollars as a plain decimal string with 8 places", examples=["0.00003150"]
+    ),
+]
+
+
 class JobError(BaseModel):
     code: str
     message: str | None
@@ -48,9 +55,7 @@ class JobError(BaseModel):
 class Usage(BaseModel):
     tokens_in: int
     tokens_out: int
-    cost_usd: str = Field(
-        description="US dollars as a plain decimal string with 8 places", examples=["0.00003150"]
-    )
+    cost_usd: Usd
 
 
 class JobLinks(BaseModel):
@@ -94,9 +99,7 @@ class JobOut(BaseModel):
             error=JobError(code=job.error_code, message=job.error_message)
             if job.error_code and job.status == JobStatus.FAILED
             else None,
-            usage=Usage(
-                tokens_in=job.tokens_in, tokens_out=job.tokens_out, cost_usd=usd(job.cost_usd)
-            ),
+            usage=Usage(tokens_in=job.tokens_in, tokens_out=job.tokens_out, cost_usd=job.cost_usd),
             cancel_requested=job.cancel_requested_at is not None,
             retry_of=job.retry_of,
             retry_at=job.retry_at,
@@ -192,7 +195,7 @@ class Stats(BaseModel):
     by_kind: dict[str, dict[str, int]]
     tokens_in: int
     tokens_out: int
-    cost_usd: str
+    cost_usd: Usd
     duration_seconds: dict[str, float | int | None]
 
 

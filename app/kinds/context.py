@@ -2,7 +2,7 @@
 
 `ctx.llm` (streaming calls that account tokens and cost and stop on cancellation),
 `ctx.progress`, `ctx.log`, `ctx.emit`. The context also owns the attempt's event `seq`
-counter (see service.py for why the lease holder allocates seqs locally) and the coalescing of
+counter (see transitions.py for why the lease holder allocates seqs locally) and the coalescing of
 token deltas.
 """
 
@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from app.config import Settings
-from app.jobs import service
+from app.jobs import transitions
 from app.jobs.events import Event
-from app.jobs.service import Claim, LeaseLost
 from app.jobs.states import EventType, JobStatus
+from app.jobs.transitions import Claim, LeaseLost
 from app.llm.client import CallRecord, Completion, Interrupted, ModelClient
 from app.runtime import Runtime
 
@@ -147,7 +147,7 @@ class JobContext:
         if force or due:
             self.flush()
             self._last_progress_write = time.monotonic()
-            service.fenced_update(
+            transitions.fenced_update(
                 self.claim,
                 self.next_seq(),
                 EventType.PROGRESS,
@@ -158,7 +158,7 @@ class JobContext:
 
     def log(self, message: str, level: str = "info", **fields: Any) -> None:
         self.flush()
-        service.fenced_update(
+        transitions.fenced_update(
             self.claim,
             self.next_seq(),
             EventType.LOG,
@@ -170,7 +170,7 @@ class JobContext:
     def emit(self, event_type: str, data: dict[str, Any]) -> None:
         """A kind-specific durable event (e.g. `character.section`)."""
         self.flush()
-        service.fenced_update(
+        transitions.fenced_update(
             self.claim, self.next_seq(), event_type, data, calls=self.take_calls()
         )
 
@@ -178,14 +178,14 @@ class JobContext:
 
     def finish(self, status: JobStatus, data: dict[str, Any], **values: Any) -> None:
         self.flush()
-        service.finish_job(
+        transitions.finish_job(
             self.claim, self.next_seq(), status, data, calls=self.take_calls(), **values
         )
         self.done = True
 
     def schedule_retry(self, delay: float, code: str, message: str) -> None:
         self.flush()
-        service.schedule_retry(
+        transitions.schedule_retry(
             self.claim, self.next_seq(), delay, code, message, calls=self.take_calls()
         )
         self.done = True
@@ -196,7 +196,7 @@ class JobContext:
 
     def record_pending_calls(self) -> None:
         """For an attempt that ends without a write of its own (lease lost)."""
-        service.record_model_calls(self.claim, self.take_calls())
+        transitions.record_model_calls(self.claim, self.take_calls())
 
 
 class JobLLM:

@@ -17,12 +17,12 @@ from enum import StrEnum
 from flask import current_app
 from pydantic import ValidationError
 
-from app.jobs import service
-from app.jobs.context import JobCanceled, JobContext, JobTimedOut
-from app.jobs.leases import active_jobs
-from app.jobs.service import LeaseLost
+from app.execution.leases import active_jobs
+from app.jobs import transitions
 from app.jobs.states import JobStatus
+from app.jobs.transitions import LeaseLost
 from app.kinds import KindError, get_kind
+from app.kinds.context import JobCanceled, JobContext, JobTimedOut
 from app.llm.errors import ModelError
 from app.runtime import runtime
 
@@ -44,7 +44,7 @@ def worker_name() -> str:
 
 def execute_job(job_id: uuid.UUID) -> Outcome:
     rt = runtime()
-    claim = service.claim_job(job_id, worker_name())
+    claim = transitions.claim_job(job_id, worker_name())
     if claim is None:
         logger.info(
             "not claimable (duplicate delivery, canceled or early retry)", extra={"job_id": job_id}
@@ -113,7 +113,7 @@ def _model_failure(ctx: JobContext, exc: ModelError) -> Outcome:
     attempts_left = ctx.attempt < ctx.claim.max_attempts
     if exc.retryable and attempts_left:
         settings = ctx.settings
-        delay = service.retry_delay(
+        delay = transitions.retry_delay(
             ctx.attempt, settings.retry_base_delay, settings.retry_max_delay, exc.retry_after
         )
         logger.info("retrying in %.2f s after %s", delay, exc.code, extra={"job_id": ctx.job_id})

@@ -20,13 +20,13 @@ from celery import bootsteps, signals
 from celery.concurrency import ALIASES
 from flask import Flask
 
-from app.jobs import presence, service
+from app.jobs import presence, transitions
 from app.jobs.events import CANCEL_CHANNEL
 from app.jobs.presence import WorkerIdentity
 from app.runtime import Runtime, runtime
 
 if TYPE_CHECKING:
-    from app.jobs.context import JobContext
+    from app.kinds.context import JobContext
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ActiveJobs:
         jobs = self.snapshot()
         if not jobs:
             return
-        alive = service.renew_leases([(ctx.job_id, ctx.attempt) for ctx in jobs])
+        alive = transitions.renew_leases([(ctx.job_id, ctx.attempt) for ctx in jobs])
         now = time.monotonic()
         for ctx in jobs:
             if now > ctx.deadline:

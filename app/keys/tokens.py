@@ -7,7 +7,7 @@ stays open.
 
 A token is bound to the API key that minted it (it carries the key's id): it is refused once
 that key is revoked or deleted, and a connection it opened is closed then
-(app/realtime/revocation.py).
+(app/keys/watch.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from app.api.auth import Principal, key_is_active
+from app.keys.api_keys import Principal, key_is_active
 from app.runtime import runtime
 
 SALT = "conveyor.realtime"

@@ -19,7 +19,7 @@ from typing import Any
 
 from flask import Response
 
-from app.jobs import service
+from app.jobs import transitions
 from app.jobs.events import TERMINAL_EVENT_TYPES, replay
 from app.jobs.states import TERMINAL
 from app.runtime import Runtime
@@ -54,8 +54,8 @@ def _frames(
         if items is None:
             with rt.db.transaction() as session:
                 try:
-                    job = service.get_job(session, owner, job_id)
-                except service.JobNotFound:  # deleted meanwhile
+                    job = transitions.get_job(session, owner, job_id)
+                except transitions.JobNotFound:  # deleted meanwhile
                     return
                 items, _source = replay(session, rt.bus, job, after)
                 finished = job.status in TERMINAL and job.last_seq <= max(
@@ -83,7 +83,7 @@ def _frames(
 def _ended(rt: Runtime, owner: str, job_id: uuid.UUID, after: int) -> bool:
     with rt.db.transaction() as session:
         try:
-            job = service.get_job(session, owner, job_id)
-        except service.JobNotFound:
+            job = transitions.get_job(session, owner, job_id)
+        except transitions.JobNotFound:
             return True
         return job.status in TERMINAL and job.last_seq <= after

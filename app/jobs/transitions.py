@@ -28,7 +28,6 @@ from sqlalchemy.orm import Session
 from app.jobs import presence, sql
 from app.jobs.events import Event, record_event
 from app.jobs.intake import RUN_JOB_TASK, NewJob, task_priority
-from app.jobs.schemas import usd
 from app.jobs.states import TERMINAL, TERMINAL_EVENTS, EventType, JobStatus
 from app.models import Job
 from app.runtime import runtime
@@ -595,7 +594,7 @@ def job_stats(session: Session, owner: str) -> dict[str, Any]:
         "by_kind": by_kind,
         "tokens_in": int(totals[0]),
         "tokens_out": int(totals[1]),
-        "cost_usd": usd(totals[2]),
+        "cost_usd": Decimal(totals[2]),
         "duration_seconds": {"p50": p50, "p90": p90, "p99": p99, "count": percentiles[1]},
     }
 

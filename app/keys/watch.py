@@ -1,11 +1,11 @@
 """Ends what a revoked API key holds open in this web process: Socket.IO connections, event
 streams and long-polls.
 
-A key is checked when a request or a connection starts (app/api/auth.py); these outlive that
+A key is checked when a request or a connection starts (app/keys/api_keys.py); these outlive that
 check by minutes or hours. So each one is registered here with its key, and a background task
 asks PostgreSQL every CHECK_SECONDS which of those keys have been revoked, in one query for all
 of them, and cuts off whatever holds one. With the streams' own wait slices (1.5 s) that ends
-them a few seconds after a revocation, well inside the key cache's window (auth.CACHE_SECONDS),
+them a few seconds after a revocation, well inside the key cache's window (api_keys.CACHE_SECONDS),
 whichever process revoked the key. (One admitted during that window by a stale cached key is
 cut off by the check that follows.)
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from flask import Flask, current_app
 
-from app.api.auth import revoked_among
+from app.keys.api_keys import revoked_among
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Execution: what a worker does with a claimed job (the runner, leases and heartbeats)."""

@@ -1,0 +1,1 @@
+"""The job domain: states, transitions, events and their payloads, intake, SQL."""

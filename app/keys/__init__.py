@@ -1,0 +1,1 @@
+"""API keys, the realtime tokens they mint, and the watch that ends what a revoked key held."""

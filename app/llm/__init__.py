@@ -1,0 +1,1 @@
+"""The model client: OpenAI-compatible calls, their errors and prices."""
