@@ -59,10 +59,6 @@ class ChatRequest:
     def format_type(self) -> str:
         return str((self.response_format or {}).get("type", "text"))
 
-    @property
-    def wants_json(self) -> bool:
-        return self.format_type in ("json_object", "json_schema")
-
 
 @dataclass(frozen=True)
 class Answer:
