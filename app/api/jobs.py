@@ -6,7 +6,7 @@ import uuid
 from functools import partial
 from typing import Any
 
-from flask import Response, request
+from flask import Blueprint, Response, request
 from pydantic import ValidationError
 from sqlalchemy import select, tuple_
 
@@ -30,7 +30,7 @@ from app.api.schemas import (
     decode_cursor,
     encode_cursor,
 )
-from app.api.spec import Api, json_response
+from app.api.spec import json_response, operation
 from app.api.sse import SSE_TYPE, event_stream_response
 from app.jobs import transitions
 from app.jobs.events import MAX_SEQ, replay
@@ -39,6 +39,8 @@ from app.keys.watch import key_watch
 from app.kinds import KINDS
 from app.models import Job, JobEvent
 from app.runtime import runtime
+
+bp = Blueprint("jobs", __name__)
 
 JSON_TYPE = "application/json"
 PREFIX = "/api/v1"
@@ -51,267 +53,266 @@ IDEMPOTENCY_HEADER = {
 }
 
 
-def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every route
-    @api.operation(
-        "/jobs",
-        "POST",
-        summary="Create a job",
-        body=JobCreate,
-        headers=[IDEMPOTENCY_HEADER],
-        responses={
-            202: (JobOut, "Accepted: the job is queued"),
-            200: (JobOut, "An Idempotency-Key replay: the existing job"),
-        },
-    )
-    def create_job(body: JobCreate) -> Response:
-        """Stores the job, then queues it. The response's Location is the job."""
-        principal = current_principal()
-        kind = KINDS.get(body.kind)
-        if kind is None:
-            raise field_problem(
-                "kind", f"must be one of {', '.join(sorted(KINDS))}", f"unknown kind {body.kind!r}"
-            )
+@bp.post("/jobs")
+@operation(
+    summary="Create a job",
+    body=JobCreate,
+    headers=[IDEMPOTENCY_HEADER],
+    responses={
+        202: (JobOut, "Accepted: the job is queued"),
+        200: (JobOut, "An Idempotency-Key replay: the existing job"),
+    },
+)
+def create_job(body: JobCreate) -> Response:
+    """Stores the job, then queues it. The response's Location is the job."""
+    principal = current_principal()
+    kind = KINDS.get(body.kind)
+    if kind is None:
+        raise field_problem(
+            "kind", f"must be one of {', '.join(sorted(KINDS))}", f"unknown kind {body.kind!r}"
+        )
+    try:
+        job_input = kind.Input.model_validate(body.input)
+    except ValidationError as exc:
+        raise validation_problem(exc, prefix="input") from None
+    key = _idempotency_key()
+    max_attempts = body.max_attempts or runtime().settings.job_max_attempts
+    fingerprint = None
+    if key:
+        request_with_defaults = {
+            "kind": body.kind,
+            "input": job_input.model_dump(mode="json", by_alias=True),
+            "priority": body.priority,
+            "max_attempts": max_attempts,
+        }
+        fingerprint = transitions.request_fingerprint(request_with_defaults)
+    try:
+        created = transitions.create_job(
+            owner=principal.owner,
+            kind=body.kind,
+            input=job_input.model_dump(mode="json", by_alias=True, exclude_none=True),
+            priority=body.priority,
+            max_attempts=max_attempts,
+            idempotency_key=key,
+            fingerprint=fingerprint,
+        )
+    except transitions.IdempotencyConflict as exc:
+        raise ApiProblem(
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            str(exc),
+            [FieldError(field="Idempotency-Key", message=str(exc))],
+        ) from None
+    job = JobOut.of(created.job, PREFIX)
+    headers = {"Location": job.links.self}
+    if not created.created:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(job, 202 if created.created else 200, headers)
+
+
+@bp.get("/jobs")
+@operation(
+    summary="List jobs",
+    query=JobListQuery,
+    responses={200: (JobPage, "Newest first, keyset-paginated")},
+)
+def list_jobs(query: JobListQuery) -> Response:
+    principal = current_principal()
+    statement = select(Job).where(Job.owner == principal.owner)
+    if query.status is not None:
+        statement = statement.where(Job.status == query.status.value)
+    if query.kind is not None:
+        statement = statement.where(Job.kind == query.kind)
+    if query.cursor is not None:
         try:
-            job_input = kind.Input.model_validate(body.input)
-        except ValidationError as exc:
-            raise validation_problem(exc, prefix="input") from None
-        key = _idempotency_key()
-        max_attempts = body.max_attempts or runtime().settings.job_max_attempts
-        fingerprint = None
-        if key:
-            request_with_defaults = {
-                "kind": body.kind,
-                "input": job_input.model_dump(mode="json", by_alias=True),
-                "priority": body.priority,
-                "max_attempts": max_attempts,
-            }
-            fingerprint = transitions.request_fingerprint(request_with_defaults)
+            created_at, job_id = decode_cursor(query.cursor)
+        except BadCursor as exc:
+            raise field_problem("cursor", str(exc), str(exc)) from None
+        statement = statement.where(tuple_(Job.created_at, Job.id) < (created_at, job_id))
+    statement = statement.order_by(Job.created_at.desc(), Job.id.desc()).limit(query.limit + 1)
+    jobs = runtime().db.request_session.scalars(statement).all()
+    page, more = jobs[: query.limit], len(jobs) > query.limit
+    return json_response(
+        JobPage(
+            items=[JobOut.of(job, PREFIX) for job in page],
+            next_cursor=encode_cursor(page[-1].created_at, page[-1].id) if more else None,
+        )
+    )
+
+
+@bp.get("/jobs/<uuid:job_id>")
+@operation(
+    summary="Get a job",
+    responses={200: (JobDetail, "The job")},
+)
+def get_job(job_id: uuid.UUID) -> Response:
+    job = owned_job(job_id)
+    return json_response(JobDetail(**JobOut.of(job, PREFIX).model_dump(), input=job.input))
+
+
+@bp.get("/jobs/<uuid:job_id>/result")
+@operation(
+    summary="Get a finished job's result",
+    responses={
+        200: (JobResult, "The job is finished"),
+        409: (None, "The job has not finished yet"),
+    },
+)
+def get_result(job_id: uuid.UUID) -> Response:
+    job = owned_job(job_id)
+    if JobStatus(job.status) not in TERMINAL:
+        raise ApiProblem(
+            409,
+            "job-not-finished",
+            "The job has not finished",
+            f"the job is {job.status}; its result exists once it has finished",
+            headers={"Retry-After": "1"},
+        )
+    summary = JobOut.of(job, PREFIX)
+    return json_response(
+        JobResult(
+            id=job.id,
+            status=summary.status,
+            output=job.output,
+            error=summary.error,
+            usage=summary.usage,
+        )
+    )
+
+
+@bp.get("/jobs/<uuid:job_id>/events")
+@operation(
+    summary="Read a job's events",
+    query=EventsQuery,
+    responses={200: (EventPage, "Events with seq > after, oldest first")},
+)
+def list_events(job_id: uuid.UUID, query: EventsQuery) -> Response:
+    """Served from the job's Redis Stream while it holds every event newer than `after`
+    (token deltas included), else from PostgreSQL (no deltas: the result has the text).
+    With `wait`, blocks until an event newer than `after` exists or the time passes.
+
+    With `Accept: text/event-stream`, the same feed as Server-Sent Events (one event per
+    message, `id` = seq), kept open until the job ends; a client resumes with
+    `Last-Event-ID` (or `after`).
+
+    Revoking the API key ends a stream, and answers a waiting request 401, within
+    seconds."""
+    if request.accept_mimetypes.best_match([JSON_TYPE, SSE_TYPE]) == SSE_TYPE:
+        job = owned_job(job_id)
+        after = _last_event_id(query.after)
+        runtime().db.request_session.close()
+        grant = key_watch().watch(current_principal().key_id)
+        response = event_stream_response(runtime(), job.owner, job_id, after, lambda: grant.revoked)
+        response.call_on_close(partial(key_watch().forget, grant))
+        return response
+    job = owned_job(job_id)
+    rt = runtime()
+    if query.wait and job.last_seq <= query.after and job.status not in TERMINAL:
+        rt.db.request_session.close()  # hold no connection while waiting
+        grant = key_watch().watch(current_principal().key_id)
         try:
-            created = transitions.create_job(
-                owner=principal.owner,
-                kind=body.kind,
-                input=job_input.model_dump(mode="json", by_alias=True, exclude_none=True),
-                priority=body.priority,
-                max_attempts=max_attempts,
-                idempotency_key=key,
-                fingerprint=fingerprint,
-            )
-        except transitions.IdempotencyConflict as exc:
-            raise ApiProblem(
-                422,
-                "idempotency-key-reused",
-                "Idempotency-Key reused",
-                str(exc),
-                [FieldError(field="Idempotency-Key", message=str(exc))],
-            ) from None
-        job = JobOut.of(created.job, PREFIX)
-        headers = {"Location": job.links.self}
-        if not created.created:
-            headers["Idempotent-Replayed"] = "true"
-        return json_response(job, 202 if created.created else 200, headers)
-
-    @api.operation(
-        "/jobs",
-        "GET",
-        summary="List jobs",
-        query=JobListQuery,
-        responses={200: (JobPage, "Newest first, keyset-paginated")},
-    )
-    def list_jobs(query: JobListQuery) -> Response:
-        principal = current_principal()
-        statement = select(Job).where(Job.owner == principal.owner)
-        if query.status is not None:
-            statement = statement.where(Job.status == query.status.value)
-        if query.kind is not None:
-            statement = statement.where(Job.kind == query.kind)
-        if query.cursor is not None:
-            try:
-                created_at, job_id = decode_cursor(query.cursor)
-            except BadCursor as exc:
-                raise field_problem("cursor", str(exc), str(exc)) from None
-            statement = statement.where(tuple_(Job.created_at, Job.id) < (created_at, job_id))
-        statement = statement.order_by(Job.created_at.desc(), Job.id.desc()).limit(query.limit + 1)
-        jobs = runtime().db.request_session.scalars(statement).all()
-        page, more = jobs[: query.limit], len(jobs) > query.limit
-        return json_response(
-            JobPage(
-                items=[JobOut.of(job, PREFIX) for job in page],
-                next_cursor=encode_cursor(page[-1].created_at, page[-1].id) if more else None,
-            )
-        )
-
-    @api.operation(
-        "/jobs/<uuid:job_id>", "GET", summary="Get a job", responses={200: (JobDetail, "The job")}
-    )
-    def get_job(job_id: uuid.UUID) -> Response:
+            rt.bus.wait_stream(job_id, query.after, query.wait, lambda: grant.revoked)
+        finally:
+            key_watch().forget(grant)
+        if grant.revoked:
+            raise revoked_while_waiting()
         job = owned_job(job_id)
-        return json_response(JobDetail(**JobOut.of(job, PREFIX).model_dump(), input=job.input))
-
-    @api.operation(
-        "/jobs/<uuid:job_id>/result",
-        "GET",
-        summary="Get a finished job's result",
-        responses={
-            200: (JobResult, "The job is finished"),
-            409: (None, "The job has not finished yet"),
-        },
-    )
-    def get_result(job_id: uuid.UUID) -> Response:
-        job = owned_job(job_id)
-        if JobStatus(job.status) not in TERMINAL:
-            raise ApiProblem(
-                409,
-                "job-not-finished",
-                "The job has not finished",
-                f"the job is {job.status}; its result exists once it has finished",
-                headers={"Retry-After": "1"},
-            )
-        summary = JobOut.of(job, PREFIX)
-        return json_response(
-            JobResult(
-                id=job.id,
-                status=summary.status,
-                output=job.output,
-                error=summary.error,
-                usage=summary.usage,
-            )
+    items, source = replay(rt.db.request_session, rt.bus, job, query.after, query.limit)
+    last_seq = max([job.last_seq, *(item["seq"] for item in items)])
+    return json_response(
+        EventPage(
+            items=[EventOut(**item) for item in items],
+            source=source,
+            last_seq=last_seq,
+            status=JobStatus(job.status),
         )
-
-    @api.operation(
-        "/jobs/<uuid:job_id>/events",
-        "GET",
-        summary="Read a job's events",
-        query=EventsQuery,
-        responses={200: (EventPage, "Events with seq > after, oldest first")},
     )
-    def list_events(job_id: uuid.UUID, query: EventsQuery) -> Response:
-        """Served from the job's Redis Stream while it holds every event newer than `after`
-        (token deltas included), else from PostgreSQL (no deltas: the result has the text).
-        With `wait`, blocks until an event newer than `after` exists or the time passes.
 
-        With `Accept: text/event-stream`, the same feed as Server-Sent Events (one event per
-        message, `id` = seq), kept open until the job ends; a client resumes with
-        `Last-Event-ID` (or `after`).
 
-        Revoking the API key ends a stream, and answers a waiting request 401, within
-        seconds."""
-        if request.accept_mimetypes.best_match([JSON_TYPE, SSE_TYPE]) == SSE_TYPE:
-            job = owned_job(job_id)
-            after = _last_event_id(query.after)
-            runtime().db.request_session.close()
-            grant = key_watch().watch(current_principal().key_id)
-            response = event_stream_response(
-                runtime(), job.owner, job_id, after, lambda: grant.revoked
-            )
-            response.call_on_close(partial(key_watch().forget, grant))
-            return response
-        job = owned_job(job_id)
-        rt = runtime()
-        if query.wait and job.last_seq <= query.after and job.status not in TERMINAL:
-            rt.db.request_session.close()  # hold no connection while waiting
-            grant = key_watch().watch(current_principal().key_id)
-            try:
-                rt.bus.wait_stream(job_id, query.after, query.wait, lambda: grant.revoked)
-            finally:
-                key_watch().forget(grant)
-            if grant.revoked:
-                raise revoked_while_waiting()
-            job = owned_job(job_id)
-        items, source = replay(rt.db.request_session, rt.bus, job, query.after, query.limit)
-        last_seq = max([job.last_seq, *(item["seq"] for item in items)])
-        return json_response(
-            EventPage(
-                items=[EventOut(**item) for item in items],
-                source=source,
-                last_seq=last_seq,
-                status=JobStatus(job.status),
-            )
+@bp.get("/jobs/<uuid:job_id>/logs")
+@operation(
+    summary="Read a job's log",
+    responses={200: (LogPage, "The job's log lines, oldest first")},
+)
+def list_logs(job_id: uuid.UUID) -> Response:
+    owned_job(job_id)
+    events = runtime().db.request_session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.type == EventType.LOG.value)
+        .order_by(JobEvent.seq)
+        .limit(1000)
+    )
+    items = []
+    for event in events:
+        fields = dict(event.data)
+        level, message = fields.pop("level", "info"), fields.pop("message", "")
+        items.append(
+            LogEntry(seq=event.seq, at=event.at, level=level, message=message, fields=fields)
         )
+    return json_response(LogPage(items=items))
 
-    @api.operation(
-        "/jobs/<uuid:job_id>/logs",
-        "GET",
-        summary="Read a job's log",
-        responses={200: (LogPage, "The job's log lines, oldest first")},
-    )
-    def list_logs(job_id: uuid.UUID) -> Response:
-        owned_job(job_id)
-        events = runtime().db.request_session.scalars(
-            select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.type == EventType.LOG.value)
-            .order_by(JobEvent.seq)
-            .limit(1000)
+
+@bp.post("/jobs/<uuid:job_id>/cancel")
+@operation(
+    summary="Cancel a job",
+    responses={
+        200: (JobOut, "Canceled, or already canceled"),
+        202: (JobOut, "Running: its worker has been told to stop"),
+        409: (None, "The job already finished"),
+    },
+)
+def cancel_job(job_id: uuid.UUID) -> Response:
+    """A queued job is canceled at once. A running job's worker closes the model stream,
+    records the partial output and usage, and ends it as canceled within moments."""
+    job = _guarded(transitions.cancel_job, job_id)
+    status = 202 if job.status == JobStatus.RUNNING else 200
+    return json_response(JobOut.of(job, PREFIX), status)
+
+
+@bp.post("/jobs/<uuid:job_id>/retry")
+@operation(
+    summary="Retry a failed or canceled job",
+    responses={
+        202: (JobOut, "A new job, linked by retry_of"),
+        409: (None, "The job has not failed or been canceled"),
+    },
+)
+def retry_job(job_id: uuid.UUID) -> Response:
+    job = _guarded(transitions.retry_job, job_id)
+    out = JobOut.of(job, PREFIX)
+    return json_response(out, 202, {"Location": out.links.self})
+
+
+@bp.delete("/jobs/<uuid:job_id>")
+@operation(
+    summary="Delete a finished job",
+    responses={204: (None, "Deleted"), 409: (None, "The job has not finished")},
+)
+def delete_job(job_id: uuid.UUID) -> Response:
+    _guarded(transitions.delete_job, job_id)
+    return Response(status=204)
+
+
+@bp.get("/kinds")
+@operation(
+    summary="List job kinds and their input schemas",
+    responses={200: (KindList, "Every kind this deployment runs")},
+)
+def list_kinds() -> Response:
+    return json_response(
+        KindList(
+            items=[
+                KindOut(
+                    name=kind.name,
+                    description=kind.description,
+                    input_schema=kind.Input.model_json_schema(by_alias=True),
+                    output_schema=kind.Output.model_json_schema(),
+                )
+                for kind in KINDS.values()
+            ]
         )
-        items = []
-        for event in events:
-            fields = dict(event.data)
-            level, message = fields.pop("level", "info"), fields.pop("message", "")
-            items.append(
-                LogEntry(seq=event.seq, at=event.at, level=level, message=message, fields=fields)
-            )
-        return json_response(LogPage(items=items))
-
-    @api.operation(
-        "/jobs/<uuid:job_id>/cancel",
-        "POST",
-        summary="Cancel a job",
-        responses={
-            200: (JobOut, "Canceled, or already canceled"),
-            202: (JobOut, "Running: its worker has been told to stop"),
-            409: (None, "The job already finished"),
-        },
     )
-    def cancel_job(job_id: uuid.UUID) -> Response:
-        """A queued job is canceled at once. A running job's worker closes the model stream,
-        records the partial output and usage, and ends it as canceled within moments."""
-        job = _guarded(transitions.cancel_job, job_id)
-        status = 202 if job.status == JobStatus.RUNNING else 200
-        return json_response(JobOut.of(job, PREFIX), status)
-
-    @api.operation(
-        "/jobs/<uuid:job_id>/retry",
-        "POST",
-        summary="Retry a failed or canceled job",
-        responses={
-            202: (JobOut, "A new job, linked by retry_of"),
-            409: (None, "The job has not failed or been canceled"),
-        },
-    )
-    def retry_job(job_id: uuid.UUID) -> Response:
-        job = _guarded(transitions.retry_job, job_id)
-        out = JobOut.of(job, PREFIX)
-        return json_response(out, 202, {"Location": out.links.self})
-
-    @api.operation(
-        "/jobs/<uuid:job_id>",
-        "DELETE",
-        summary="Delete a finished job",
-        responses={204: (None, "Deleted"), 409: (None, "The job has not finished")},
-    )
-    def delete_job(job_id: uuid.UUID) -> Response:
-        _guarded(transitions.delete_job, job_id)
-        return Response(status=204)
-
-    @api.operation(
-        "/kinds",
-        "GET",
-        summary="List job kinds and their input schemas",
-        responses={200: (KindList, "Every kind this deployment runs")},
-    )
-    def list_kinds() -> Response:
-        return json_response(
-            KindList(
-                items=[
-                    KindOut(
-                        name=kind.name,
-                        description=kind.description,
-                        input_schema=kind.Input.model_json_schema(by_alias=True),
-                        output_schema=kind.Output.model_json_schema(),
-                    )
-                    for kind in KINDS.values()
-                ]
-            )
-        )
 
 
 def _idempotency_key() -> str | None:

@@ -3,40 +3,38 @@ browser holds that instead of the API key (app/keys/tokens.py)."""
 
 from __future__ import annotations
 
-from flask import Response
+from flask import Blueprint, Response
 
 from app.api.auth import current_principal
 from app.api.jobs import owned_job
 from app.api.problems import ApiProblem
 from app.api.schemas import RealtimeToken, RealtimeTokenRequest
-from app.api.spec import Api, json_response
+from app.api.spec import json_response, operation
 from app.keys.tokens import TokenError, mint_token
 from app.runtime import runtime
 
+bp = Blueprint("realtime", __name__)
 
-def register(api: Api) -> None:
-    @api.operation(
-        "/realtime/token",
-        "POST",
-        summary="Mint a subscription token",
-        tag="realtime",
-        body=RealtimeTokenRequest,
-        responses={
-            201: (RealtimeToken, "A token for `auth.token` when connecting to Socket.IO"),
-            404: (None, "No such job (or another owner's)"),
-            503: (None, "The server has no CONVEYOR_SECRET_KEY to sign tokens with"),
-        },
-    )
-    def realtime_token(body: RealtimeTokenRequest) -> Response:
-        """Scoped to the caller, and to one job when `job_id` is given (such a connection can
-        subscribe to that job only and is not in the owner's room)."""
-        if body.job_id is not None:
-            owned_job(body.job_id)
-        try:
-            token = mint_token(current_principal(), body.job_id)
-        except TokenError as exc:
-            raise ApiProblem(503, "realtime-unavailable", "Tokens unavailable", str(exc)) from None
-        ttl = runtime().settings.realtime_token_ttl
-        return json_response(
-            RealtimeToken(token=token, expires_in=ttl, job_id=body.job_id), status=201
-        )
+
+@bp.post("/realtime/token")
+@operation(
+    summary="Mint a subscription token",
+    tag="realtime",
+    body=RealtimeTokenRequest,
+    responses={
+        201: (RealtimeToken, "A token for `auth.token` when connecting to Socket.IO"),
+        404: (None, "No such job (or another owner's)"),
+        503: (None, "The server has no CONVEYOR_SECRET_KEY to sign tokens with"),
+    },
+)
+def realtime_token(body: RealtimeTokenRequest) -> Response:
+    """Scoped to the caller, and to one job when `job_id` is given (such a connection can
+    subscribe to that job only and is not in the owner's room)."""
+    if body.job_id is not None:
+        owned_job(body.job_id)
+    try:
+        token = mint_token(current_principal(), body.job_id)
+    except TokenError as exc:
+        raise ApiProblem(503, "realtime-unavailable", "Tokens unavailable", str(exc)) from None
+    ttl = runtime().settings.realtime_token_ttl
+    return json_response(RealtimeToken(token=token, expires_in=ttl, job_id=body.job_id), status=201)

@@ -1,20 +1,29 @@
-"""Declares each API operation once: the Flask route, its pydantic request and response models,
+"""Declares each API operation once, next to its route: its pydantic request and response models,
 and so its entry in the OpenAPI 3.1 document, which is generated, never written by hand.
 
-The decorator parses and validates the body and the query string before the view runs, so a
-view only ever sees valid input, and bad input becomes a 4xx problem naming the field.
+A view is declared with the blueprint's route decorator over `operation`:
+
+    @bp.post("/jobs")
+    @operation(summary="Create a job", body=JobCreate, responses={202: (JobOut, "Queued")})
+    def create_job(body: JobCreate) -> Response: ...
+
+`operation` parses and validates the body and the query string before the view runs, so a view
+only ever sees valid input, and bad input becomes a 4xx problem naming the field. The document
+is built from the app's URL map, so it lists exactly the routes the app serves, in the order
+they were registered.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Flask, Response, request
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
@@ -29,12 +38,15 @@ from app.api.problems import (
 
 JSON = "application/json"
 _RULE_PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")
+# Where `operation` leaves its declaration on the view it returns, for the document to find.
+_OPERATION_ATTRIBUTE = "api_operation"
+_IMPLICIT_METHODS = frozenset({"HEAD", "OPTIONS"})
 
 
-@dataclass
+@dataclass(frozen=True)
 class Operation:
-    method: str
-    rule: str
+    """What `operation` declares; the route itself (path, method) is Flask's."""
+
     summary: str
     endpoint: str
     body: type[BaseModel] | None
@@ -46,137 +58,159 @@ class Operation:
     headers: list[dict[str, Any]] = field(default_factory=list)
 
 
-class Api:
-    def __init__(self, blueprint: Blueprint, title: str, version: str) -> None:
-        self.blueprint = blueprint
-        self.title, self.version = title, version
-        self.operations: list[Operation] = []
-        self.extra_schemas: list[type[BaseModel]] = []
+@dataclass(frozen=True)
+class RoutedOperation:
+    rule: str
+    method: str
+    operation: Operation
 
-    def operation(
-        self,
-        rule: str,
-        method: str,
-        *,
-        summary: str,
-        responses: dict[int, tuple[type[BaseModel] | None, str]],
-        body: type[BaseModel] | None = None,
-        query: type[BaseModel] | None = None,
-        auth: bool = True,
-        tag: str = "jobs",
-        headers: list[dict[str, Any]] | None = None,
-    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
-            @functools.wraps(view)
-            def endpoint(**path_args: Any) -> Any:
-                if auth:
-                    authenticate()
-                if query is not None:
-                    path_args["query"] = parse_query(query)
-                if body is not None:
-                    path_args["body"] = parse_body(body)
-                return view(**path_args)
 
-            self.blueprint.add_url_rule(rule, view.__name__, endpoint, methods=[method])
-            self.operations.append(
-                Operation(
-                    method=method.lower(),
-                    rule=rule,
-                    summary=summary,
-                    endpoint=view.__name__,
-                    body=body,
-                    query=query,
-                    responses=responses,
-                    auth=auth,
-                    tag=tag,
-                    description=(view.__doc__ or "").strip() or None,
-                    headers=headers or [],
-                )
-            )
-            return endpoint
+def operation(
+    *,
+    summary: str,
+    responses: dict[int, tuple[type[BaseModel] | None, str]],
+    body: type[BaseModel] | None = None,
+    query: type[BaseModel] | None = None,
+    auth: bool = True,
+    tag: str = "jobs",
+    headers: list[dict[str, Any]] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declares a view an API operation. Goes under the blueprint's route decorator: the route
+    must register the validating wrapper this returns, not the bare view. The view's docstring,
+    if any, is the operation's description."""
 
-        return decorator
+    def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def endpoint(**path_args: Any) -> Any:
+            if auth:
+                authenticate()
+            if query is not None:
+                path_args["query"] = parse_query(query)
+            if body is not None:
+                path_args["body"] = parse_body(body)
+            return view(**path_args)
 
-    # The document ----------------------------------------------------------------------------
-
-    def document(self, prefix: str) -> dict[str, Any]:
-        models: list[tuple[type[BaseModel], str]] = [(Problem, "serialization")]
-        for op in self.operations:
-            if op.body is not None:
-                models.append((op.body, "validation"))
-            if op.query is not None:
-                models.append((op.query, "validation"))
-            models.extend((m, "serialization") for m, _ in op.responses.values() if m)
-        models.extend((m, "validation") for m in self.extra_schemas)
-        refs, definitions = models_json_schema(
-            list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}"
+        declared = Operation(
+            summary=summary,
+            endpoint=view.__name__,
+            body=body,
+            query=query,
+            responses=responses,
+            auth=auth,
+            tag=tag,
+            description=inspect.cleandoc(view.__doc__ or "") or None,
+            headers=headers or [],
         )
-        paths: dict[str, dict[str, Any]] = {}
-        for op in self.operations:
-            path = prefix + _RULE_PARAM.sub(r"{\2}", op.rule)
-            paths.setdefault(path, {})[op.method] = self._operation_doc(op, refs)
-        return {
-            "openapi": "3.1.0",
-            "info": {"title": self.title, "version": self.version},
-            "paths": paths,
-            "components": {
-                "schemas": definitions.get("$defs", {}),
-                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            },
-        }
+        setattr(endpoint, _OPERATION_ATTRIBUTE, declared)
+        return endpoint
 
-    def _operation_doc(self, op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
-        doc: dict[str, Any] = {
-            "operationId": op.endpoint,
-            "summary": op.summary,
-            "tags": [op.tag],
-            "parameters": [*_path_parameters(op.rule), *op.headers],
-            "responses": {},
-        }
-        if op.description:
-            doc["description"] = op.description
-        if op.auth:
-            doc["security"] = [{"bearer": []}]
-        if op.query is not None:
-            schema = op.query.model_json_schema()
-            required = set(schema.get("required", []))
-            for name, prop in schema.get("properties", {}).items():
-                doc["parameters"].append(
-                    {
-                        "name": name,
-                        "in": "query",
-                        "required": name in required,
-                        "schema": {k: v for k, v in prop.items() if k != "title"},
-                        **({"description": prop["description"]} if "description" in prop else {}),
-                    }
-                )
+    return decorator
+
+
+def routed_operations(app: Flask) -> Iterator[RoutedOperation]:
+    """Every declared operation the app routes, in the order its routes were registered."""
+    for rule in app.url_map.iter_rules():
+        declared = getattr(app.view_functions[rule.endpoint], _OPERATION_ATTRIBUTE, None)
+        if declared is None:
+            continue
+        for method in sorted((rule.methods or set()) - _IMPLICIT_METHODS):
+            yield RoutedOperation(rule.rule, method.lower(), declared)
+
+
+# The document ----------------------------------------------------------------------------------
+
+
+def document(
+    title: str,
+    version: str,
+    operations: Iterable[RoutedOperation],
+    extra_schemas: Iterable[type[BaseModel]] = (),
+) -> dict[str, Any]:
+    """The OpenAPI document of `operations`; `extra_schemas` are models it describes though no
+    operation names them."""
+    routed = list(operations)
+    models: list[tuple[type[BaseModel], str]] = [(Problem, "serialization")]
+    for op in (r.operation for r in routed):
         if op.body is not None:
-            doc["requestBody"] = {
-                "required": True,
-                "content": {JSON: {"schema": refs[(op.body, "validation")]}},
-            }
-        problem_ref = refs[(Problem, "serialization")]
-        for status, (model, description) in sorted(op.responses.items()):
-            entry: dict[str, Any] = {"description": description}
-            if model is not None:
-                entry["content"] = {JSON: {"schema": refs[(model, "serialization")]}}
-            doc["responses"][str(status)] = entry
-        for status, description in _common_problems(op):
-            doc["responses"].setdefault(
-                str(status),
-                {
-                    "description": description,
-                    "content": {PROBLEM_JSON: {"schema": problem_ref}},
-                },
-            )
-        return doc
+            models.append((op.body, "validation"))
+        if op.query is not None:
+            models.append((op.query, "validation"))
+        models.extend((m, "serialization") for m, _ in op.responses.values() if m)
+    models.extend((m, "validation") for m in extra_schemas)
+    refs, definitions = models_json_schema(
+        list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}"
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for r in routed:
+        path = _RULE_PARAM.sub(r"{\2}", r.rule)
+        paths.setdefault(path, {})[r.method] = _operation_doc(r.rule, r.operation, refs)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": definitions.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
 
 
-def _common_problems(op: Operation) -> list[tuple[int, str]]:
+def _operation_doc(rule: str, op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "operationId": op.endpoint,
+        "summary": op.summary,
+        "tags": [op.tag],
+        "parameters": [*_path_parameters(rule), *op.headers],
+        "responses": {},
+    }
+    if op.description:
+        doc["description"] = op.description
+    if op.auth:
+        doc["security"] = [{"bearer": []}]
+    if op.query is not None:
+        doc["parameters"] += _query_parameters(op.query)
+    if op.body is not None:
+        doc["requestBody"] = {
+            "required": True,
+            "content": {JSON: {"schema": refs[(op.body, "validation")]}},
+        }
+    problem_ref = refs[(Problem, "serialization")]
+    for status, (model, description) in sorted(op.responses.items()):
+        entry: dict[str, Any] = {"description": description}
+        if model is not None:
+            entry["content"] = {JSON: {"schema": refs[(model, "serialization")]}}
+        doc["responses"][str(status)] = entry
+    for status, description in _common_problems(rule, op):
+        doc["responses"].setdefault(
+            str(status),
+            {
+                "description": description,
+                "content": {PROBLEM_JSON: {"schema": problem_ref}},
+            },
+        )
+    return doc
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema()
+    required = set(schema.get("required", []))
+    return [
+        {
+            "name": name,
+            "in": "query",
+            "required": name in required,
+            "schema": {k: v for k, v in prop.items() if k != "title"},
+            **({"description": prop["description"]} if "description" in prop else {}),
+        }
+        for name, prop in schema.get("properties", {}).items()
+    ]
+
+
+def _common_problems(rule: str, op: Operation) -> list[tuple[int, str]]:
     problems = []
     if op.auth:
         problems.append((401, "Missing, unknown or revoked API key"))
-    if "<" in op.rule:
+    if "<" in rule:
         problems.append((404, "No such job for this caller"))
     if op.body is not None:
         problems += [

@@ -11,73 +11,73 @@ Three probes for three questions (see docs/architecture.md, "Operating it"):
 
 from __future__ import annotations
 
-from flask import Response
+from flask import Blueprint, Response
 
 from app.api.auth import current_principal
 from app.api.health import monitor
 from app.api.schemas import Health, Live, Ready, Stats
-from app.api.spec import Api, json_response
+from app.api.spec import json_response, operation
 from app.jobs import transitions
 from app.runtime import runtime
+
+bp = Blueprint("system", __name__)
 
 NO_STORE = {"Cache-Control": "no-store"}
 
 
-def register(api: Api) -> None:
-    @api.operation(
-        "/live",
-        "GET",
-        summary="Liveness",
-        auth=False,
-        tag="operations",
-        responses={200: (Live, "The process answers")},
-    )
-    def live() -> Response:
-        """Touches no dependency: restart a process only if this fails."""
-        return json_response(Live())
+@bp.get("/live")
+@operation(
+    summary="Liveness",
+    auth=False,
+    tag="operations",
+    responses={200: (Live, "The process answers")},
+)
+def live() -> Response:
+    """Touches no dependency: restart a process only if this fails."""
+    return json_response(Live())
 
-    @api.operation(
-        "/ready",
-        "GET",
-        summary="Readiness",
-        auth=False,
-        tag="operations",
-        responses={
-            200: (Ready, "healthy: this process reaches PostgreSQL and Redis"),
-            503: (Ready, "unhealthy: PostgreSQL or Redis does not answer"),
-        },
-    )
-    def ready() -> Response:
-        """Whether this process can serve. Checks run at most once per
-        `CONVEYOR_HEALTH_MAX_AGE` seconds per process, shared by every caller meanwhile; an
-        answer takes at most `CONVEYOR_READY_TIMEOUT` seconds. Workers are not checked: their
-        absence queues jobs but does not stop this process from serving (see /health)."""
-        answer = monitor().readiness()
-        return json_response(answer, 200 if answer.status == "healthy" else 503, NO_STORE)
 
-    @api.operation(
-        "/health",
-        "GET",
-        summary="Health of the system",
-        auth=False,
-        tag="operations",
-        responses={200: (Health, "The system as this process sees it, outages included")},
-    )
-    def health() -> Response:
-        """PostgreSQL and Redis, workers (from their heartbeats), the sweeper (its last sweep),
-        queue depth and the last hour's failures by error code. Figures are at most
-        `CONVEYOR_HEALTH_MAX_AGE` seconds old, the answer takes at most
-        `CONVEYOR_READY_TIMEOUT` seconds, and a dependency that is down is reported in the
-        body (`status: down`), never as an error."""
-        return json_response(monitor().health(), headers=NO_STORE)
+@bp.get("/ready")
+@operation(
+    summary="Readiness",
+    auth=False,
+    tag="operations",
+    responses={
+        200: (Ready, "healthy: this process reaches PostgreSQL and Redis"),
+        503: (Ready, "unhealthy: PostgreSQL or Redis does not answer"),
+    },
+)
+def ready() -> Response:
+    """Whether this process can serve. Checks run at most once per
+    `CONVEYOR_HEALTH_MAX_AGE` seconds per process, shared by every caller meanwhile; an
+    answer takes at most `CONVEYOR_READY_TIMEOUT` seconds. Workers are not checked: their
+    absence queues jobs but does not stop this process from serving (see /health)."""
+    answer = monitor().readiness()
+    return json_response(answer, 200 if answer.status == "healthy" else 503, NO_STORE)
 
-    @api.operation(
-        "/stats",
-        "GET",
-        summary="Job statistics for the caller",
-        tag="operations",
-        responses={200: (Stats, "Counts, tokens, cost and durations")},
-    )
-    def stats() -> Response:
-        data = transitions.job_stats(runtime().db.request_session, current_principal().owner)
-        return json_response(Stats(**data))
+
+@bp.get("/health")
+@operation(
+    summary="Health of the system",
+    auth=False,
+    tag="operations",
+    responses={200: (Health, "The system as this process sees it, outages included")},
+)
+def health() -> Response:
+    """PostgreSQL and Redis, workers (from their heartbeats), the sweeper (its last sweep),
+    queue depth and the last hour's failures by error code. Figures are at most
+    `CONVEYOR_HEALTH_MAX_AGE` seconds old, the answer takes at most
+    `CONVEYOR_READY_TIMEOUT` seconds, and a dependency that is down is reported in the
+    body (`status: down`), never as an error."""
+    return json_response(monitor().health(), headers=NO_STORE)
+
+
+@bp.get("/stats")
+@operation(
+    summary="Job statistics for the caller",
+    tag="operations",
+    responses={200: (Stats, "Counts, tokens, cost and durations")},
+)
+def stats() -> Response:
+    data = transitions.job_stats(runtime().db.request_session, current_principal().owner)
+    return json_response(Stats(**data))
