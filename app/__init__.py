@@ -44,7 +44,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         ModelClient(settings),
     ).init_app(app)
     api.init_app(app, settings)
-    realtime.init_app(app, settings)
+    realtime.init_app(app, settings, db)
     web.init_app(app)
     cli.init_app(app)
     return app

@@ -342,10 +342,11 @@ class PhaseResult:
 def create_key(settings: Any) -> str:
     from app import create_app
     from app.keys.api_keys import create_api_key
+    from app.runtime import runtime
 
     app = create_app(settings)
     with app.app_context():
-        key = create_api_key(OWNER, "bench")
+        key = create_api_key(runtime().db, OWNER, "bench")
     app.extensions["conveyor"].db.dispose()
     return key
 

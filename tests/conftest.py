@@ -137,7 +137,7 @@ def new_tenant(app: Flask) -> Callable[[], Tenant]:
 
     def make() -> Tenant:
         owner = f"tenant-{uuid.uuid4().hex[:10]}"
-        return Tenant(owner, create_api_key(owner), app.test_client())
+        return Tenant(owner, create_api_key(runtime().db, owner), app.test_client())
 
     return make
 

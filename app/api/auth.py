@@ -7,6 +7,7 @@ from flask import g, request
 
 from app.api.problems import ApiProblem
 from app.keys.api_keys import Principal, principal_for_key
+from app.runtime import runtime
 
 
 def authenticate() -> Principal:
@@ -14,7 +15,7 @@ def authenticate() -> Principal:
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise _unauthorized("Send an API key as 'Authorization: Bearer <key>'.")
-    principal = principal_for_key(key.strip())
+    principal = principal_for_key(runtime().db, key.strip())
     if principal is None:
         raise _unauthorized("The API key is unknown or revoked.")
     g.principal = principal

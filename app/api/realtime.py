@@ -33,7 +33,7 @@ def realtime_token(body: RealtimeTokenRequest) -> Response:
     if body.job_id is not None:
         owned_job(body.job_id)
     try:
-        token = mint_token(current_principal(), body.job_id)
+        token = mint_token(runtime().settings, current_principal(), body.job_id)
     except TokenError as exc:
         raise ApiProblem(503, "realtime-unavailable", "Tokens unavailable", str(exc)) from None
     ttl = runtime().settings.realtime_token_ttl

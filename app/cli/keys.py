@@ -6,6 +6,7 @@ import click
 from flask.cli import with_appcontext
 
 from app.keys.api_keys import ROLES, create_api_key, revoke_api_key
+from app.runtime import runtime
 
 
 @click.group(help="Manage API keys.")
@@ -19,11 +20,11 @@ def keys() -> None:
 @click.option("--role", type=click.Choice(ROLES), default="user", show_default=True)
 @with_appcontext
 def create(owner: str, name: str, role: str) -> None:
-    click.echo(create_api_key(owner, name=name, role=role))
+    click.echo(create_api_key(runtime().db, owner, name=name, role=role))
 
 
 @keys.command("revoke", help="Revoke keys by their first 12 characters.")
 @click.argument("prefix")
 @with_appcontext
 def revoke(prefix: str) -> None:
-    click.echo(f"revoked {revoke_api_key(prefix)} key(s)")
+    click.echo(f"revoked {revoke_api_key(runtime().db, prefix)} key(s)")

@@ -12,12 +12,15 @@ import threading
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cachetools import TTLCache
 from sqlalchemy import func, insert, select, update
 
 from app.models import ApiKey
-from app.runtime import runtime
+
+if TYPE_CHECKING:
+    from app.db import Database
 
 KEY_PREFIX = "cvk_"
 CACHE_SECONDS = 10
@@ -40,13 +43,13 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_api_key(owner: str, name: str = "default", role: str = "user") -> str:
+def create_api_key(db: Database, owner: str, name: str = "default", role: str = "user") -> str:
     """Stores a new key and returns it; only its hash is kept, so this is the one chance to
     see it."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    with runtime().db.transaction() as session:
+    with db.transaction() as session:
         session.execute(
             insert(ApiKey).values(
                 id=uuid.uuid4(),
@@ -60,8 +63,8 @@ def create_api_key(owner: str, name: str = "default", role: str = "user") -> str
     return key
 
 
-def revoke_api_key(prefix: str) -> int:
-    with runtime().db.transaction() as session:
+def revoke_api_key(db: Database, prefix: str) -> int:
+    with db.transaction() as session:
         result = session.execute(
             update(ApiKey)
             .where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
@@ -73,13 +76,13 @@ def revoke_api_key(prefix: str) -> int:
     return result.rowcount
 
 
-def principal_for_key(key: str) -> Principal | None:
+def principal_for_key(db: Database, key: str) -> Principal | None:
     """The owner of a valid key (cached for CACHE_SECONDS), or None."""
     digest = hash_key(key)
     with _cache_lock:
         principal = _cache.get(digest)
     if principal is None:
-        principal = _load(digest)
+        principal = _load(db, digest)
         if principal is None:
             return None
         with _cache_lock:
@@ -87,8 +90,8 @@ def principal_for_key(key: str) -> Principal | None:
     return principal
 
 
-def _load(digest: str) -> Principal | None:
-    with runtime().db.transaction() as session:
+def _load(db: Database, digest: str) -> Principal | None:
+    with db.transaction() as session:
         row = session.execute(
             update(ApiKey)
             .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
@@ -103,12 +106,12 @@ def _load(digest: str) -> Principal | None:
     return Principal(row.owner, row.role, row.id)
 
 
-def key_is_active(key_id: uuid.UUID) -> bool:
+def key_is_active(db: Database, key_id: uuid.UUID) -> bool:
     """Whether the key exists and is not revoked (an answer cached for CACHE_SECONDS)."""
     with _cache_lock:
         if _active.get(key_id):
             return True
-    with runtime().db.transaction() as session:
+    with db.transaction() as session:
         active = session.scalar(
             select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
         )
@@ -119,7 +122,7 @@ def key_is_active(key_id: uuid.UUID) -> bool:
     return True
 
 
-def revoked_among(key_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
+def revoked_among(db: Database, key_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
     """Those of `key_ids` that are revoked or deleted, in one query and never from the cache:
     for checks that must see a revocation made by another process.
 
@@ -127,7 +130,7 @@ def revoked_among(key_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
     them cannot reconnect with the key for the rest of the cache's window."""
     if not key_ids:
         return set()
-    with runtime().db.transaction() as session:
+    with db.transaction() as session:
         active = set(
             session.scalars(
                 select(ApiKey.id).where(ApiKey.id.in_(key_ids), ApiKey.revoked_at.is_(None))

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from app.keys.api_keys import Principal, key_is_active
-from app.runtime import runtime
+
+if TYPE_CHECKING:
+    from app.config import Settings
+    from app.db import Database
 
 SALT = "conveyor.realtime"
 
@@ -34,15 +38,15 @@ class TokenClaims:
     job_id: uuid.UUID | None
 
 
-def _serializer() -> URLSafeTimedSerializer:
-    secret = runtime().settings.secret_key
+def _serializer(settings: Settings) -> URLSafeTimedSerializer:
+    secret = settings.secret_key
     if not secret:
         raise TokenError("subscription tokens need CONVEYOR_SECRET_KEY on the server")
     return URLSafeTimedSerializer(secret, salt=SALT)
 
 
-def mint_token(principal: Principal, job_id: uuid.UUID | None = None) -> str:
-    return _serializer().dumps(
+def mint_token(settings: Settings, principal: Principal, job_id: uuid.UUID | None = None) -> str:
+    return _serializer(settings).dumps(
         {
             "owner": principal.owner,
             "role": principal.role,
@@ -52,15 +56,15 @@ def mint_token(principal: Principal, job_id: uuid.UUID | None = None) -> str:
     )
 
 
-def read_token(token: str) -> TokenClaims:
+def read_token(settings: Settings, db: Database, token: str) -> TokenClaims:
     try:
-        claims = _serializer().loads(token, max_age=runtime().settings.realtime_token_ttl)
+        claims = _serializer(settings).loads(token, max_age=settings.realtime_token_ttl)
         principal = Principal(claims["owner"], claims["role"], uuid.UUID(claims["key"]))
         job = uuid.UUID(claims["job"]) if claims.get("job") else None
     except SignatureExpired:
         raise TokenError("the token has expired") from None
     except (BadSignature, KeyError, TypeError, ValueError):
         raise TokenError("the token is not valid") from None
-    if not key_is_active(principal.key_id):
+    if not key_is_active(db, principal.key_id):
         raise TokenError("the API key that minted the token has been revoked")
     return TokenClaims(principal, job)

@@ -20,11 +20,14 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
 
 from app.keys.api_keys import revoked_among
+
+if TYPE_CHECKING:
+    from app.db import Database
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +53,8 @@ class KeyWatch:
     `start_task` and `sleep` are Socket.IO's, which use greenlets under gunicorn's gevent worker
     and threads elsewhere."""
 
-    def __init__(self, app: Flask, start_task: StartTask, sleep: Callable[[float], None]) -> None:
-        self._app = app
+    def __init__(self, db: Database, start_task: StartTask, sleep: Callable[[float], None]) -> None:
+        self._db = db
         self._start_task = start_task
         self._sleep = sleep
         self._grants: set[Grant] = set()
@@ -77,8 +80,7 @@ class KeyWatch:
             grants = list(self._grants)
         if not grants:
             return
-        with self._app.app_context():
-            revoked = revoked_among({grant.key_id for grant in grants})
+        revoked = revoked_among(self._db, {grant.key_id for grant in grants})
         for grant in grants:
             if grant.key_id in revoked:
                 self._revoke(grant)
@@ -105,8 +107,10 @@ class KeyWatch:
                 logger.exception("revoked key check failed; retrying in %s s", CHECK_SECONDS)
 
 
-def init_app(app: Flask, start_task: StartTask, sleep: Callable[[float], None]) -> None:
-    app.extensions[EXTENSION_KEY] = KeyWatch(app, start_task, sleep)
+def init_app(
+    app: Flask, db: Database, start_task: StartTask, sleep: Callable[[float], None]
+) -> None:
+    app.extensions[EXTENSION_KEY] = KeyWatch(db, start_task, sleep)
 
 
 def key_watch() -> KeyWatch:

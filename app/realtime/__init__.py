@@ -33,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.config import Settings
+from app.db import Database
 from app.jobs import transitions
 from app.jobs.events import MAX_SEQ, SOCKET_EVENT, SOCKETIO_CHANNEL, job_room, owner_room, replay
 from app.keys import watch
@@ -56,7 +57,7 @@ def async_mode() -> str:
     return "gevent" if monkey.is_module_patched("socket") else "threading"
 
 
-def init_app(app: Flask, settings: Settings) -> None:
+def init_app(app: Flask, settings: Settings, db: Database) -> None:
     socketio.init_app(
         app,
         message_queue=settings.redis_url,
@@ -67,20 +68,21 @@ def init_app(app: Flask, settings: Settings) -> None:
         transports=["websocket"],
         manage_session=False,
     )
-    watch.init_app(app, socketio.start_background_task, socketio.sleep)
+    watch.init_app(app, db, socketio.start_background_task, socketio.sleep)
 
 
 def _principal(auth: Any) -> tuple[Principal, uuid.UUID | None]:
     """Who connects, and the one job a job-scoped token limits them to."""
     auth = auth if isinstance(auth, dict) else {}
     if isinstance(token := auth.get("token"), str):
-        claims = read_token(token)
+        rt = runtime()
+        claims = read_token(rt.settings, rt.db, token)
         return claims.principal, claims.job_id
     key = auth.get("api_key")
     if not isinstance(key, str):
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         key = key if scheme.lower() == "bearer" else None
-    if key and (principal := principal_for_key(key.strip())) is not None:
+    if key and (principal := principal_for_key(runtime().db, key.strip())) is not None:
         return principal, None
     raise ConnectionRefusedError("unauthorized: send a subscription token or an API key")
 

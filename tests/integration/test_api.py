@@ -198,8 +198,9 @@ def test_missing_or_bad_keys_are_401(app, header: str | None) -> None:
 
 def test_a_revoked_key_is_refused(app, tenant: Tenant) -> None:
     from app.keys import api_keys
+    from app.runtime import runtime
 
-    api_keys.revoke_api_key(tenant.key[:12])
+    api_keys.revoke_api_key(runtime().db, tenant.key[:12])
     assert_problem(tenant.get("/api/v1/jobs"), 401)
 
 

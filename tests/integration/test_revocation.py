@@ -23,6 +23,7 @@ from httpx_sse import connect_sse
 from app import realtime
 from app.keys.api_keys import CACHE_SECONDS, create_api_key, principal_for_key, revoke_api_key
 from app.keys.watch import KeyWatch
+from app.runtime import runtime
 from devtools.processes import free_port
 from tests.conftest import Tenant, undispatched_job, wait_until
 from tests.integration.test_realtime import connect, refusal, token
@@ -35,14 +36,14 @@ TERMINAL = ("job.succeeded", "job.failed", "job.canceled")
 
 def revoke(tenant: Tenant) -> float:
     """Revokes the tenant's key; returns when, on the monotonic clock."""
-    assert revoke_api_key(tenant.key[:12]) == 1
+    assert revoke_api_key(runtime().db, tenant.key[:12]) == 1
     return time.monotonic()
 
 
 @pytest.fixture
 def colleague(tenant: Tenant, app: Flask) -> Tenant:
     """A second key of the same tenant, which stays valid: it submits and cleans up."""
-    return Tenant(tenant.owner, create_api_key(tenant.owner), app.test_client())
+    return Tenant(tenant.owner, create_api_key(runtime().db, tenant.owner), app.test_client())
 
 
 def test_a_token_minted_before_its_key_was_revoked_is_refused(
@@ -205,9 +206,9 @@ def test_the_key_watch_works_in_threading_mode_and_starts_once(
         started.append(target)
         return realtime.socketio.start_background_task(target)
 
-    watch = KeyWatch(app, start_task, realtime.socketio.sleep)
-    key_id = principal_for_key(tenant.key).key_id
-    other_id = principal_for_key(colleague.key).key_id
+    watch = KeyWatch(runtime().db, start_task, realtime.socketio.sleep)
+    key_id = principal_for_key(runtime().db, tenant.key).key_id
+    other_id = principal_for_key(runtime().db, colleague.key).key_id
     cut: list[str] = []
     first = watch.watch(key_id, lambda: cut.append("first"))
     second = watch.watch(key_id, lambda: cut.append("second"))
