@@ -441,13 +441,13 @@ def test_a_cancel_signal_stops_only_the_job_it_names(
     bus: EventBus, redis_client: redis.Redis, fake_server: fakeredis.FakeServer
 ) -> None:
     canceled, running = RunningJob(uuid.uuid4()), RunningJob(uuid.uuid4())
-    start_cancel_listener(fake_server, canceled, running)
+    start_cancel_listener(fake_server, running, canceled)
     wait_for(lambda: subscribers(redis_client) == 1)
     redis_client.publish(CANCEL_CHANNEL, "not-a-job-id")  # ignored; the listener lives on
     bus.signal_cancel(uuid.uuid4())  # a job this process does not run
     bus.signal_cancel(canceled.job_id)
     assert canceled.canceled.wait(3)
-    assert not running.canceled.is_set()
+    assert not running.canceled.is_set()  # signals are handled in order: the others are done
 
 
 def test_the_cancel_listener_subscribes_again_after_losing_redis(
