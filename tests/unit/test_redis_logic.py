@@ -521,7 +521,8 @@ def test_the_health_figures_count_live_beats_and_forget_dead_processes(
     redis_client.rpush("conveyor", "m1", "m2")  # the broker's lists: priority 0 and 9
     redis_client.rpush("conveyor:9", "m3")
     # Only the Redis half: the figures of PostgreSQL are not asked for.
-    monitor = HealthMonitor(SimpleNamespace(settings=config.testing_settings(), redis=redis_client))  # type: ignore[arg-type]
+    rt = SimpleNamespace(settings=config.testing_settings(), redis=redis_client)
+    monitor = HealthMonitor(rt)  # type: ignore[arg-type]
     gathered = monitor.redis_figures.current().result(timeout=5)
     assert gathered.error is None and gathered.value is not None
     figures = gathered.value
