@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def cancel_listener_connection(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, socket_connect_timeout=2, health_check_interval=10)
+
+
 class ActiveJobs:
-    def __init__(self) -> None:
+    def __init__(self, connect: Callable[[str], redis.Redis] = cancel_listener_connection) -> None:
+        # Opens the cancel listener's connection, one of its own: a subscribed connection can
+        # serve no other command. The unit tests pass fakeredis's.
+        self._connect = connect
         self._lock = threading.Lock()
         self._jobs: dict[uuid.UUID, JobContext] = {}
         self._started = False
@@ -120,9 +128,7 @@ class ActiveJobs:
         with app.app_context():
             rt = runtime()
             while True:
-                client = redis.Redis.from_url(
-                    rt.settings.redis_url, socket_connect_timeout=2, health_check_interval=10
-                )
+                client = self._connect(rt.settings.redis_url)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 try:
                     pubsub.subscribe(CANCEL_CHANNEL)
