@@ -10,6 +10,7 @@ from flask_cors import CORS
 from app.api import health, jobs, problems, realtime, system
 from app.api.spec import Api
 from app.config import Settings
+from app.jobs.payloads import EventEnvelope
 from app.kinds import KINDS
 
 PREFIX = jobs.PREFIX
@@ -28,6 +29,7 @@ def build_api() -> Api:
     system.register(api)
     realtime.register(api)
     api.extra_schemas.extend(kind.Input for kind in KINDS.values())
+    api.extra_schemas.append(EventEnvelope)
     document = None
 
     @blueprint.get("/openapi.json")

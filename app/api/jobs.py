@@ -221,7 +221,7 @@ def register(api: Api) -> None:  # noqa: PLR0915 - one place that lists every ro
         last_seq = max([job.last_seq, *(item["seq"] for item in items)])
         return json_response(
             EventPage(
-                items=[EventOut(**item) for item in items],
+                items=[EventOut.model_validate(item) for item in items],
                 source=source,
                 last_seq=last_seq,
                 status=JobStatus(job.status),

@@ -31,12 +31,12 @@ from pydantic import (
     create_model,
 )
 
-from app.jobs.states import EventType, JobStatus
+from app.jobs.states import EventType
 
 # Timestamps inside a payload are written by `datetime.isoformat()` ("…+00:00"), as they always
 # were, not in pydantic's own format ("…Z").
 IsoDatetime = Annotated[AwareDatetime, PlainSerializer(datetime.isoformat, return_type=str)]
-Progress = Annotated[float, Field(ge=0, le=100, description="0 to 100")]
+Progress = Annotated[float, Field(ge=0, le=100)]
 
 
 def _is_absent(value: object) -> bool:
@@ -107,7 +107,7 @@ class ProgressPayload(EventPayload):
 
     event_type = EventType.PROGRESS
 
-    progress: Progress
+    progress: Progress = Field(description="percent done, rounded to 2 places")
 
 
 class OutputDeltaPayload(EventPayload):
@@ -117,12 +117,12 @@ class OutputDeltaPayload(EventPayload):
     event_type = EventType.OUTPUT_DELTA
 
     text: str = Field(description="the next piece of the output")
-    progress: Progress
+    progress: Progress = Field(description="percent done, rounded to 2 places")
 
 
 class LogPayload(EventPayload):
-    """A line of the job's log (GET /jobs/{id}/log). Any further fields are the kind's own
-    structured fields, each a JSON value."""
+    """A line of the job's log (also served by GET /jobs/{id}/logs). Any further fields are
+    the kind's own, each a JSON value."""
 
     model_config = ConfigDict(extra="allow")
     __pydantic_extra__: dict[str, JsonValue] = Field(init=False)
@@ -130,7 +130,7 @@ class LogPayload(EventPayload):
     event_type = EventType.LOG
 
     level: str = Field(description="a logging level name: debug, info, warning, error")
-    message: str
+    message: str = Field(description="the line, for people")
 
 
 class RetryingPayload(EventPayload):
@@ -145,7 +145,7 @@ class RetryingPayload(EventPayload):
     worker: str | None = absent_unless_given("with `reason`: the worker that stopped answering")
     delay: float = Field(ge=0, description="seconds until the next attempt")
     retry_at: IsoDatetime = Field(description="when the next attempt may start")
-    error: EventError
+    error: EventError = Field(description="why the attempt failed")
 
 
 def replayed_output() -> Any:
@@ -156,40 +156,33 @@ def replayed_output() -> Any:
     )
 
 
-class _Terminal(EventPayload):
-    status: ClassVar[JobStatus]
-
-
-class SucceededPayload(_Terminal):
+class SucceededPayload(EventPayload):
     """The job's result is stored. Nothing follows."""
 
     event_type = EventType.SUCCEEDED
-    status = JobStatus.SUCCEEDED
 
     attempt: int = Field(ge=1, description="the attempt that succeeded")
     output: dict[str, Any] | None = replayed_output()
 
 
-class FailedPayload(_Terminal):
+class FailedPayload(EventPayload):
     """The job failed for good. Nothing follows."""
 
     event_type = EventType.FAILED
-    status = JobStatus.FAILED
 
     reason: Literal["worker_lost"] | None = absent_unless_given(
         "only when the sweeper failed the job: its last attempt's worker stopped answering"
     )
     attempt: int = Field(ge=1, description="the last attempt")
     worker: str | None = absent_unless_given("with `reason`: the worker that stopped answering")
-    error: EventError
+    error: EventError = Field(description="why the job failed")
     output: dict[str, Any] | None = replayed_output()
 
 
-class CanceledPayload(_Terminal):
+class CanceledPayload(EventPayload):
     """The job was canceled. Nothing follows."""
 
     event_type = EventType.CANCELED
-    status = JobStatus.CANCELED
 
     reason: Literal["requested", "worker_lost"] = Field(
         description="`requested` by its owner; `worker_lost` when a cancel was pending as its "

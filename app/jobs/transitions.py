@@ -37,7 +37,7 @@ from app.jobs.payloads import (
     StartedPayload,
     TerminalPayload,
 )
-from app.jobs.states import TERMINAL, JobStatus
+from app.jobs.states import TERMINAL, TERMINAL_STATUSES, JobStatus
 from app.models import Job
 from app.runtime import runtime
 
@@ -228,8 +228,9 @@ def delete_job(owner: str, job_id: uuid.UUID) -> None:
 def _finish_unleased(session: Session, job: Job, payload: TerminalPayload, **values: Any) -> Event:
     """Terminal transition of a job no worker holds (row locked by the caller)."""
     at = now()
+    status = TERMINAL_STATUSES[payload.event_type]
     return _transition_unleased(
-        session, job, payload, status=payload.status.value, finished_at=at, updated_at=at, **values
+        session, job, payload, status=status.value, finished_at=at, updated_at=at, **values
     )
 
 
@@ -341,7 +342,7 @@ def finish_job(claim: Claim, seq: int, payload: TerminalPayload, **values: Any) 
         claim,
         seq,
         payload,
-        status=payload.status.value,
+        status=TERMINAL_STATUSES[payload.event_type].value,
         finished_at=None,
         lease_expires_at=None,
         **values,
