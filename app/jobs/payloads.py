@@ -119,6 +119,11 @@ class OutputDeltaPayload(EventPayload):
     text: str = Field(description="the next piece of the output")
     progress: Progress = Field(description="percent done, rounded to 2 places")
 
+    def as_data(self) -> dict[str, Any]:
+        # The hot path (one per coalesced delta): a third of model_dump's cost. A unit test
+        # holds it equal to model_dump.
+        return {"text": self.text, "progress": self.progress}
+
 
 class LogPayload(EventPayload):
     """A line of the job's log (also served by GET /jobs/{id}/logs). Any further fields are
