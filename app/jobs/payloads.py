@@ -9,8 +9,6 @@ docs/events.md and the dashboard's app/web/static/events.js are generated from i
 - a field declared with `absent_unless_given` is sent only when it has a value: the sweeper's
   `reason` and `worker` on `job.retrying`, say, which a worker's own retry has not. Such a
   field is never `null` on the wire.
-
-Money would be a string formatted like the API's `usd` (8 places); no event carries any today.
 """
 
 from __future__ import annotations
