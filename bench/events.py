@@ -94,20 +94,16 @@ def emit_deltas(
     os.environ.update(env)
     from app import create_app
     from app.jobs.events import Event
-    from app.jobs.states import EventType
+    from app.jobs.payloads import OutputDeltaPayload
     from app.runtime import runtime
 
     app = create_app()
     with app.app_context():
         bus = runtime().bus
         for i in paced(rate, count):
-            event = Event(
-                uuid.UUID(job_id),
-                owner,
-                first_seq + i,
-                EventType.OUTPUT_DELTA,
-                {"text": "x", "t": time.time()},
-            )
+            # Each delta's text is its send time: the receivers count distinct ones.
+            delta = OutputDeltaPayload(text=repr(time.time()), progress=0.0)
+            event = Event(uuid.UUID(job_id), owner, first_seq + i, delta)
             bus.publish_later([event], on_refused=lambda _event: None)
         # The last batch is on the publisher thread: a durable call waits behind it.
         bus.publish([])
@@ -214,7 +210,7 @@ def run_socket(services: Services, web_url: str, target: Target, rate: int, coun
 
     received = Received()
     client = socketio.Client(reconnection=False)
-    client.on("job_event", lambda event: received.add(event["data"]["t"]))
+    client.on("job_event", lambda event: received.add(event["data"]["text"]))
     client.connect(web_url, auth={"api_key": target.key}, transports=["websocket"], wait_timeout=10)
     ack = client.call(
         "subscribe", {"job_id": target.job_id, "after_seq": target.next_seq - 1}, timeout=10
@@ -262,7 +258,7 @@ async def _fanout_clients(
 
     async def one() -> None:
         client = socketio.AsyncClient(reconnection=False)
-        client.on("job_event", lambda event: received.add(event["data"]["t"]))
+        client.on("job_event", lambda event: received.add(event["data"]["text"]))
         await client.connect(
             web_url, auth={"api_key": target.key}, transports=["websocket"], wait_timeout=20
         )

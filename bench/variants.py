@@ -98,7 +98,8 @@ def _core_insert() -> None:
 
     from app.jobs import transitions
     from app.jobs.events import Event
-    from app.jobs.states import EventType, JobStatus
+    from app.jobs.payloads import QueuedPayload
+    from app.jobs.states import JobStatus
     from app.models import Job, JobEvent
     from app.runtime import runtime
 
@@ -127,14 +128,20 @@ def _core_insert() -> None:
             "updated_at": started,
             "dispatched_at": started,
         }
-        data = {"kind": kind, "retry_of": None if row["retry_of"] is None else str(row["retry_of"])}
-        event = Event(job_id, kw["owner"], 1, EventType.QUEUED, data, started)
+        queued = QueuedPayload(kind=kind, retry_of=row["retry_of"])
+        event = Event(job_id, kw["owner"], 1, queued, started)
         assert rt.db.engine is not None
         with rt.db.engine.begin() as conn:
             stored = conn.execute(insert_job, row).one()
             conn.execute(
                 insert_event,
-                {"job_id": job_id, "seq": 1, "type": str(event.type), "at": started, "data": data},
+                {
+                    "job_id": job_id,
+                    "seq": 1,
+                    "type": str(event.type),
+                    "at": started,
+                    "data": event.data,
+                },
             )
         rt.bus.publish([event])
         transitions.dispatch(job_id, priority)

@@ -22,6 +22,7 @@ from sqlalchemy import func
 
 from app import create_app
 from app.config import Settings, testing_settings
+from app.jobs.payloads import QueuedPayload
 from app.migrate import upgrade
 from app.models import Job, JobEvent
 from app.runtime import runtime
@@ -182,7 +183,10 @@ def undispatched_job(
                 dispatched_at=func.now() - dispatched_ago,
             )
         )
-        session.add(JobEvent(job_id=job_id, seq=1, type="job.queued", data={}))
+        queued = QueuedPayload(kind=kind, retry_of=None)
+        session.add(
+            JobEvent(job_id=job_id, seq=1, type=queued.event_type.value, data=queued.as_data())
+        )
     return job_id
 
 

@@ -222,7 +222,7 @@ def list_events(job_id: uuid.UUID, query: EventsQuery) -> Response:
     last_seq = max([job.last_seq, *(item["seq"] for item in items)])
     return json_response(
         EventPage(
-            items=[EventOut(**item) for item in items],
+            items=[EventOut.model_validate(item) for item in items],
             source=source,
             last_seq=last_seq,
             status=JobStatus(job.status),

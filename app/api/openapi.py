@@ -9,6 +9,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, render_templ
 from pydantic import BaseModel
 
 from app.api import spec
+from app.jobs.payloads import EventEnvelope
 from app.kinds import KINDS
 
 bp = Blueprint("openapi", __name__, template_folder="templates")
@@ -18,8 +19,9 @@ VERSION = "1"
 EXTENSION_KEY = "conveyor.openapi"
 
 # Models the document describes though no operation names them: each kind's input, the shape
-# `JobCreate.input` takes (see link_kind_inputs).
-extra_schemas: list[type[BaseModel]] = [kind.Input for kind in KINDS.values()]
+# `JobCreate.input` takes (see link_kind_inputs), and the envelope of every event with its
+# payload, the shape of Socket.IO and SSE messages.
+extra_schemas: list[type[BaseModel]] = [*(kind.Input for kind in KINDS.values()), EventEnvelope]
 
 
 @bp.get("/openapi.json")

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.jobs.events import MAX_SEQ
+from app.jobs.payloads import EventEnvelope
 from app.jobs.states import JobStatus
 from app.models import Job
 
@@ -137,17 +138,8 @@ class JobListQuery(BaseModel):
     cursor: str | None = Field(None, max_length=200)
 
 
-class EventOut(BaseModel):
-    job_id: uuid.UUID
-    seq: int
-    prev: int | None = Field(
-        None,
-        description="Only on events served from PostgreSQL, which has no token deltas: the "
-        "seq of the event before this one, so a client can tell a hole from a missing event",
-    )
-    type: str
-    at: datetime
-    data: dict[str, Any]
+# One event: the envelope of app/jobs/payloads.py, whose `data` is its type's payload model.
+EventOut = EventEnvelope
 
 
 class EventsQuery(BaseModel):

@@ -35,8 +35,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-TERMINAL = {"succeeded", "failed", "canceled"}
-TERMINAL_EVENTS = {f"job.{status}" for status in TERMINAL}
+from app.jobs.states import TERMINAL, TERMINAL_STATUSES, EventType, JobStatus
+
 SUBMIT_ATTEMPTS = 5
 # A gateway's answers when it lost the API behind it: the request may or may not have arrived.
 GATEWAY_ERRORS = {502, 503, 504}
@@ -115,7 +115,7 @@ class Api:
                             continue
                         last_seq, failures = event["seq"], 0
                         yield event
-                        if event["type"] in TERMINAL_EVENTS:
+                        if event["type"] in TERMINAL_STATUSES:
                             return
             except httpx.HTTPError as exc:
                 failures += 1
@@ -201,7 +201,7 @@ def submit(
         return
     console.print(f"[dim]job {job['id']} queued[/dim]")
     final = follow_job(api, job["id"])
-    sys.exit(0 if final["status"] == "succeeded" else 1)
+    sys.exit(0 if final["status"] == JobStatus.SUCCEEDED else 1)
 
 
 @main.group()
@@ -249,7 +249,7 @@ def show(api: Api, job_id: str) -> None:
 @click.pass_obj
 def cancel(api: Api, job_id: str) -> None:
     job = api.request("POST", f"/jobs/{job_id}/cancel")
-    state = "cancel requested" if job["status"] == "running" else job["status"]
+    state = "cancel requested" if job["status"] == JobStatus.RUNNING else job["status"]
     click.echo(f"job {job_id}: {state}")
 
 
@@ -258,7 +258,7 @@ def follow_job(api: Api, job_id: str) -> dict[str, Any]:
     progress and streamed text live; returns the finished job."""
     text = Text()
     progress = 0.0
-    status = "queued"
+    status = JobStatus.QUEUED.value
 
     def frame() -> Group:
         bar = ProgressBar(total=100, completed=progress, width=40)
@@ -268,28 +268,28 @@ def follow_job(api: Api, job_id: str) -> dict[str, Any]:
         for event in api.follow_events(job_id):
             data = event["data"]
             kind = event["type"]
-            if kind == "job.output.delta":
+            if kind == EventType.OUTPUT_DELTA:
                 text.append(data["text"])
                 progress = max(progress, data.get("progress", progress))
-            elif kind == "job.progress":
+            elif kind == EventType.PROGRESS:
                 progress = data["progress"]
-            elif kind == "job.started":
-                status, progress = "running", 0.0
+            elif kind == EventType.STARTED:
+                status, progress = JobStatus.RUNNING.value, 0.0
                 if data.get("attempt", 1) > 1:
                     text.append(f"\n[attempt {data['attempt']}]\n", style="yellow")
-            elif kind == "job.retrying":
+            elif kind == EventType.RETRYING:
                 status = "retrying"
                 text.append(
                     f"\n[{data['error']['code']}: retrying in {data['delay']:.1f} s]",
                     style="yellow",
                 )
-            elif kind == "job.succeeded":
-                status, progress = "succeeded", 100.0
-            elif kind in ("job.failed", "job.canceled"):
-                status = kind.split(".")[1]
+            elif kind == EventType.SUCCEEDED:
+                status, progress = JobStatus.SUCCEEDED.value, 100.0
+            elif kind in (EventType.FAILED, EventType.CANCELED):
+                status = TERMINAL_STATUSES[kind].value
             live.update(frame())
     job = api.request("GET", f"/jobs/{job_id}")
-    if not text.plain and job["status"] == "succeeded":
+    if not text.plain and job["status"] == JobStatus.SUCCEEDED:
         # The stream had expired: the stored result stands in for the deltas.
         output = api.request("GET", f"/jobs/{job_id}/result")["output"]
         console.print(output.get("text") or json.dumps(output, indent=2))

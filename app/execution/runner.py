@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from app.execution.leases import active_jobs
 from app.jobs import transitions
-from app.jobs.states import JobStatus
+from app.jobs.payloads import CanceledPayload, EventError, FailedPayload, SucceededPayload
 from app.jobs.transitions import LeaseLost
 from app.kinds import KindError, get_kind
 from app.kinds.context import JobCanceled, JobContext, JobTimedOut
@@ -73,8 +73,7 @@ def _run_attempt(ctx: JobContext) -> Outcome:
         output = kind.run(ctx, job_input)
         ctx.check()
         ctx.finish(
-            JobStatus.SUCCEEDED,
-            {"attempt": claim.attempt},
+            SucceededPayload(attempt=claim.attempt),
             output=output.model_dump(mode="json"),
             progress=100.0,
             error_code=None,
@@ -87,8 +86,7 @@ def _run_attempt(ctx: JobContext) -> Outcome:
     except JobCanceled:
         partial = "".join(ctx.text_so_far)
         ctx.finish(
-            JobStatus.CANCELED,
-            {"reason": "requested", "attempt": claim.attempt},
+            CanceledPayload(reason="requested", attempt=claim.attempt),
             output={"partial_text": partial} if partial else None,
         )
         return Outcome.CANCELED
@@ -129,8 +127,7 @@ def _model_failure(ctx: JobContext, exc: ModelError) -> Outcome:
 def _fail(ctx: JobContext, code: str, message: str) -> None:
     logger.warning("failed: %s: %s", code, message, extra={"job_id": ctx.job_id})
     ctx.finish(
-        JobStatus.FAILED,
-        {"attempt": ctx.attempt, "error": {"code": code, "message": message}},
+        FailedPayload(attempt=ctx.attempt, error=EventError(code=code, message=message)),
         error_code=code,
         error_message=message[:4000],
     )

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 import redis
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from app.batching import GroupCommit, WaitTimedOut
 from app.config import Settings
+from app.jobs.payloads import EventPayload
 from app.jobs.states import EPHEMERAL_EVENTS, TERMINAL_EVENTS, EventType
 from app.models import Job, JobEvent
 
@@ -52,12 +54,23 @@ def owner_room(owner: str) -> str:
 
 @dataclass(frozen=True)
 class Event:
+    """One event of one job. Its `data` comes from its payload model (payloads.py), which also
+    says its type: no publisher writes a payload dict by hand."""
+
     job_id: uuid.UUID
     owner: str
     seq: int
-    type: EventType
-    data: dict[str, Any] = field(default_factory=dict)
+    payload: EventPayload
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def type(self) -> EventType:
+        return self.payload.event_type
+
+    @cached_property
+    def data(self) -> dict[str, Any]:
+        # Cached: a state change writes it to PostgreSQL and then to Redis.
+        return self.payload.as_data()
 
     def envelope(self) -> dict[str, Any]:
         return {

@@ -31,7 +31,7 @@ from app.batching import GroupCommit
 from app.db import Database
 from app.jobs import sql
 from app.jobs.events import Event, EventBus
-from app.jobs.states import EventType
+from app.jobs.payloads import QueuedPayload
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,11 @@ class NewJob:
     model: str | None
     retry_of: uuid.UUID | None
     at: datetime
-    event: dict[str, Any]
+
+    def queued_event(self) -> Event:
+        """The job's first event (seq 1), stored with the row and then published."""
+        payload = QueuedPayload(kind=self.kind, retry_of=self.retry_of)
+        return Event(self.id, self.owner, 1, payload, self.at)
 
 
 # What the intake gives back for one job: its row, None when its Idempotency-Key was already
@@ -88,12 +92,7 @@ class JobIntake:
         stored = self._store(batch)
         created = [job for job, row in zip(batch, stored, strict=True) if isinstance(row, Row)]
         if created:
-            self._bus.publish(
-                [
-                    Event(job.id, job.owner, 1, EventType.QUEUED, job.event, job.at)
-                    for job in created
-                ]
-            )
+            self._bus.publish([job.queued_event() for job in created])
             self._dispatch(created)
         return stored
 
@@ -108,13 +107,18 @@ class JobIntake:
         return [rows.get(job.id) for job in batch]
 
     def _insert(self, batch: Sequence[NewJob]) -> dict[uuid.UUID, Row[Any]]:
-        payload = json.dumps(
-            [{**vars(job), "ord": position} for position, job in enumerate(batch)],
+        jobs = json.dumps(
+            [
+                {**vars(job), "event": job.queued_event().data, "ord": position}
+                for position, job in enumerate(batch)
+            ],
             default=str,
             separators=(",", ":"),
         )
         with self._db.engine.begin() as connection:
-            rows = connection.execute(sql.CREATE, {"jobs": payload}).all()
+            rows = connection.execute(
+                sql.CREATE, {"jobs": jobs, "event_type": QueuedPayload.event_type.value}
+            ).all()
         return {row.id: row for row in rows}
 
     def _dispatch(self, jobs: list[NewJob]) -> None:

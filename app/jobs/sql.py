@@ -14,8 +14,9 @@ from functools import lru_cache
 from sqlalchemy import TextClause, text
 
 # Any number of jobs (a group commit of concurrent POSTs) with their job.queued events, in one
-# statement: the rows travel as one JSON array. An Idempotency-Key already used by the owner
-# (in the table or earlier in the same array) inserts nothing and returns no row.
+# statement: the rows travel as one JSON array, each with its event's payload (`event`). An
+# Idempotency-Key already used by the owner (in the table or earlier in the same array) inserts
+# nothing and returns no row.
 CREATE = text("""
 WITH new AS (
     SELECT * FROM jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(
@@ -33,11 +34,14 @@ WITH new AS (
     RETURNING *
 ), queued AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
-    SELECT job.id, 1, 'job.queued', new.at, new.event FROM job JOIN new ON new.id = job.id
+    SELECT job.id, 1, :event_type, new.at, new.event FROM job JOIN new ON new.id = job.id
 )
 SELECT * FROM job
 """)
 
+# `data` is the job.started payload as its model (payloads.StartedPayload) writes it; the
+# statement only puts in the attempt number, which nobody knows before the compare-and-set
+# has won.
 CLAIM = text("""
 WITH claimed AS (
     UPDATE jobs
@@ -50,8 +54,7 @@ WITH claimed AS (
     RETURNING id, owner, kind, input, attempt, max_attempts, priority, model, last_seq
 ), started AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
-    SELECT id, last_seq, 'job.started', :at,
-           jsonb_build_object('attempt', attempt, 'worker', CAST(:worker AS text))
+    SELECT id, last_seq, :type, :at, jsonb_set(CAST(:data AS jsonb), '{attempt}', to_jsonb(attempt))
     FROM claimed
 )
 SELECT * FROM claimed

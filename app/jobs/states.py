@@ -37,3 +37,4 @@ TERMINAL_EVENTS = {
     JobStatus.FAILED: EventType.FAILED,
     JobStatus.CANCELED: EventType.CANCELED,
 }
+TERMINAL_STATUSES = {event_type: status for status, event_type in TERMINAL_EVENTS.items()}

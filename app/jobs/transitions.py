@@ -28,13 +28,23 @@ from sqlalchemy.orm import Session
 from app.jobs import presence, sql
 from app.jobs.events import Event, record_event
 from app.jobs.intake import RUN_JOB_TASK, NewJob, task_priority
-from app.jobs.states import TERMINAL, TERMINAL_EVENTS, EventType, JobStatus
+from app.jobs.payloads import (
+    CanceledPayload,
+    EventError,
+    EventPayload,
+    FailedPayload,
+    RetryingPayload,
+    StartedPayload,
+    TerminalPayload,
+)
+from app.jobs.states import TERMINAL, TERMINAL_STATUSES, JobStatus
 from app.models import Job
 from app.runtime import runtime
 
 logger = logging.getLogger(__name__)
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+WORKER_LOST = "worker_lost"
 
 
 class JobError(Exception):
@@ -106,7 +116,6 @@ def create_job(
             model=model or rt.settings.model_for(kind),
             retry_of=retry_of,
             at=now(),
-            event={"kind": kind, "retry_of": _str(retry_of)},
         )
     )
     if row is None:
@@ -171,7 +180,7 @@ def cancel_job(owner: str, job_id: uuid.UUID) -> Job:
         if status in TERMINAL:
             raise JobStateConflict(job, f"the job already {status.value}; it cannot be canceled")
         if status is JobStatus.QUEUED:
-            event = _finish_unleased(session, job, JobStatus.CANCELED, {"reason": "requested"})
+            event = _finish_unleased(session, job, CanceledPayload(reason="requested"))
         else:
             job.cancel_requested_at = job.cancel_requested_at or now()
             job.updated_at = now()
@@ -216,20 +225,25 @@ def delete_job(owner: str, job_id: uuid.UUID) -> None:
     rt.bus.delete_stream(job_id)
 
 
-def _finish_unleased(
-    session: Session, job: Job, status: JobStatus, data: dict[str, Any], **values: Any
-) -> Event:
+def _finish_unleased(session: Session, job: Job, payload: TerminalPayload, **values: Any) -> Event:
     """Terminal transition of a job no worker holds (row locked by the caller)."""
-    job.status = status.value
-    job.finished_at = job.updated_at = now()
+    at = now()
+    status = TERMINAL_STATUSES[payload.event_type]
+    return _transition_unleased(
+        session, job, payload, status=status.value, finished_at=at, updated_at=at, **values
+    )
+
+
+def _transition_unleased(session: Session, job: Job, payload: EventPayload, **values: Any) -> Event:
+    """A transition of a job no worker holds (row locked by the caller): `values` are set on
+    the row, and the event is appended at the next seq."""
+    job.updated_at = now()
     job.lease_expires_at = None
     job.last_seq += 1
     for name, value in values.items():
         setattr(job, name, value)
     session.flush()
-    return record_event(
-        session, Event(job.id, job.owner, job.last_seq, TERMINAL_EVENTS[status], data)
-    )
+    return record_event(session, Event(job.id, job.owner, job.last_seq, payload))
 
 
 # The worker's side ----------------------------------------------------------------------------
@@ -253,6 +267,9 @@ def claim_job(job_id: uuid.UUID, worker: str) -> Claim | None:
     a canceled or deleted job. The caller acknowledges and does nothing."""
     rt = runtime()
     at = now()
+    # The new attempt's number is known only once the compare-and-set has won: the statement
+    # writes it into this payload (the `attempt` placeholder is replaced).
+    template = StartedPayload(attempt=1, worker=worker)
     with rt.db.engine.begin() as connection:
         row = connection.execute(
             sql.CLAIM,
@@ -261,6 +278,8 @@ def claim_job(job_id: uuid.UUID, worker: str) -> Claim | None:
                 "worker": worker,
                 "at": at,
                 "lease_seconds": rt.settings.lease_seconds,
+                "type": template.event_type.value,
+                "data": _json(template.as_data()),
             },
         ).one_or_none()
     if row is None:
@@ -276,42 +295,32 @@ def claim_job(job_id: uuid.UUID, worker: str) -> Claim | None:
         row.model,
         row.last_seq,
     )
-    rt.bus.publish(
-        [
-            Event(
-                job_id,
-                claim.owner,
-                claim.seq,
-                EventType.STARTED,
-                {"attempt": claim.attempt, "worker": worker},
-                at,
-            )
-        ]
-    )
+    started = StartedPayload(attempt=claim.attempt, worker=worker)
+    rt.bus.publish([Event(job_id, claim.owner, claim.seq, started, at)])
     return claim
 
 
 def fenced_update(
     claim: Claim,
     seq: int,
-    event_type: EventType | str,
-    data: dict[str, Any],
+    payload: EventPayload,
     *,
     calls: list[dict[str, Any]] | None = None,
     **values: Any,
 ) -> Event:
-    """One write of the lease holder: its state change, its event and the model calls made
-    since its last write, in one statement; LeaseLost if its attempt no longer holds the job.
-    `finished_at` and `lease_expires_at` are set to now() and NULL whatever value is given."""
+    """One write of the lease holder: its state change, its event (of the payload's type) and
+    the model calls made since its last write, in one statement; LeaseLost if its attempt no
+    longer holds the job. `finished_at` and `lease_expires_at` are set to now() and NULL
+    whatever value is given."""
     rt = runtime()
-    event = Event(claim.job_id, claim.owner, seq, event_type, data)  # type: ignore[arg-type]
+    event = Event(claim.job_id, claim.owner, seq, payload)
     params = {
         "job_id": claim.job_id,
         "attempt": claim.attempt,
         "seq": seq,
-        "type": str(event_type),
+        "type": event.type.value,
         "at": event.at,
-        "data": _json(data),
+        "data": _json(event.data),
         **_calls_params(calls or []),
     }
     for column, value in values.items():
@@ -327,15 +336,13 @@ def fenced_update(
     return event
 
 
-def finish_job(
-    claim: Claim, seq: int, status: JobStatus, data: dict[str, Any], **values: Any
-) -> Event:
+def finish_job(claim: Claim, seq: int, payload: TerminalPayload, **values: Any) -> Event:
+    """The attempt's outcome: the job ends in the status of the payload's event type."""
     return fenced_update(
         claim,
         seq,
-        TERMINAL_EVENTS[status],
-        data,
-        status=status.value,
+        payload,
+        status=TERMINAL_STATUSES[payload.event_type].value,
         finished_at=None,
         lease_expires_at=None,
         **values,
@@ -350,27 +357,36 @@ def schedule_retry(
     message: str,
     calls: list[dict[str, Any]] | None = None,
 ) -> Event:
-    retry_at = now() + timedelta(seconds=delay)
-    event = fenced_update(
-        claim,
-        seq,
-        EventType.RETRYING,
-        {
-            "attempt": claim.attempt,
-            "delay": round(delay, 3),
-            "retry_at": retry_at.isoformat(),
-            "error": {"code": code, "message": message},
-        },
-        calls=calls,
-        status=JobStatus.QUEUED.value,
-        retry_at=retry_at,
-        lease_expires_at=None,
-        dispatched_at=retry_at,
-        error_code=code,
-        error_message=message,
-    )
+    payload, values = _retry_transition(claim.attempt, delay, code, message)
+    event = fenced_update(claim, seq, payload, calls=calls, **values)
     dispatch(claim.job_id, claim.priority, countdown=delay)
     return event
+
+
+def _retry_transition(
+    attempt: int, delay: float, code: str, message: str, lost_worker: str | None = None
+) -> tuple[RetryingPayload, dict[str, Any]]:
+    """Back to queued for another attempt in `delay` seconds: the `job.retrying` payload and
+    the row's new values, for the worker's own retry (a fenced write) and for the sweeper's
+    retry of a job whose worker was lost (`lost_worker`, an ORM write)."""
+    retry_at = now() + timedelta(seconds=delay)
+    payload = RetryingPayload(
+        reason="worker_lost" if lost_worker is not None else None,
+        attempt=attempt,
+        worker=lost_worker,
+        delay=round(delay, 3),
+        retry_at=retry_at,
+        error=EventError(code=code, message=message),
+    )
+    values = {
+        "status": JobStatus.QUEUED.value,
+        "retry_at": retry_at,
+        "lease_expires_at": None,
+        "dispatched_at": retry_at,
+        "error_code": code,
+        "error_message": message,
+    }
+    return payload, values
 
 
 def retry_delay(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
@@ -481,20 +497,23 @@ def _recover_expired_leases(report: SweepReport, batch: int) -> None:
         for job in expired:
             # The lost worker may have streamed deltas past the last seq it wrote here.
             job.last_seq = max(job.last_seq, rt.bus.stream_tail_seq(job.id))
-            lost = {"reason": "worker_lost", "attempt": job.attempt, "worker": job.worker}
             if job.cancel_requested_at is not None:
-                events.append(_finish_unleased(session, job, JobStatus.CANCELED, lost))
+                canceled = CanceledPayload(
+                    reason="worker_lost", attempt=job.attempt, worker=job.worker
+                )
+                events.append(_finish_unleased(session, job, canceled))
                 report.canceled += 1
             elif job.attempt >= job.max_attempts:
                 message = f"the worker running attempt {job.attempt} stopped answering"
+                failed = FailedPayload(
+                    reason="worker_lost",
+                    attempt=job.attempt,
+                    worker=job.worker,
+                    error=EventError(code=WORKER_LOST, message=message),
+                )
                 events.append(
                     _finish_unleased(
-                        session,
-                        job,
-                        JobStatus.FAILED,
-                        {**lost, "error": {"code": "worker_lost", "message": message}},
-                        error_code="worker_lost",
-                        error_message=message,
+                        session, job, failed, error_code=WORKER_LOST, error_message=message
                     )
                 )
                 report.failed += 1
@@ -502,29 +521,14 @@ def _recover_expired_leases(report: SweepReport, batch: int) -> None:
                 delay = retry_delay(
                     job.attempt, rt.settings.retry_base_delay, rt.settings.retry_max_delay
                 )
-                job.status = JobStatus.QUEUED.value
-                job.lease_expires_at = None
-                job.retry_at = job.dispatched_at = now() + timedelta(seconds=delay)
-                job.updated_at = now()
-                job.last_seq += 1
-                job.error_code, job.error_message = "worker_lost", "the worker stopped answering"
-                events.append(
-                    record_event(
-                        session,
-                        Event(
-                            job.id,
-                            job.owner,
-                            job.last_seq,
-                            EventType.RETRYING,
-                            {
-                                **lost,
-                                "delay": round(delay, 3),
-                                "retry_at": job.retry_at.isoformat(),
-                                "error": {"code": "worker_lost", "message": job.error_message},
-                            },
-                        ),
-                    )
+                payload, values = _retry_transition(
+                    job.attempt,
+                    delay,
+                    WORKER_LOST,
+                    "the worker stopped answering",
+                    lost_worker=job.worker,
                 )
+                events.append(_transition_unleased(session, job, payload, **values))
                 to_dispatch.append((job.id, job.priority, delay))
                 report.recovered += 1
     rt.bus.publish(events)
@@ -619,7 +623,3 @@ def failures_by_code(session: Session, window: timedelta) -> dict[str, int]:
         .order_by(func.count().desc())
     ).all()
     return {code: count for code, count in rows}
-
-
-def _str(value: object | None) -> str | None:
-    return None if value is None else str(value)

@@ -18,7 +18,13 @@ from typing import Any
 from app.config import Settings
 from app.jobs import transitions
 from app.jobs.events import Event
-from app.jobs.states import EventType, JobStatus
+from app.jobs.payloads import (
+    EventPayload,
+    LogPayload,
+    OutputDeltaPayload,
+    ProgressPayload,
+    TerminalPayload,
+)
 from app.jobs.transitions import Claim, LeaseLost
 from app.llm.client import CallRecord, Completion, Interrupted, ModelClient
 from app.runtime import Runtime
@@ -125,13 +131,8 @@ class JobContext:
         text = "".join(self._pending)
         self._pending.clear()
         self._last_flush = time.monotonic()
-        event = Event(
-            self.job_id,
-            self.claim.owner,
-            self.next_seq(),
-            EventType.OUTPUT_DELTA,
-            {"text": text, "progress": round(self._progress, 2)},
-        )
+        delta = OutputDeltaPayload(text=text, progress=round(self._progress, 2))
+        event = Event(self.job_id, self.claim.owner, self.next_seq(), delta)
         self._rt.bus.publish_later([event], on_refused=self._delta_refused)
 
     def _delta_refused(self, event: Event) -> None:
@@ -150,36 +151,28 @@ class JobContext:
             transitions.fenced_update(
                 self.claim,
                 self.next_seq(),
-                EventType.PROGRESS,
-                {"progress": round(self._progress, 2)},
+                ProgressPayload(progress=round(self._progress, 2)),
                 calls=self.take_calls(),
                 progress=self._progress,
             )
 
     def log(self, message: str, level: str = "info", **fields: Any) -> None:
-        self.flush()
-        transitions.fenced_update(
-            self.claim,
-            self.next_seq(),
-            EventType.LOG,
-            {"level": level, "message": message, **fields},
-            calls=self.take_calls(),
-        )
+        """A line of the job's log; `fields` (JSON values) are stored with it."""
+        self.emit(LogPayload(level=level, message=message, **fields))
         logger.log(logging.getLevelName(level.upper()), message, extra={"job_id": self.job_id})
 
-    def emit(self, event_type: str, data: dict[str, Any]) -> None:
-        """A kind-specific durable event (e.g. `character.section`)."""
+    def emit(self, payload: EventPayload) -> None:
+        """A durable event. A kind that needs an event of its own (e.g. `character.section`)
+        adds its type to `EventType` and its model to app/jobs/payloads.py."""
         self.flush()
-        transitions.fenced_update(
-            self.claim, self.next_seq(), event_type, data, calls=self.take_calls()
-        )
+        transitions.fenced_update(self.claim, self.next_seq(), payload, calls=self.take_calls())
 
     # What the runner calls --------------------------------------------------------------------
 
-    def finish(self, status: JobStatus, data: dict[str, Any], **values: Any) -> None:
+    def finish(self, payload: TerminalPayload, **values: Any) -> None:
         self.flush()
         transitions.finish_job(
-            self.claim, self.next_seq(), status, data, calls=self.take_calls(), **values
+            self.claim, self.next_seq(), payload, calls=self.take_calls(), **values
         )
         self.done = True
 

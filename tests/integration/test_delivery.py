@@ -13,7 +13,7 @@ from sqlalchemy import func, select, update
 
 from app.jobs import transitions
 from app.jobs.events import stream_key
-from app.jobs.states import EventType, JobStatus
+from app.jobs.payloads import ProgressPayload, SucceededPayload
 from app.models import Job, ModelCall
 from app.queue import QUEUE
 from app.runtime import runtime
@@ -128,12 +128,13 @@ def test_a_stale_attempt_cannot_write(tenant: Tenant) -> None:
     report = transitions.sweep()
     assert report.recovered >= 1
     with pytest.raises(transitions.LeaseLost):
-        transitions.fenced_update(
-            stale, stale.seq + 1, EventType.PROGRESS, {"progress": 50}, progress=50.0
-        )
+        transitions.fenced_update(stale, stale.seq + 1, ProgressPayload(progress=50), progress=50.0)
     with pytest.raises(transitions.LeaseLost):
         transitions.finish_job(
-            stale, stale.seq + 2, JobStatus.SUCCEEDED, {}, output={"text": "stale"}
+            stale,
+            stale.seq + 2,
+            SucceededPayload(attempt=stale.attempt),
+            output={"text": "stale"},
         )
     job = tenant.wait_for(str(job_id))
     assert job["status"] == "succeeded" and job["attempt"] == 2

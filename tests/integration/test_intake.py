@@ -36,7 +36,6 @@ def new_job(owner: str, *, key: str | None = None, retry_of: uuid.UUID | None = 
         model=runtime().settings.model_for("chat"),
         retry_of=retry_of,
         at=transitions.now(),
-        event={"kind": "chat", "retry_of": None},
     )
 
 

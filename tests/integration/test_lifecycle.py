@@ -313,12 +313,12 @@ def test_socketio_messages_match_what_the_python_socketio_emitter_publishes(app)
     from flask_socketio import SocketIO
 
     from app.jobs.events import SOCKETIO_CHANNEL, Event
-    from app.jobs.states import EventType
+    from app.jobs.payloads import QueuedPayload
 
     rt = runtime()
     pubsub = rt.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(SOCKETIO_CHANNEL)
-    event = Event(uuid.uuid4(), "owner-x", 1, EventType.QUEUED, {"kind": "chat"})
+    event = Event(uuid.uuid4(), "owner-x", 1, QueuedPayload(kind="chat", retry_of=None))
     try:
         rt.bus.publish([event])
         emitter = SocketIO(message_queue=rt.settings.redis_url, channel=SOCKETIO_CHANNEL)

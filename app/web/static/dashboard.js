@@ -1,5 +1,6 @@
 // The dashboard: sign in with an API key, submit jobs from forms generated from each kind's
 // schema, watch the job list and a job's page live. No framework and no build step.
+import { EventType } from "./events.js";
 import { Live } from "./live.js";
 import { FieldError, renderForm, showFieldErrors } from "./schema-form.js";
 
@@ -235,26 +236,30 @@ function updateRow(row, status, progress) {
 }
 
 const EVENT_STATUS = {
-  "job.queued": "queued",
-  "job.started": "running",
-  "job.retrying": "queued",
-  "job.succeeded": "succeeded",
-  "job.failed": "failed",
-  "job.canceled": "canceled",
+  [EventType.QUEUED]: "queued",
+  [EventType.STARTED]: "running",
+  [EventType.RETRYING]: "queued",
+  [EventType.SUCCEEDED]: "succeeded",
+  [EventType.FAILED]: "failed",
+  [EventType.CANCELED]: "canceled",
 };
 
 // What each state change does to a row's progress bar: a new attempt starts from zero.
-const EVENT_PROGRESS = { "job.started": 0, "job.retrying": 0, "job.succeeded": 100 };
+const EVENT_PROGRESS = {
+  [EventType.STARTED]: 0,
+  [EventType.RETRYING]: 0,
+  [EventType.SUCCEEDED]: 100,
+};
 
 function onOwnerEvent(event) {
   // The owner's room: every job of this key changing state, for the list.
   const row = state.rows.get(event.job_id);
   const status = EVENT_STATUS[event.type];
-  if (row && event.type === "job.progress") updateRow(row, undefined, event.data.progress);
+  if (row && event.type === EventType.PROGRESS) updateRow(row, undefined, event.data.progress);
   else if (row && status) {
     updateRow(row, status, EVENT_PROGRESS[event.type]);
     if (TERMINAL.has(status)) state.live.watchRows(unfinishedRows());
-  } else if (!row && event.type === "job.queued" && state.page === 0 && !$("home").hidden) {
+  } else if (!row && event.type === EventType.QUEUED && state.page === 0 && !$("home").hidden) {
     refreshJobs(0); // a new job, perhaps from another tab: show it
   }
 }
@@ -316,7 +321,7 @@ function setProgress(progress) {
 async function applyEvent(jobId, event) {
   if (state.job?.id !== jobId) return;
   const data = event.data || {};
-  if (event.type === "job.output.delta") {
+  if (event.type === EventType.OUTPUT_DELTA) {
     $("job-output").append(data.text);
     if (data.progress !== undefined) setProgress(Math.max($("job-progress").value, data.progress));
     return;
@@ -325,16 +330,16 @@ async function applyEvent(jobId, event) {
   item.textContent = `#${event.seq} ${new Date(event.at).toLocaleTimeString()} ${event.type}`;
   if (data.error) item.textContent += ` — ${data.error.code}: ${data.error.message}`;
   $("job-timeline").append(item);
-  if (event.type === "job.progress") setProgress(data.progress);
-  if (event.type === "job.started") $("job-output").textContent = ""; // a new attempt's text
-  if (event.type === "job.log") loadLogs(jobId).catch(showSyncError);
+  if (event.type === EventType.PROGRESS) setProgress(data.progress);
+  if (event.type === EventType.STARTED) $("job-output").textContent = ""; // a new attempt's text
+  if (event.type === EventType.LOG) loadLogs(jobId).catch(showSyncError);
   if (event.type in EVENT_STATUS) {
     const job = await state.api.get(`/jobs/${jobId}`);
     if (state.job?.id !== jobId) return;
     state.job = job;
     renderJob(job);
     $("job-sync-error").textContent = "";
-    if (event.type === "job.succeeded" && !$("job-output").textContent) {
+    if (event.type === EventType.SUCCEEDED && !$("job-output").textContent) {
       // Replayed from PostgreSQL after the stream expired: the stored output stands in.
       const output = data.output ?? (await state.api.get(`/jobs/${jobId}/result`)).output;
       $("job-output").textContent = output.text ?? JSON.stringify(output, null, 2);

@@ -1,6 +1,8 @@
 // Live job events: one Socket.IO connection (WebSocket only), resumable by seq, with a REST
 // long-polling fallback when WebSockets are unavailable. See docs/events.md.
 
+import { EPHEMERAL_EVENTS } from "./events.js";
+
 /**
  * Applies each event once, in seq order, whatever order and however often it arrives. An event
  * follows the last applied one when its seq is the next, or when it was replayed from
@@ -163,7 +165,7 @@ export class Live {
     });
     this.socket.on("job_event", (event) => {
       if (this.watch && event.job_id === this.watch.jobId) this.watch.feed.accept(event);
-      if (event.type !== "job.output.delta") this.onOwnerEvent(event);
+      if (!EPHEMERAL_EVENTS.has(event.type)) this.onOwnerEvent(event);
       else if (this.rows.has(event.job_id)) this.onRowProgress(event.job_id, event.data.progress);
     });
     this.socket.io.on("reconnect_attempt", () => {
