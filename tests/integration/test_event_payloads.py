@@ -85,7 +85,7 @@ def _events_page(tenant: Tenant, job_id: str) -> dict[str, Any]:
 def scenarios(app: Flask, worker: object) -> Iterator[tuple[Tenant, dict[str, Scenario]]]:
     """Starts every scenario at once (the worker runs them side by side) and waits for all."""
     owner = f"tenant-{uuid.uuid4().hex[:10]}"
-    tenant = Tenant(owner, create_api_key(owner), app.test_client())
+    tenant = Tenant(owner, create_api_key(runtime().db, owner), app.test_client())
 
     def submit(kind: str, job_input: dict[str, Any]) -> str:
         return tenant.submit(kind, job_input)["id"]
