@@ -16,6 +16,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     from app.execution.leases import worker_heartbeat_step
     from app.jobs.events import EventBus
     from app.jobs.intake import JobIntake
+    from app.jobs.transitions import Jobs
     from app.llm.client import ModelClient
     from app.queue import make_celery
     from app.runtime import Runtime, build_redis
@@ -34,13 +35,15 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     bus = EventBus(settings, redis_client)
     celery = make_celery(app, settings)
     celery.steps["worker"].add(worker_heartbeat_step(app))
+    intake = JobIntake(db, bus, celery)
     Runtime(
         settings,
         db,
         redis_client,
         bus,
         celery,
-        JobIntake(db, bus, celery),
+        intake,
+        Jobs(settings, db, redis_client, bus, celery, intake),
         ModelClient(settings),
     ).init_app(app)
     api.init_app(app, settings)

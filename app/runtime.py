@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from app.db import Database
     from app.jobs.events import EventBus
     from app.jobs.intake import JobIntake
+    from app.jobs.transitions import Jobs
     from app.llm.client import ModelClient
 
 EXTENSION_KEY = "conveyor"
@@ -34,8 +35,10 @@ class Runtime:
     bus: EventBus
     celery: Celery
     intake: JobIntake
+    # Every transition that needs the clients above (app/jobs/transitions.py).
+    jobs: Jobs
     # Lazy: no network until the first call; one connection pool shared by every slot.
-    models: ModelClient
+    model_client: ModelClient
 
     def init_app(self, app: Flask) -> None:
         app.extensions[EXTENSION_KEY] = self
@@ -58,4 +61,10 @@ def build_redis(settings: Settings) -> redis.Redis:
 
 
 def runtime() -> Runtime:
-    return current_app.extensions[EXTENSION_KEY]
+    """This app's runtime, for the edges: views, Socket.IO handlers, Celery tasks and CLI
+    commands. Code below them is given what it uses."""
+    return runtime_of(current_app)
+
+
+def runtime_of(app: Flask) -> Runtime:
+    return app.extensions[EXTENSION_KEY]

@@ -131,12 +131,14 @@ def _init_creator(settings_values: dict[str, Any]) -> None:
 
 def create_batch(owner: str, prompts: list[str]) -> float:
     """create_job() for every prompt, in order; returns the CPU seconds it took."""
-    from app.jobs import transitions
+
+    from app.runtime import runtime_of
 
     began = time.process_time()
+    jobs = runtime_of(_creator_app).jobs
     with _creator_app.app_context():
         for prompt in prompts:
-            transitions.create_job(owner=owner, kind="chat", input={"prompt": prompt})
+            jobs.create_job(owner=owner, kind="chat", input={"prompt": prompt})
     # Idle pooled connections would show up as worker connections in pg_stat_activity.
     _creator_app.extensions["conveyor"].db.dispose()
     return time.process_time() - began

@@ -277,12 +277,12 @@ def _raw_dispatch_one(conn: Any, celery: Any, with_event: bool) -> None:
 def service_phase(
     settings_values: dict[str, Any], patches: list[str], window: Window
 ) -> LoadResult:
-    """transitions.create_job() in a loop inside an app context: the POST minus HTTP and view."""
+    """runtime().jobs.create_job() in a loop inside an app context: the POST minus HTTP and view."""
     os.environ["CONVEYOR_LOG_LEVEL"] = "WARNING"
     variants.apply(patches)
     from app import create_app
     from app.config import Settings
-    from app.jobs import transitions
+    from app.runtime import runtime
 
     app = create_app(Settings(**settings_values))
     result = LoadResult()
@@ -293,7 +293,7 @@ def service_phase(
             if cpu_before is None and now >= window.measure_from:
                 cpu_before = time.process_time()
             began = time.perf_counter()
-            transitions.create_job(owner=OWNER, kind="chat", input=POST_BODY["input"])
+            runtime().jobs.create_job(owner=OWNER, kind="chat", input=POST_BODY["input"])
             if window.measure_from <= time.time() <= window.until:
                 result.latencies.append(time.perf_counter() - began)
                 result.statuses[0] += 1

@@ -193,14 +193,13 @@ class Target:
 
 def new_target(services: Services) -> Target:
     from app import create_app
-    from app.jobs import transitions
     from app.keys.api_keys import create_api_key
     from app.runtime import runtime
 
     app = create_app(services.settings())
     with app.app_context():
         key = create_api_key(runtime().db, OWNER, "bench")
-        job = transitions.create_job(owner=OWNER, kind="chat", input={"prompt": "events"}).job
+        job = runtime().jobs.create_job(owner=OWNER, kind="chat", input={"prompt": "events"}).job
         app.extensions["conveyor"].db.dispose()
     return Target(str(job.id), OWNER, key, 2)
 

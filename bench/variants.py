@@ -105,11 +105,12 @@ def _core_insert() -> None:
 
     insert_job = insert(Job.__table__).returning(*Job.__table__.c)
     insert_event = insert(JobEvent.__table__)
-    original = transitions.create_job
+    original = transitions.Jobs.create_job
 
     def create_job(**kw: Any) -> transitions.Created:
         if kw.get("idempotency_key") is not None:
-            return original(**kw)  # the rare replay path keeps its ON CONFLICT logic
+            # The rare replay path keeps its ON CONFLICT logic.
+            return original(runtime().jobs, **kw)
         rt = runtime()
         job_id, started = uuid.uuid4(), transitions.now()
         kind, priority = kw["kind"], kw.get("priority", 0)
@@ -144,10 +145,11 @@ def _core_insert() -> None:
                 },
             )
         rt.bus.publish([event])
-        transitions.dispatch(job_id, priority)
-        return transitions.Created(Job(**stored._mapping), created=True)
+        rt.jobs.dispatch(job_id, priority)
+        return transitions.Created(Job(**stored._mapping), replayed=False)
 
-    transitions.create_job = create_job  # the API view calls transitions.create_job at request time
+    # The API view calls runtime().jobs.create_job at request time.
+    transitions.Jobs.create_job = lambda _jobs, **kw: create_job(**kw)  # type: ignore[method-assign]
 
 
 VARIANTS: dict[str, Callable[[], None]] = {

@@ -87,7 +87,7 @@ def create_job(body: JobCreate) -> Response:
         }
         fingerprint = transitions.request_fingerprint(request_with_defaults)
     try:
-        created = transitions.create_job(
+        created = runtime().jobs.create_job(
             owner=principal.owner,
             kind=body.kind,
             input=job_input.model_dump(mode="json", by_alias=True, exclude_none=True),
@@ -106,9 +106,9 @@ def create_job(body: JobCreate) -> Response:
         ) from None
     job = JobOut.of(created.job, PREFIX)
     headers = {"Location": job.links.self}
-    if not created.created:
+    if created.replayed:
         headers["Idempotent-Replayed"] = "true"
-    return json_response(job, 202 if created.created else 200, headers)
+    return json_response(job, 202 if not created.replayed else 200, headers)
 
 
 @bp.get("/jobs")
@@ -265,7 +265,7 @@ def list_logs(job_id: uuid.UUID) -> Response:
 def cancel_job(job_id: uuid.UUID) -> Response:
     """A queued job is canceled at once. A running job's worker closes the model stream,
     records the partial output and usage, and ends it as canceled within moments."""
-    job = _guarded(transitions.cancel_job, job_id)
+    job = _request_of_owner(runtime().jobs.cancel_job, job_id)
     status = 202 if job.status == JobStatus.RUNNING else 200
     return json_response(JobOut.of(job, PREFIX), status)
 
@@ -279,7 +279,7 @@ def cancel_job(job_id: uuid.UUID) -> Response:
     },
 )
 def retry_job(job_id: uuid.UUID) -> Response:
-    job = _guarded(transitions.retry_job, job_id)
+    job = _request_of_owner(runtime().jobs.retry_job, job_id)
     out = JobOut.of(job, PREFIX)
     return json_response(out, 202, {"Location": out.links.self})
 
@@ -290,7 +290,7 @@ def retry_job(job_id: uuid.UUID) -> Response:
     responses={204: (None, "Deleted"), 409: (None, "The job has not finished")},
 )
 def delete_job(job_id: uuid.UUID) -> Response:
-    _guarded(transitions.delete_job, job_id)
+    _request_of_owner(runtime().jobs.delete_job, job_id)
     return Response(status=204)
 
 
@@ -336,7 +336,7 @@ def owned_job(job_id: uuid.UUID) -> Job:
         raise _not_found(job_id) from None
 
 
-def _guarded(action: Any, job_id: uuid.UUID) -> Any:
+def _request_of_owner(action: Any, job_id: uuid.UUID) -> Any:
     try:
         return action(current_principal().owner, job_id)
     except transitions.JobNotFound:

@@ -21,12 +21,13 @@ from celery import bootsteps, signals
 from celery.concurrency import ALIASES
 from flask import Flask
 
-from app.jobs import presence, transitions
+from app.jobs import presence
 from app.jobs.events import CANCEL_CHANNEL
 from app.jobs.presence import WorkerIdentity
-from app.runtime import Runtime, runtime
+from app.runtime import runtime_of
 
 if TYPE_CHECKING:
+    from app.jobs.transitions import Jobs
     from app.kinds.context import JobContext
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class ActiveJobs:
         with self._lock:
             return list(self._jobs.values())
 
-    def ensure_started(self, app: Flask, identity: WorkerIdentity | None = None) -> None:
+    def ensure_started(self, jobs: Jobs, identity: WorkerIdentity | None = None) -> None:
         """Starts the heartbeat and the cancel listener once, in the process that runs jobs:
         when its Celery worker starts (`worker_heartbeat_step`, which gives `identity`) or at
         its first job; never at import, and after a prefork child has forked. Only a process
@@ -81,19 +82,17 @@ class ActiveJobs:
             (self._heartbeat, "lease-heartbeat"),
             (self._listen_for_cancels, "cancel-listener"),
         ):
-            threading.Thread(target=target, args=(app,), name=name, daemon=True).start()
+            threading.Thread(target=target, args=(jobs,), name=name, daemon=True).start()
 
-    def _heartbeat(self, app: Flask) -> None:
-        with app.app_context():
-            rt = runtime()
-            interval = rt.settings.heartbeat_seconds
-            while True:
-                self._beat(rt, interval)
-                time.sleep(interval)
+    def _heartbeat(self, jobs: Jobs) -> None:
+        interval = jobs.settings.heartbeat_seconds
+        while True:
+            self._beat(jobs, interval)
+            time.sleep(interval)
 
-    def _beat(self, rt: Runtime, interval: float) -> None:
+    def _beat(self, jobs: Jobs, interval: float) -> None:
         try:
-            self.renew_all()
+            self.renew_all(jobs)
         except Exception:
             # A database outage must not kill the heartbeat; leases may lapse and the
             # sweeper will recover those jobs, which is the designed outcome.
@@ -102,18 +101,18 @@ class ActiveJobs:
             return
         beat = presence.worker_beat(self._identity, len(self.snapshot()), interval)
         try:
-            presence.record_worker_beat(rt.redis, beat)
+            presence.record_worker_beat(jobs.redis, beat)
         except redis.RedisError as exc:
             # Leases live in PostgreSQL, so jobs are unaffected; GET /health reports Redis down.
             logger.warning("worker presence not recorded: %s", exc)
 
-    def renew_all(self) -> None:
-        jobs = self.snapshot()
-        if not jobs:
+    def renew_all(self, jobs: Jobs) -> None:
+        running = self.snapshot()
+        if not running:
             return
-        alive = transitions.renew_leases([(ctx.job_id, ctx.attempt) for ctx in jobs])
+        alive = jobs.renew_leases([(ctx.job_id, ctx.attempt) for ctx in running])
         now = time.monotonic()
-        for ctx in jobs:
+        for ctx in running:
             if now > ctx.deadline:
                 ctx.time_out()
             state = alive.get(ctx.job_id)
@@ -124,27 +123,25 @@ class ActiveJobs:
             elif state.cancel_requested:
                 ctx.request_cancel()
 
-    def _listen_for_cancels(self, app: Flask) -> None:
-        with app.app_context():
-            rt = runtime()
-            while True:
-                client = self._connect(rt.settings.redis_url)
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                try:
-                    pubsub.subscribe(CANCEL_CHANNEL)
-                    while True:
-                        message = pubsub.get_message(timeout=1.0)
-                        if message is not None:
-                            self._deliver_cancel(message["data"])
-                except redis.RedisError as exc:
-                    logger.warning(
-                        "cancel listener lost Redis (%s); heartbeat still delivers cancellations",
-                        exc,
-                    )
-                    time.sleep(1.0)
-                finally:
-                    pubsub.close()
-                    client.close()
+    def _listen_for_cancels(self, jobs: Jobs) -> None:
+        while True:
+            client = self._connect(jobs.settings.redis_url)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(CANCEL_CHANNEL)
+                while True:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self._deliver_cancel(message["data"])
+            except redis.RedisError as exc:
+                logger.warning(
+                    "cancel listener lost Redis (%s); heartbeat still delivers cancellations",
+                    exc,
+                )
+                time.sleep(1.0)
+            finally:
+                pubsub.close()
+                client.close()
 
     def _deliver_cancel(self, data: bytes) -> None:
         try:
@@ -181,10 +178,10 @@ def worker_heartbeat_step(app: Flask) -> type[bootsteps.StartStopStep]:
 
         def start(self, worker: Any) -> None:
             if self.identity.pool != "prefork":
-                active_jobs.ensure_started(app, self.identity)
+                active_jobs.ensure_started(runtime_of(app).jobs, self.identity)
 
         def start_in_child(self, **_: Any) -> None:
-            active_jobs.ensure_started(app, replace(self.identity, concurrency=1))
+            active_jobs.ensure_started(runtime_of(app).jobs, replace(self.identity, concurrency=1))
 
     return WorkerHeartbeat
 

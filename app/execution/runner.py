@@ -14,17 +14,16 @@ import socket
 import uuid
 from enum import StrEnum
 
-from flask import current_app
 from pydantic import ValidationError
 
 from app.execution.leases import active_jobs
 from app.jobs import transitions
 from app.jobs.payloads import CanceledPayload, EventError, FailedPayload, SucceededPayload
-from app.jobs.transitions import LeaseLost
+from app.jobs.transitions import Jobs, LeaseLost
 from app.kinds import KindError, get_kind
 from app.kinds.context import JobCanceled, JobContext, JobTimedOut
+from app.llm.client import ModelClient
 from app.llm.errors import ModelError
-from app.runtime import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +41,15 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def execute_job(job_id: uuid.UUID) -> Outcome:
-    rt = runtime()
-    claim = transitions.claim_job(job_id, worker_name())
+def execute_job(job_id: uuid.UUID, jobs: Jobs, model_client: ModelClient) -> Outcome:
+    claim = jobs.claim_job(job_id, worker_name())
     if claim is None:
         logger.info(
             "not claimable (duplicate delivery, canceled or early retry)", extra={"job_id": job_id}
         )
         return Outcome.SKIPPED
-    active_jobs.ensure_started(current_app._get_current_object())  # type: ignore[attr-defined]
-    ctx = JobContext(claim, rt)
+    active_jobs.ensure_started(jobs)
+    ctx = JobContext(claim, jobs, model_client)
     active_jobs.track(ctx)
     try:
         return _run_attempt(ctx)

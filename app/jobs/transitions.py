@@ -18,7 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from sqlalchemy import delete, func, literal_column, select, tuple_, update
@@ -39,29 +39,35 @@ from app.jobs.payloads import (
 )
 from app.jobs.states import TERMINAL, TERMINAL_STATUSES, JobStatus
 from app.models import Job
-from app.runtime import runtime
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from app.config import Settings
+    from app.db import Database
+    from app.jobs.events import EventBus
+    from app.jobs.intake import JobIntake
 
 logger = logging.getLogger(__name__)
 
-ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 WORKER_LOST = "worker_lost"
 
 
-class JobError(Exception):
+class JobRequestError(Exception):
     """A request the job's current state does not allow."""
 
 
-class JobNotFound(JobError):
+class JobNotFound(JobRequestError):
     pass
 
 
-class JobStateConflict(JobError):
+class JobStateConflict(JobRequestError):
     def __init__(self, job: Job, message: str) -> None:
         super().__init__(message)
         self.job = job
 
 
-class IdempotencyConflict(JobError):
+class IdempotencyConflict(JobRequestError):
     pass
 
 
@@ -80,48 +86,10 @@ def request_fingerprint(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-# Creating and dispatching ---------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Created:
     job: Job
-    created: bool  # False when an Idempotency-Key replay returned the existing job
-
-
-def create_job(
-    *,
-    owner: str,
-    kind: str,
-    input: dict[str, Any],
-    priority: int = 0,
-    max_attempts: int | None = None,
-    idempotency_key: str | None = None,
-    fingerprint: str | None = None,
-    retry_of: uuid.UUID | None = None,
-    model: str | None = None,
-) -> Created:
-    """`max_attempts` and `model` default to the configuration's for the kind."""
-    rt = runtime()
-    row = rt.intake.create(
-        NewJob(
-            id=uuid.uuid4(),
-            owner=owner,
-            kind=kind,
-            input=input,
-            priority=priority,
-            max_attempts=max_attempts or rt.settings.job_max_attempts,
-            idempotency_key=idempotency_key,
-            request_hash=fingerprint,
-            model=model or rt.settings.model_for(kind),
-            retry_of=retry_of,
-            at=now(),
-        )
-    )
-    if row is None:
-        with rt.db.transaction() as session:
-            return _replay_idempotent(session, owner, idempotency_key, fingerprint)
-    return Created(row, created=True)
+    replayed: bool  # an Idempotency-Key replay: the job existed
 
 
 def _replay_idempotent(
@@ -134,25 +102,7 @@ def _replay_idempotent(
         raise IdempotencyConflict(
             "this Idempotency-Key was already used with a different request body"
         )
-    return Created(existing, created=False)
-
-
-def dispatch(job_id: uuid.UUID, priority: int = 0, countdown: float | None = None) -> bool:
-    """Publish the task. The row is already committed, so a failure here loses nothing."""
-    try:
-        runtime().celery.send_task(
-            RUN_JOB_TASK,
-            args=[str(job_id)],
-            countdown=countdown,
-            priority=task_priority(priority),
-        )
-    except Exception as exc:  # kombu raises several unrelated types for a broker outage
-        logger.warning("publish failed, the sweeper will retry: %s", exc, extra={"job_id": job_id})
-        return False
-    return True
-
-
-# Reading --------------------------------------------------------------------------------------
+    return Created(existing, replayed=True)
 
 
 def get_job(session: Session, owner: str, job_id: uuid.UUID) -> Job:
@@ -160,69 +110,6 @@ def get_job(session: Session, owner: str, job_id: uuid.UUID) -> Job:
     if job is None:
         raise JobNotFound(f"no job {job_id}")
     return job
-
-
-# Requests from the API ------------------------------------------------------------------------
-
-
-def cancel_job(owner: str, job_id: uuid.UUID) -> Job:
-    """A queued job is canceled at once; a running one is asked to stop (its worker ends it)."""
-    rt = runtime()
-    with rt.db.transaction() as session:
-        job = session.scalars(
-            select(Job).where(Job.id == job_id, Job.owner == owner).with_for_update()
-        ).one_or_none()
-        if job is None:
-            raise JobNotFound(f"no job {job_id}")
-        status = JobStatus(job.status)
-        if status is JobStatus.CANCELED:
-            return job
-        if status in TERMINAL:
-            raise JobStateConflict(job, f"the job already {status.value}; it cannot be canceled")
-        if status is JobStatus.QUEUED:
-            event = _finish_unleased(session, job, CanceledPayload(reason="requested"))
-        else:
-            job.cancel_requested_at = job.cancel_requested_at or now()
-            job.updated_at = now()
-            event = None
-    if event is not None:
-        rt.bus.publish([event])
-    else:
-        rt.bus.signal_cancel(job_id)
-    return job
-
-
-def retry_job(owner: str, job_id: uuid.UUID) -> Job:
-    """A new job cloned from the old one's request (kind, input, priority, max_attempts and
-    model: a configuration change since does not change what is retried), linked to it
-    through `retry_of`."""
-    with runtime().db.transaction() as session:
-        old = get_job(session, owner, job_id)
-        if JobStatus(old.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
-            raise JobStateConflict(old, "only failed or canceled jobs can be retried")
-        request = {
-            "kind": old.kind,
-            "input": old.input,
-            "priority": old.priority,
-            "max_attempts": old.max_attempts,
-            "model": old.model,
-        }
-    try:
-        return create_job(owner=owner, retry_of=job_id, **request).job
-    except IntegrityError:
-        # The old job was deleted between the read above and the insert (retry_of is a
-        # foreign key): for the caller it no longer exists.
-        raise JobNotFound(job_id) from None
-
-
-def delete_job(owner: str, job_id: uuid.UUID) -> None:
-    rt = runtime()
-    with rt.db.transaction() as session:
-        job = get_job(session, owner, job_id)
-        if JobStatus(job.status) not in TERMINAL:
-            raise JobStateConflict(job, "only finished jobs can be deleted; cancel it first")
-        session.execute(delete(Job).where(Job.id == job_id, Job.status.in_(list(TERMINAL))))
-    rt.bus.delete_stream(job_id)
 
 
 def _finish_unleased(session: Session, job: Job, payload: TerminalPayload, **values: Any) -> Event:
@@ -246,9 +133,6 @@ def _transition_unleased(session: Session, job: Job, payload: EventPayload, **va
     return record_event(session, Event(job.id, job.owner, job.last_seq, payload))
 
 
-# The worker's side ----------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Claim:
     job_id: uuid.UUID
@@ -260,107 +144,6 @@ class Claim:
     priority: int
     model: str | None
     seq: int  # the seq of this attempt's job.started event
-
-
-def claim_job(job_id: uuid.UUID, worker: str) -> Claim | None:
-    """Compare-and-set queued -> running. None: a duplicate delivery, an early retry delivery,
-    a canceled or deleted job. The caller acknowledges and does nothing."""
-    rt = runtime()
-    at = now()
-    # The new attempt's number is known only once the compare-and-set has won: the statement
-    # writes it into this payload (the `attempt` placeholder is replaced).
-    template = StartedPayload(attempt=1, worker=worker)
-    with rt.db.engine.begin() as connection:
-        row = connection.execute(
-            sql.CLAIM,
-            {
-                "id": job_id,
-                "worker": worker,
-                "at": at,
-                "lease_seconds": rt.settings.lease_seconds,
-                "type": template.event_type.value,
-                "data": _json(template.as_data()),
-            },
-        ).one_or_none()
-    if row is None:
-        return None
-    claim = Claim(
-        job_id,
-        row.owner,
-        row.kind,
-        row.input,
-        row.attempt,
-        row.max_attempts,
-        row.priority,
-        row.model,
-        row.last_seq,
-    )
-    started = StartedPayload(attempt=claim.attempt, worker=worker)
-    rt.bus.publish([Event(job_id, claim.owner, claim.seq, started, at)])
-    return claim
-
-
-def fenced_update(
-    claim: Claim,
-    seq: int,
-    payload: EventPayload,
-    *,
-    calls: list[dict[str, Any]] | None = None,
-    **values: Any,
-) -> Event:
-    """One write of the lease holder: its state change, its event (of the payload's type) and
-    the model calls made since its last write, in one statement; LeaseLost if its attempt no
-    longer holds the job. `finished_at` and `lease_expires_at` are set to now() and NULL
-    whatever value is given."""
-    rt = runtime()
-    event = Event(claim.job_id, claim.owner, seq, payload)
-    params = {
-        "job_id": claim.job_id,
-        "attempt": claim.attempt,
-        "seq": seq,
-        "type": event.type.value,
-        "at": event.at,
-        "data": _json(event.data),
-        **_calls_params(calls or []),
-    }
-    for column, value in values.items():
-        if column not in sql.TIMESTAMP_EXPRESSIONS:
-            params[column] = _json(value) if column in sql.JSON_COLUMNS else value
-    with rt.db.engine.begin() as connection:
-        changed = connection.execute(sql.fenced(tuple(sorted(values))), params).scalar_one()
-    if not changed:
-        if calls:
-            _record_calls(claim, calls, totals_only=True)
-        raise LeaseLost(f"job {claim.job_id} attempt {claim.attempt} no longer holds the lease")
-    rt.bus.publish([event])
-    return event
-
-
-def finish_job(claim: Claim, seq: int, payload: TerminalPayload, **values: Any) -> Event:
-    """The attempt's outcome: the job ends in the status of the payload's event type."""
-    return fenced_update(
-        claim,
-        seq,
-        payload,
-        status=TERMINAL_STATUSES[payload.event_type].value,
-        finished_at=None,
-        lease_expires_at=None,
-        **values,
-    )
-
-
-def schedule_retry(
-    claim: Claim,
-    seq: int,
-    delay: float,
-    code: str,
-    message: str,
-    calls: list[dict[str, Any]] | None = None,
-) -> Event:
-    payload, values = _retry_transition(claim.attempt, delay, code, message)
-    event = fenced_update(claim, seq, payload, calls=calls, **values)
-    dispatch(claim.job_id, claim.priority, countdown=delay)
-    return event
 
 
 def _retry_transition(
@@ -398,23 +181,6 @@ def retry_delay(attempt: int, base: float, cap: float, retry_after: float | None
     return delay
 
 
-def record_model_calls(claim: Claim, calls: list[dict[str, Any]]) -> None:
-    """Model calls with no state change to ride on (e.g. the attempt lost its lease)."""
-    if calls:
-        _record_calls(claim, calls, totals_only=False)
-
-
-def _record_calls(claim: Claim, calls: list[dict[str, Any]], *, totals_only: bool) -> None:
-    """Not fenced by attempt on purpose: the money was spent whether or not this attempt still
-    holds the lease, and increments commute, so no newer write is clobbered. `totals_only`:
-    the rows were already inserted by a fenced write that lost."""
-    params = {"job_id": claim.job_id, "attempt": claim.attempt, **_calls_params(calls)}
-    if totals_only:
-        params["calls"] = "[]"
-    with runtime().db.engine.begin() as connection:
-        connection.execute(sql.RECORD_CALLS, params)
-
-
 def _calls_params(calls: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "calls": _json(calls),
@@ -434,132 +200,12 @@ class LeaseState:
     cancel_requested: bool
 
 
-def renew_leases(held: list[tuple[uuid.UUID, int]]) -> dict[uuid.UUID, LeaseState]:
-    """Extends every lease this worker process still holds, in one statement. A job missing
-    from the answer has been taken away (sweeper, deletion): its worker must stop."""
-    if not held:
-        return {}
-    rt = runtime()
-    lease = timedelta(seconds=rt.settings.lease_seconds)
-    with rt.db.transaction() as session:
-        rows = session.execute(
-            update(Job)
-            .where(
-                tuple_(Job.id, Job.attempt).in_(held),
-                Job.status == JobStatus.RUNNING.value,
-            )
-            .values(lease_expires_at=func.now() + lease)
-            .returning(Job.id, Job.cancel_requested_at)
-        ).all()
-    return {row.id: LeaseState(row.id, row.cancel_requested_at is not None) for row in rows}
-
-
-# The sweeper ----------------------------------------------------------------------------------
-
-
 @dataclass
 class SweepReport:
     republished: int = 0
     recovered: int = 0
     failed: int = 0
     canceled: int = 0
-
-
-def sweep(batch: int = 500) -> SweepReport:
-    """Nothing stays queued or running forever: re-publish what nobody claimed, take back
-    expired leases. Safe to run concurrently (SKIP LOCKED, and every change is a CAS)."""
-    report = SweepReport()
-    _recover_expired_leases(report, batch)
-    _republish_unclaimed(report, batch)
-    if report.republished or report.recovered or report.failed or report.canceled:
-        logger.info("sweep: %s", report)
-    rt = runtime()
-    try:
-        presence.record_sweep(rt.redis, rt.settings.sweeper_interval, asdict(report))
-    except redis.RedisError as exc:
-        # The sweep itself is done; GET /health shows both the stale sweep and Redis down.
-        logger.warning("sweep not recorded: %s", exc)
-    return report
-
-
-def _recover_expired_leases(report: SweepReport, batch: int) -> None:
-    rt = runtime()
-    events: list[Event] = []
-    to_dispatch: list[tuple[uuid.UUID, int, float]] = []
-    with rt.db.transaction() as session:
-        expired = session.scalars(
-            select(Job)
-            .where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < func.now())
-            .order_by(Job.lease_expires_at)
-            .limit(batch)
-            .with_for_update(skip_locked=True)
-        ).all()
-        for job in expired:
-            # The lost worker may have streamed deltas past the last seq it wrote here.
-            job.last_seq = max(job.last_seq, rt.bus.stream_tail_seq(job.id))
-            if job.cancel_requested_at is not None:
-                canceled = CanceledPayload(
-                    reason="worker_lost", attempt=job.attempt, worker=job.worker
-                )
-                events.append(_finish_unleased(session, job, canceled))
-                report.canceled += 1
-            elif job.attempt >= job.max_attempts:
-                message = f"the worker running attempt {job.attempt} stopped answering"
-                failed = FailedPayload(
-                    reason="worker_lost",
-                    attempt=job.attempt,
-                    worker=job.worker,
-                    error=EventError(code=WORKER_LOST, message=message),
-                )
-                events.append(
-                    _finish_unleased(
-                        session, job, failed, error_code=WORKER_LOST, error_message=message
-                    )
-                )
-                report.failed += 1
-            else:
-                delay = retry_delay(
-                    job.attempt, rt.settings.retry_base_delay, rt.settings.retry_max_delay
-                )
-                payload, values = _retry_transition(
-                    job.attempt,
-                    delay,
-                    WORKER_LOST,
-                    "the worker stopped answering",
-                    lost_worker=job.worker,
-                )
-                events.append(_transition_unleased(session, job, payload, **values))
-                to_dispatch.append((job.id, job.priority, delay))
-                report.recovered += 1
-    rt.bus.publish(events)
-    for job_id, priority, delay in to_dispatch:
-        dispatch(job_id, priority, countdown=delay)
-
-
-def _republish_unclaimed(report: SweepReport, batch: int) -> None:
-    rt = runtime()
-    grace = timedelta(seconds=rt.settings.dispatch_grace_seconds)
-    with rt.db.transaction() as session:
-        stale = (
-            select(Job.id)
-            .where(
-                Job.status == JobStatus.QUEUED.value,
-                Job.dispatched_at < func.now() - grace,
-            )
-            .order_by(Job.dispatched_at)
-            .limit(batch)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        rows = session.execute(
-            update(Job)
-            .where(Job.id.in_(stale))
-            .values(dispatched_at=func.now())
-            .returning(Job.id, Job.priority)
-        ).all()
-    for row in rows:
-        if dispatch(row.id, row.priority):
-            report.republished += 1
 
 
 # Statistics -----------------------------------------------------------------------------------
@@ -623,3 +269,363 @@ def failures_by_code(session: Session, window: timedelta) -> dict[str, int]:
         .order_by(func.count().desc())
     ).all()
     return {code: count for code, count in rows}
+
+
+class Jobs:
+    """The transitions that need the process's clients: the database, the event bus, the
+    Celery app, the intake and the settings, given once by create_app() (`runtime().jobs`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        redis_client: redis.Redis,
+        bus: EventBus,
+        celery: Celery,
+        intake: JobIntake,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.redis = redis_client
+        self.bus = bus
+        self.celery = celery
+        self.intake = intake
+
+    # Creating and dispatching ---------------------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        owner: str,
+        kind: str,
+        input: dict[str, Any],
+        priority: int = 0,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+        retry_of: uuid.UUID | None = None,
+        model: str | None = None,
+    ) -> Created:
+        """`max_attempts` and `model` default to the configuration's for the kind."""
+        row = self.intake.create(
+            NewJob(
+                id=uuid.uuid4(),
+                owner=owner,
+                kind=kind,
+                input=input,
+                priority=priority,
+                max_attempts=max_attempts or self.settings.job_max_attempts,
+                idempotency_key=idempotency_key,
+                request_hash=fingerprint,
+                model=model or self.settings.model_for(kind),
+                retry_of=retry_of,
+                at=now(),
+            )
+        )
+        if row is None:
+            with self.db.transaction() as session:
+                return _replay_idempotent(session, owner, idempotency_key, fingerprint)
+        return Created(row, replayed=False)
+
+    def dispatch(
+        self, job_id: uuid.UUID, priority: int = 0, countdown: float | None = None
+    ) -> bool:
+        """Publish the task. The row is already committed, so a failure here loses nothing."""
+        try:
+            self.celery.send_task(
+                RUN_JOB_TASK,
+                args=[str(job_id)],
+                countdown=countdown,
+                priority=task_priority(priority),
+            )
+        except Exception as exc:  # kombu raises several unrelated types for a broker outage
+            logger.warning(
+                "publish failed, the sweeper will retry: %s", exc, extra={"job_id": job_id}
+            )
+            return False
+        return True
+
+    # Requests from the API ------------------------------------------------------------------------
+
+    def cancel_job(self, owner: str, job_id: uuid.UUID) -> Job:
+        """A queued job is canceled at once; a running one is asked to stop (its worker ends it)."""
+        with self.db.transaction() as session:
+            job = session.scalars(
+                select(Job).where(Job.id == job_id, Job.owner == owner).with_for_update()
+            ).one_or_none()
+            if job is None:
+                raise JobNotFound(f"no job {job_id}")
+            status = JobStatus(job.status)
+            if status is JobStatus.CANCELED:
+                return job
+            if status in TERMINAL:
+                raise JobStateConflict(
+                    job, f"the job already {status.value}; it cannot be canceled"
+                )
+            if status is JobStatus.QUEUED:
+                event = _finish_unleased(session, job, CanceledPayload(reason="requested"))
+            else:
+                job.cancel_requested_at = job.cancel_requested_at or now()
+                job.updated_at = now()
+                event = None
+        if event is not None:
+            self.bus.publish([event])
+        else:
+            self.bus.signal_cancel(job_id)
+        return job
+
+    def retry_job(self, owner: str, job_id: uuid.UUID) -> Job:
+        """A new job cloned from the old one's request (kind, input, priority, max_attempts and
+        model: a configuration change since does not change what is retried), linked to it
+        through `retry_of`."""
+        with self.db.transaction() as session:
+            old = get_job(session, owner, job_id)
+            if JobStatus(old.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
+                raise JobStateConflict(old, "only failed or canceled jobs can be retried")
+            request = {
+                "kind": old.kind,
+                "input": old.input,
+                "priority": old.priority,
+                "max_attempts": old.max_attempts,
+                "model": old.model,
+            }
+        try:
+            return self.create_job(owner=owner, retry_of=job_id, **request).job
+        except IntegrityError:
+            # The old job was deleted between the read above and the insert (retry_of is a
+            # foreign key): for the caller it no longer exists.
+            raise JobNotFound(job_id) from None
+
+    def delete_job(self, owner: str, job_id: uuid.UUID) -> None:
+        with self.db.transaction() as session:
+            job = get_job(session, owner, job_id)
+            if JobStatus(job.status) not in TERMINAL:
+                raise JobStateConflict(job, "only finished jobs can be deleted; cancel it first")
+            session.execute(delete(Job).where(Job.id == job_id, Job.status.in_(list(TERMINAL))))
+        self.bus.delete_stream(job_id)
+
+    # The worker's side ----------------------------------------------------------------------------
+
+    def claim_job(self, job_id: uuid.UUID, worker: str) -> Claim | None:
+        """Compare-and-set queued -> running. None: a duplicate delivery, an early retry delivery,
+        a canceled or deleted job. The caller acknowledges and does nothing."""
+        at = now()
+        # The new attempt's number is known only once the compare-and-set has won: the statement
+        # writes it into this payload (the `attempt` placeholder is replaced).
+        template = StartedPayload(attempt=1, worker=worker)
+        with self.db.engine.begin() as connection:
+            row = connection.execute(
+                sql.CLAIM,
+                {
+                    "id": job_id,
+                    "worker": worker,
+                    "at": at,
+                    "lease_seconds": self.settings.lease_seconds,
+                    "type": template.event_type.value,
+                    "data": _json(template.as_data()),
+                },
+            ).one_or_none()
+        if row is None:
+            return None
+        claim = Claim(
+            job_id,
+            row.owner,
+            row.kind,
+            row.input,
+            row.attempt,
+            row.max_attempts,
+            row.priority,
+            row.model,
+            row.last_seq,
+        )
+        started = StartedPayload(attempt=claim.attempt, worker=worker)
+        self.bus.publish([Event(job_id, claim.owner, claim.seq, started, at)])
+        return claim
+
+    def fenced_update(
+        self,
+        claim: Claim,
+        seq: int,
+        payload: EventPayload,
+        *,
+        calls: list[dict[str, Any]] | None = None,
+        **values: Any,
+    ) -> Event:
+        """One write of the lease holder: its state change, its event (of the payload's type) and
+        the model calls made since its last write, in one statement; LeaseLost if its attempt no
+        longer holds the job. `finished_at` and `lease_expires_at` are set to now() and NULL
+        whatever value is given."""
+        event = Event(claim.job_id, claim.owner, seq, payload)
+        params = {
+            "job_id": claim.job_id,
+            "attempt": claim.attempt,
+            "seq": seq,
+            "type": event.type.value,
+            "at": event.at,
+            "data": _json(event.data),
+            **_calls_params(calls or []),
+        }
+        for column, value in values.items():
+            if column not in sql.TIMESTAMP_EXPRESSIONS:
+                params[column] = _json(value) if column in sql.JSON_COLUMNS else value
+        with self.db.engine.begin() as connection:
+            changed = connection.execute(sql.fenced(tuple(sorted(values))), params).scalar_one()
+        if not changed:
+            if calls:
+                self._record_calls(claim, calls, totals_only=True)
+            raise LeaseLost(f"job {claim.job_id} attempt {claim.attempt} no longer holds the lease")
+        self.bus.publish([event])
+        return event
+
+    def finish_job(self, claim: Claim, seq: int, payload: TerminalPayload, **values: Any) -> Event:
+        """The attempt's outcome: the job ends in the status of the payload's event type."""
+        return self.fenced_update(
+            claim,
+            seq,
+            payload,
+            status=TERMINAL_STATUSES[payload.event_type].value,
+            finished_at=None,
+            lease_expires_at=None,
+            **values,
+        )
+
+    def schedule_retry(
+        self,
+        claim: Claim,
+        seq: int,
+        delay: float,
+        code: str,
+        message: str,
+        calls: list[dict[str, Any]] | None = None,
+    ) -> Event:
+        payload, values = _retry_transition(claim.attempt, delay, code, message)
+        event = self.fenced_update(claim, seq, payload, calls=calls, **values)
+        self.dispatch(claim.job_id, claim.priority, countdown=delay)
+        return event
+
+    def record_model_calls(self, claim: Claim, calls: list[dict[str, Any]]) -> None:
+        """Model calls with no state change to ride on (e.g. the attempt lost its lease)."""
+        if calls:
+            self._record_calls(claim, calls, totals_only=False)
+
+    def _record_calls(
+        self, claim: Claim, calls: list[dict[str, Any]], *, totals_only: bool
+    ) -> None:
+        """Not fenced by attempt on purpose: the money was spent whether or not this attempt still
+        holds the lease, and increments commute, so no newer write is clobbered. `totals_only`:
+        the rows were already inserted by a fenced write that lost."""
+        params = {"job_id": claim.job_id, "attempt": claim.attempt, **_calls_params(calls)}
+        if totals_only:
+            params["calls"] = "[]"
+        with self.db.engine.begin() as connection:
+            connection.execute(sql.RECORD_CALLS, params)
+
+    def renew_leases(self, held: list[tuple[uuid.UUID, int]]) -> dict[uuid.UUID, LeaseState]:
+        """Extends every lease this worker process still holds, in one statement. A job missing
+        from the answer has been taken away (sweeper, deletion): its worker must stop."""
+        if not held:
+            return {}
+        lease = timedelta(seconds=self.settings.lease_seconds)
+        with self.db.transaction() as session:
+            rows = session.execute(
+                update(Job)
+                .where(
+                    tuple_(Job.id, Job.attempt).in_(held),
+                    Job.status == JobStatus.RUNNING.value,
+                )
+                .values(lease_expires_at=func.now() + lease)
+                .returning(Job.id, Job.cancel_requested_at)
+            ).all()
+        return {row.id: LeaseState(row.id, row.cancel_requested_at is not None) for row in rows}
+
+    # The sweeper ----------------------------------------------------------------------------------
+
+    def sweep(self, batch: int = 500) -> SweepReport:
+        """Nothing stays queued or running forever: re-publish what nobody claimed, take back
+        expired leases. Safe to run concurrently (SKIP LOCKED, and every change is a CAS)."""
+        report = SweepReport()
+        self._recover_expired_leases(report, batch)
+        self._republish_unclaimed(report, batch)
+        if report.republished or report.recovered or report.failed or report.canceled:
+            logger.info("sweep: %s", report)
+        try:
+            presence.record_sweep(self.redis, self.settings.sweeper_interval, asdict(report))
+        except redis.RedisError as exc:
+            # The sweep itself is done; GET /health shows both the stale sweep and Redis down.
+            logger.warning("sweep not recorded: %s", exc)
+        return report
+
+    def _recover_expired_leases(self, report: SweepReport, batch: int) -> None:
+        events: list[Event] = []
+        to_dispatch: list[tuple[uuid.UUID, int, float]] = []
+        with self.db.transaction() as session:
+            expired = session.scalars(
+                select(Job)
+                .where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < func.now())
+                .order_by(Job.lease_expires_at)
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for job in expired:
+                # The lost worker may have streamed deltas past the last seq it wrote here.
+                job.last_seq = max(job.last_seq, self.bus.stream_tail_seq(job.id))
+                event, retry_in = self._take_back(session, job, report)
+                events.append(event)
+                if retry_in is not None:
+                    to_dispatch.append((job.id, job.priority, retry_in))
+        self.bus.publish(events)
+        for job_id, priority, delay in to_dispatch:
+            self.dispatch(job_id, priority, countdown=delay)
+
+    def _take_back(
+        self, session: Session, job: Job, report: SweepReport
+    ) -> tuple[Event, float | None]:
+        """A job whose worker was lost (row locked): canceled if a cancel was pending, failed
+        if its attempts are used up, else queued again. The event, and the delay before the
+        next attempt when there is one."""
+        if job.cancel_requested_at is not None:
+            report.canceled += 1
+            canceled = CanceledPayload(reason="worker_lost", attempt=job.attempt, worker=job.worker)
+            return _finish_unleased(session, job, canceled), None
+        if job.attempt >= job.max_attempts:
+            report.failed += 1
+            message = f"the worker running attempt {job.attempt} stopped answering"
+            failed = FailedPayload(
+                reason="worker_lost",
+                attempt=job.attempt,
+                worker=job.worker,
+                error=EventError(code=WORKER_LOST, message=message),
+            )
+            values = {"error_code": WORKER_LOST, "error_message": message}
+            return _finish_unleased(session, job, failed, **values), None
+        report.recovered += 1
+        settings = self.settings
+        delay = retry_delay(job.attempt, settings.retry_base_delay, settings.retry_max_delay)
+        payload, values = _retry_transition(
+            job.attempt, delay, WORKER_LOST, "the worker stopped answering", lost_worker=job.worker
+        )
+        return _transition_unleased(session, job, payload, **values), delay
+
+    def _republish_unclaimed(self, report: SweepReport, batch: int) -> None:
+        grace = timedelta(seconds=self.settings.dispatch_grace_seconds)
+        with self.db.transaction() as session:
+            stale = (
+                select(Job.id)
+                .where(
+                    Job.status == JobStatus.QUEUED.value,
+                    Job.dispatched_at < func.now() - grace,
+                )
+                .order_by(Job.dispatched_at)
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+                .scalar_subquery()
+            )
+            rows = session.execute(
+                update(Job)
+                .where(Job.id.in_(stale))
+                .values(dispatched_at=func.now())
+                .returning(Job.id, Job.priority)
+            ).all()
+        for row in rows:
+            if self.dispatch(row.id, row.priority):
+                report.republished += 1

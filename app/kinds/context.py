@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 from app.config import Settings
-from app.jobs import transitions
 from app.jobs.events import Event
 from app.jobs.payloads import (
     EventPayload,
@@ -25,9 +24,8 @@ from app.jobs.payloads import (
     ProgressPayload,
     TerminalPayload,
 )
-from app.jobs.transitions import Claim, LeaseLost
+from app.jobs.transitions import Claim, Jobs, LeaseLost
 from app.llm.client import CallRecord, Completion, Interrupted, ModelClient
-from app.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +42,17 @@ class JobTimedOut(Exception):
 
 
 class JobContext:
-    def __init__(self, claim: Claim, rt: Runtime) -> None:
+    def __init__(self, claim: Claim, jobs: Jobs, model_client: ModelClient) -> None:
         self.claim = claim
         self.job_id = claim.job_id
         self.attempt = claim.attempt
-        self.settings: Settings = rt.settings
-        self._rt = rt
+        self.settings: Settings = jobs.settings
+        self._jobs = jobs
         self._seq = claim.seq
         self._cancel = threading.Event()
         self._lease_lost = threading.Event()
         self._timed_out = threading.Event()
-        self.deadline = time.monotonic() + rt.settings.job_soft_time_limit
+        self.deadline = time.monotonic() + self.settings.job_soft_time_limit
         self._closer: Callable[[], None] | None = None
         self._closer_lock = threading.Lock()
         self._pending: list[str] = []
@@ -69,7 +67,7 @@ class JobContext:
         # Set once the attempt's outcome is written: the heartbeat then stops expecting a lease.
         self.done = False
         self.tokens_streamed = 0
-        self.llm = JobLLM(self, rt.models)
+        self.llm = JobLLM(self, model_client)
 
     # Signals from other threads (lease keeper, cancel listener) --------------------------------
 
@@ -133,10 +131,10 @@ class JobContext:
         self._last_flush = time.monotonic()
         delta = OutputDeltaPayload(text=text, progress=round(self._progress, 2))
         event = Event(self.job_id, self.claim.owner, self.next_seq(), delta)
-        self._rt.bus.publish_later([event], on_refused=self._delta_refused)
+        self._jobs.bus.publish_later([event], on_refused=self._delta_refused)
 
     def _delta_refused(self, event: Event) -> None:
-        if self._rt.bus.stream_tail_seq(self.job_id) > event.seq:
+        if self._jobs.bus.stream_tail_seq(self.job_id) > event.seq:
             # Redis refused our seq because a newer attempt already wrote past it.
             self.lose_lease()
 
@@ -148,7 +146,7 @@ class JobContext:
         if force or due:
             self.flush()
             self._last_progress_write = time.monotonic()
-            transitions.fenced_update(
+            self._jobs.fenced_update(
                 self.claim,
                 self.next_seq(),
                 ProgressPayload(progress=round(self._progress, 2)),
@@ -165,20 +163,20 @@ class JobContext:
         """A durable event. A kind that needs an event of its own (e.g. `character.section`)
         adds its type to `EventType` and its model to app/jobs/payloads.py."""
         self.flush()
-        transitions.fenced_update(self.claim, self.next_seq(), payload, calls=self.take_calls())
+        self._jobs.fenced_update(self.claim, self.next_seq(), payload, calls=self.take_calls())
 
     # What the runner calls --------------------------------------------------------------------
 
     def finish(self, payload: TerminalPayload, **values: Any) -> None:
         self.flush()
-        transitions.finish_job(
+        self._jobs.finish_job(
             self.claim, self.next_seq(), payload, calls=self.take_calls(), **values
         )
         self.done = True
 
     def schedule_retry(self, delay: float, code: str, message: str) -> None:
         self.flush()
-        transitions.schedule_retry(
+        self._jobs.schedule_retry(
             self.claim, self.next_seq(), delay, code, message, calls=self.take_calls()
         )
         self.done = True
@@ -189,7 +187,7 @@ class JobContext:
 
     def record_pending_calls(self) -> None:
         """For an attempt that ends without a write of its own (lease lost)."""
-        transitions.record_model_calls(self.claim, self.take_calls())
+        self._jobs.record_model_calls(self.claim, self.take_calls())
 
 
 class JobLLM:

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from app.jobs import transitions
+from app.runtime import runtime
 from tests.conftest import Tenant, undispatched_job
 
 PROBLEM = "application/problem+json"
@@ -180,7 +180,9 @@ def test_invalid_list_queries_are_422(tenant: Tenant, query: str, field: str) ->
 
 
 def test_invalid_events_query_is_422(tenant: Tenant) -> None:
-    job_id = transitions.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
+    job_id = (
+        runtime().jobs.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
+    )
     assert_problem(tenant.get(f"/api/v1/jobs/{job_id}/events?after=-1"), 422, "after")
     huge = 10**30  # seqs are PostgreSQL integers: this would overflow the query
     assert_problem(tenant.get(f"/api/v1/jobs/{job_id}/events?after={huge}"), 422, "after")
@@ -231,21 +233,23 @@ def test_wrong_method_is_405_problem(tenant: Tenant) -> None:
 
 def test_result_is_409_until_the_job_finishes(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner)  # no worker can finish it first
-    transitions.cancel_job(tenant.owner, job_id)  # terminal now
-    queued = transitions.create_job(
-        owner=tenant.owner, kind="chat", input={"prompt": "[[sim ttft=5]]"}
-    ).job.id
+    runtime().jobs.cancel_job(tenant.owner, job_id)  # terminal now
+    queued = (
+        runtime()
+        .jobs.create_job(owner=tenant.owner, kind="chat", input={"prompt": "[[sim ttft=5]]"})
+        .job.id
+    )
     assert_problem(tenant.get(f"/api/v1/jobs/{queued}/result"), 409)
     assert tenant.get(f"/api/v1/jobs/{job_id}/result").status_code == 200
-    transitions.cancel_job(tenant.owner, queued)
+    runtime().jobs.cancel_job(tenant.owner, queued)
 
 
 def test_keyset_pagination_walks_every_job_once(tenant: Tenant) -> None:
     created = {
         str(
-            transitions.create_job(
-                owner=tenant.owner, kind="chat", input={"prompt": f"p{i}"}
-            ).job.id
+            runtime()
+            .jobs.create_job(owner=tenant.owner, kind="chat", input={"prompt": f"p{i}"})
+            .job.id
         )
         for i in range(7)
     }
@@ -262,8 +266,10 @@ def test_keyset_pagination_walks_every_job_once(tenant: Tenant) -> None:
 
 
 def test_list_filters_by_status_and_kind(tenant: Tenant) -> None:
-    job_id = transitions.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
-    transitions.cancel_job(tenant.owner, job_id)
+    job_id = (
+        runtime().jobs.create_job(owner=tenant.owner, kind="chat", input={"prompt": "x"}).job.id
+    )
+    runtime().jobs.cancel_job(tenant.owner, job_id)
     canceled = tenant.get("/api/v1/jobs?status=canceled&kind=chat").get_json()["items"]
     assert [job["id"] for job in canceled] == [str(job_id)]
     assert tenant.get("/api/v1/jobs?kind=structured").get_json()["items"] == []
@@ -321,12 +327,13 @@ def test_live_and_ready(app, worker) -> None:
 
 def test_retrying_a_job_deleted_meanwhile_is_404_not_500(tenant: Tenant, monkeypatch) -> None:
     job_id = undispatched_job(tenant.owner)
-    transitions.cancel_job(tenant.owner, job_id)
-    create_job = transitions.create_job
+    runtime().jobs.cancel_job(tenant.owner, job_id)
+    jobs = runtime().jobs
+    create_job = jobs.create_job
 
     def deleted_by_someone_else_first(**fields):
-        transitions.delete_job(tenant.owner, job_id)  # the DELETE that raced the retry
+        jobs.delete_job(tenant.owner, job_id)  # the DELETE that raced the retry
         return create_job(**fields)
 
-    monkeypatch.setattr(transitions, "create_job", deleted_by_someone_else_first)
+    monkeypatch.setattr(jobs, "create_job", deleted_by_someone_else_first)
     assert_problem(tenant.post(f"/api/v1/jobs/{job_id}/retry"), 404)

@@ -95,7 +95,7 @@ def test_a_body_spelling_its_defaults_is_a_replay_of_one_leaving_them_out(
 
 def test_duplicate_task_delivery_runs_the_model_once(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner)
-    assert transitions.dispatch(job_id) and transitions.dispatch(job_id)
+    assert runtime().jobs.dispatch(job_id) and runtime().jobs.dispatch(job_id)
     job = tenant.wait_for(str(job_id))
     assert job["status"] == "succeeded"
     wait_until(broker_drained)
@@ -110,7 +110,7 @@ def test_two_workers_racing_for_a_claim_one_wins(tenant: Tenant, app) -> None:
     def claim(n: int) -> transitions.Claim | None:
         with app.app_context():
             barrier.wait()
-            return transitions.claim_job(job_id, f"racer-{n}")
+            return runtime().jobs.claim_job(job_id, f"racer-{n}")
 
     with ThreadPoolExecutor(max_workers=10) as pool:
         claims = [c for c in pool.map(claim, range(10)) if c is not None]
@@ -122,15 +122,17 @@ def test_two_workers_racing_for_a_claim_one_wins(tenant: Tenant, app) -> None:
 
 def test_a_stale_attempt_cannot_write(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner)
-    stale = transitions.claim_job(job_id, "ghost")
+    stale = runtime().jobs.claim_job(job_id, "ghost")
     assert stale is not None
     expire_lease(job_id)
-    report = transitions.sweep()
+    report = runtime().jobs.sweep()
     assert report.recovered >= 1
     with pytest.raises(transitions.LeaseLost):
-        transitions.fenced_update(stale, stale.seq + 1, ProgressPayload(progress=50), progress=50.0)
+        runtime().jobs.fenced_update(
+            stale, stale.seq + 1, ProgressPayload(progress=50), progress=50.0
+        )
     with pytest.raises(transitions.LeaseLost):
-        transitions.finish_job(
+        runtime().jobs.finish_job(
             stale,
             stale.seq + 2,
             SucceededPayload(attempt=stale.attempt),
@@ -144,7 +146,7 @@ def test_a_stale_attempt_cannot_write(tenant: Tenant) -> None:
 
 def test_sweeper_republishes_a_job_nobody_claimed(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner, dispatched_ago=timedelta(minutes=5))
-    report = transitions.sweep()
+    report = runtime().jobs.sweep()
     assert report.republished >= 1
     job = tenant.wait_for(str(job_id))
     assert job["status"] == "succeeded" and job["attempt"] == 1
@@ -152,10 +154,10 @@ def test_sweeper_republishes_a_job_nobody_claimed(tenant: Tenant) -> None:
 
 def test_sweeper_recovers_an_expired_lease(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner)
-    lost = transitions.claim_job(job_id, "worker-that-died")
+    lost = runtime().jobs.claim_job(job_id, "worker-that-died")
     assert lost is not None
     expire_lease(job_id)
-    transitions.sweep()
+    runtime().jobs.sweep()
     job = tenant.wait_for(str(job_id))
     assert job["status"] == "succeeded" and job["attempt"] == 2
     events = tenant.get(f"/api/v1/jobs/{job_id}/events?after=0").get_json()["items"]
@@ -169,9 +171,9 @@ def test_sweeper_fails_a_lost_job_past_its_attempts(tenant: Tenant) -> None:
     job_id = undispatched_job(tenant.owner)
     with runtime().db.transaction() as session:
         session.execute(update(Job).where(Job.id == job_id).values(max_attempts=1))
-    assert transitions.claim_job(job_id, "doomed") is not None
+    assert runtime().jobs.claim_job(job_id, "doomed") is not None
     expire_lease(job_id)
-    transitions.sweep()
+    runtime().jobs.sweep()
     row = job_row(job_id)
     assert row.status == "failed" and row.error_code == "worker_lost"
     assert row.lease_expires_at is None

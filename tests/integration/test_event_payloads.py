@@ -22,7 +22,6 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select, update
 
-from app.jobs import transitions
 from app.jobs.events import stream_key
 from app.jobs.payloads import PAYLOADS, EventEnvelope
 from app.jobs.states import EPHEMERAL_EVENTS, EventType
@@ -71,7 +70,7 @@ def _lost_worker_job(owner: str, **row: Any) -> uuid.UUID:
     if row:
         with runtime().db.transaction() as session:
             session.execute(update(Job).where(Job.id == job_id).values(**row))
-    assert transitions.claim_job(job_id, "worker-that-died") is not None
+    assert runtime().jobs.claim_job(job_id, "worker-that-died") is not None
     return job_id
 
 
@@ -151,7 +150,7 @@ def scenarios(app: Flask, worker: object) -> Iterator[tuple[Tenant, dict[str, Sc
     for job_id in (lost_retried, lost_failed):
         _expire_lease(job_id)
     _expire_lease(lost_canceled, cancel_requested=True)
-    transitions.sweep()
+    runtime().jobs.sweep()
     worker_lost = {"reason": "worker_lost", "worker": "worker-that-died"}
     found["sweeper retried"] = Scenario(
         str(lost_retried),

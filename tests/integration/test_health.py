@@ -19,7 +19,6 @@ import pytest
 from sqlalchemy import func, select
 
 from app.config import Settings
-from app.jobs import transitions
 from app.migrate import upgrade
 from app.models import Job
 from app.queue import QUEUE
@@ -269,7 +268,7 @@ def test_health_reports_queue_depth_and_failures_by_code(tenant: Tenant, worker)
         assert body["queue"]["running"] is not None
     finally:
         for job_id in unpublished:
-            transitions.cancel_job(tenant.owner, job_id)
+            runtime().jobs.cancel_job(tenant.owner, job_id)
 
 
 def test_readiness_and_health_share_one_check_per_second(tenant: Tenant) -> None:

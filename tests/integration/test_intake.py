@@ -107,6 +107,6 @@ def test_a_publish_that_fails_after_commit_leaves_the_job_for_the_sweeper(
             .where(Job.id == job.id)
             .values(dispatched_at=func.now() - timedelta(seconds=60))
         )
-    transitions.sweep()
+    runtime().jobs.sweep()
     assert tenant.wait_for(str(job.id))["status"] == "succeeded"
     assert wait_until(lambda: job_row(job.id).attempt == 1)

@@ -11,7 +11,6 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import select, update
 
-from app.jobs import transitions
 from app.models import Job, ModelCall
 from app.runtime import runtime
 from tests.conftest import Tenant, undispatched_job, wait_until
@@ -114,7 +113,7 @@ def test_a_schema_that_bypassed_the_api_fails_the_job_cleanly(tenant: Tenant) ->
         "properties": {"x": {"$ref": "#/$defs/a"}},
     }
     job_id = undispatched_job(tenant.owner, kind="structured", extra_input={"schema": cycle})
-    transitions.dispatch(job_id)
+    runtime().jobs.dispatch(job_id)
     job = tenant.wait_for(str(job_id))
     assert job["status"] == "failed"
     assert job["error"]["code"] == "invalid_input", job["error"]

@@ -23,7 +23,6 @@ import fakeredis
 import pytest
 import redis
 import socketio
-from flask import Flask
 
 from app import config
 from app.api.health import HealthMonitor
@@ -41,7 +40,6 @@ from app.jobs.events import (
 )
 from app.jobs.presence import SweepRecord, WorkerBeat, WorkerIdentity
 from app.jobs.states import EventType
-from app.runtime import EXTENSION_KEY
 
 OWNER = "owner-a"
 
@@ -429,10 +427,9 @@ def start_cancel_listener(server: fakeredis.FakeServer, *jobs: RunningJob) -> li
     active = ActiveJobs(connect)
     for job in jobs:
         active.track(job)  # type: ignore[arg-type]
-    app = Flask(__name__)
-    app.extensions[EXTENSION_KEY] = SimpleNamespace(settings=config.testing_settings())
+    jobs = SimpleNamespace(settings=config.testing_settings())
     # The listener alone: the heartbeat, its other half, renews leases in PostgreSQL.
-    threading.Thread(target=active._listen_for_cancels, args=(app,), daemon=True).start()
+    threading.Thread(target=active._listen_for_cancels, args=(jobs,), daemon=True).start()
     return connections
 
 
