@@ -14,8 +14,7 @@ from app.runtime import runtime
 
 @shared_task(name=transitions.RUN_JOB_TASK, ignore_result=True)
 def run_job(job_id: str) -> str:
-    rt = runtime()
-    return execute_job(uuid.UUID(job_id), rt.jobs, rt.model_client).value
+    return execute_job(uuid.UUID(job_id), runtime().jobs, runtime().model_client).value
 
 
 @shared_task(name=SWEEP_TASK, ignore_result=True, soft_time_limit=60, time_limit=90)

@@ -88,16 +88,16 @@ class RedisFigures:
 
 
 class HealthMonitor:
-    def __init__(self, rt: Runtime) -> None:
-        self._rt = rt
-        self.timeout = rt.settings.ready_timeout
-        age = rt.settings.health_max_age
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self.timeout = runtime.settings.ready_timeout
+        age = runtime.settings.health_max_age
 
         def shared(name: str, fetch: Callable[[], T]) -> SharedResult[Gathered[T]]:
             return SharedResult(lambda: gather(fetch), age, name)
 
         self.database_ping = shared("database-ping", self._ping_database)
-        self.redis_ping = shared("redis-ping", rt.redis.ping)
+        self.redis_ping = shared("redis-ping", runtime.redis.ping)
         self.database_figures = shared("database-figures", self._database_figures)
         self.redis_figures = shared("redis-figures", self._redis_figures)
 
@@ -167,15 +167,14 @@ class HealthMonitor:
             return self._transaction(work, statement_timeout)
 
     def _transaction(self, work: Callable[[Session], T], statement_timeout: float) -> T:
-        with self._rt.db.transaction() as session:
+        with self._runtime.db.transaction() as session:
             ms = max(100, int(statement_timeout * 1000))
             session.execute(text(f"SET LOCAL statement_timeout = {ms}"))
             return work(session)
 
     def _redis_figures(self) -> RedisFigures:
-        rt = self._rt
         broker_keys = broker_queue_keys() if self._broker_is_redis() else []
-        with rt.redis.pipeline(transaction=False) as pipe:
+        with self._runtime.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(presence.WORKERS_KEY)
             pipe.get(presence.SWEEP_KEY)
             for key in broker_keys:
@@ -183,12 +182,12 @@ class HealthMonitor:
             raw_beats, raw_sweep, *lengths = pipe.execute()
         beats, forgotten = presence.read_worker_beats(raw_beats, time.time())
         if forgotten:
-            rt.redis.hdel(presence.WORKERS_KEY, *forgotten)
+            self._runtime.redis.hdel(presence.WORKERS_KEY, *forgotten)
         broker = sum(lengths) if broker_keys else None
         return RedisFigures(beats, presence.read_sweep(raw_sweep), broker)
 
     def _broker_is_redis(self) -> bool:
-        settings = self._rt.settings
+        settings = self._runtime.settings
         return settings.celery_broker_url == settings.redis_url
 
     # Waiting and shaping -----------------------------------------------------------------------

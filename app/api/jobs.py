@@ -203,22 +203,23 @@ def list_events(job_id: uuid.UUID, query: EventsQuery) -> Response:
         after = _last_event_id(query.after)
         runtime().db.request_session.close()
         grant = key_watch().watch(current_principal().key_id)
-        response = event_stream_response(runtime(), job.owner, job_id, after, lambda: grant.revoked)
+        db, bus = runtime().db, runtime().bus
+        response = event_stream_response(db, bus, job.owner, job_id, after, lambda: grant.revoked)
         response.call_on_close(partial(key_watch().forget, grant))
         return response
     job = owned_job(job_id)
-    rt = runtime()
+    db, bus = runtime().db, runtime().bus
     if query.wait and job.last_seq <= query.after and job.status not in TERMINAL:
-        rt.db.request_session.close()  # hold no connection while waiting
+        db.request_session.close()  # hold no connection while waiting
         grant = key_watch().watch(current_principal().key_id)
         try:
-            rt.bus.wait_stream(job_id, query.after, query.wait, lambda: grant.revoked)
+            bus.wait_stream(job_id, query.after, query.wait, lambda: grant.revoked)
         finally:
             key_watch().forget(grant)
         if grant.revoked:
             raise revoked_while_waiting()
         job = owned_job(job_id)
-    items, source = replay(rt.db.request_session, rt.bus, job, query.after, query.limit)
+    items, source = replay(db.request_session, bus, job, query.after, query.limit)
     last_seq = max([job.last_seq, *(item["seq"] for item in items)])
     return json_response(
         EventPage(

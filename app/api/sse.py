@@ -19,10 +19,10 @@ from typing import Any
 
 from flask import Response
 
+from app.db import Database
 from app.jobs import transitions
-from app.jobs.events import TERMINAL_EVENT_TYPES, replay
+from app.jobs.events import TERMINAL_EVENT_TYPES, EventBus, replay
 from app.jobs.states import TERMINAL
-from app.runtime import Runtime
 
 SSE_TYPE = "text/event-stream"
 KEEPALIVE_SECONDS = 15.0
@@ -30,10 +30,15 @@ RETRY_MS = 1000
 
 
 def event_stream_response(
-    rt: Runtime, owner: str, job_id: uuid.UUID, after: int, revoked: Callable[[], bool]
+    db: Database,
+    bus: EventBus,
+    owner: str,
+    job_id: uuid.UUID,
+    after: int,
+    revoked: Callable[[], bool],
 ) -> Response:
     return Response(
-        _frames(rt, owner, job_id, after, revoked),
+        _frames(db, bus, owner, job_id, after, revoked),
         mimetype=SSE_TYPE,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -45,19 +50,24 @@ def _frame(event: dict[str, Any]) -> str:
 
 
 def _frames(
-    rt: Runtime, owner: str, job_id: uuid.UUID, after: int, revoked: Callable[[], bool]
+    db: Database,
+    bus: EventBus,
+    owner: str,
+    job_id: uuid.UUID,
+    after: int,
+    revoked: Callable[[], bool],
 ) -> Iterator[str]:
     yield f"retry: {RETRY_MS}\n\n"
     while not revoked():
-        items = rt.bus.read_stream(job_id, after)
+        items = bus.read_stream(job_id, after)
         finished = False
         if items is None:
-            with rt.db.transaction() as session:
+            with db.transaction() as session:
                 try:
                     job = transitions.get_job(session, owner, job_id)
                 except transitions.JobNotFound:  # deleted meanwhile
                     return
-                items, _source = replay(session, rt.bus, job, after)
+                items, _source = replay(session, bus, job, after)
                 finished = job.status in TERMINAL and job.last_seq <= max(
                     [after, *(item["seq"] for item in items)]
                 )
@@ -70,18 +80,18 @@ def _frames(
             return
         if (
             not items
-            and not rt.bus.wait_stream(job_id, after, KEEPALIVE_SECONDS, revoked)
+            and not bus.wait_stream(job_id, after, KEEPALIVE_SECONDS, revoked)
             and not revoked()
         ):
             # Quiet for a whole period: say we are alive, and stop if the job has ended
             # without its last events in the stream (Redis lost them).
             yield ": keep-alive\n\n"
-            if _ended(rt, owner, job_id, after):
+            if _ended(db, owner, job_id, after):
                 return
 
 
-def _ended(rt: Runtime, owner: str, job_id: uuid.UUID, after: int) -> bool:
-    with rt.db.transaction() as session:
+def _ended(db: Database, owner: str, job_id: uuid.UUID, after: int) -> bool:
+    with db.transaction() as session:
         try:
             job = transitions.get_job(session, owner, job_id)
         except transitions.JobNotFound:

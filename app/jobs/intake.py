@@ -64,7 +64,7 @@ class NewJob:
 
 # What the intake gives back for one job: its row, None when its Idempotency-Key was already
 # used (the caller replays), or the error that kept this one job from being stored.
-Stored = Row[Any] | None | Exception
+StoreOutcome = Row[Any] | None | Exception
 
 
 def task_priority(priority: int) -> int:
@@ -86,7 +86,7 @@ class JobIntake:
             raise stored
         return stored
 
-    def store_and_dispatch(self, batch: list[NewJob]) -> list[Stored]:
+    def store_and_dispatch(self, batch: list[NewJob]) -> list[StoreOutcome]:
         """One batch: one INSERT and commit, then its events and Celery messages (what the
         writer thread runs; callable directly, e.g. to store a known set of jobs together)."""
         stored = self._store(batch)
@@ -96,7 +96,7 @@ class JobIntake:
             self._dispatch(created)
         return stored
 
-    def _store(self, batch: list[NewJob]) -> list[Stored]:
+    def _store(self, batch: list[NewJob]) -> list[StoreOutcome]:
         try:
             rows = self._insert(batch)
         except (IntegrityError, DataError) as exc:

@@ -75,8 +75,7 @@ def _principal(auth: Any) -> tuple[Principal, uuid.UUID | None]:
     """Who connects, and the one job a job-scoped token limits them to."""
     auth = auth if isinstance(auth, dict) else {}
     if isinstance(token := auth.get("token"), str):
-        rt = runtime()
-        claims = read_token(rt.settings, rt.db, token)
+        claims = read_token(runtime().settings, runtime().db, token)
         return claims.principal, claims.job_id
     key = auth.get("api_key")
     if not isinstance(key, str):
@@ -136,17 +135,17 @@ def on_subscribe(data: Any = None) -> dict[str, Any]:
         }
     if session["only_job"] not in (None, job_id):
         return _not_found(job_id)
-    rt = runtime()
+    db, bus = runtime().db, runtime().bus
     try:
-        with rt.db.transaction() as db:
+        with db.transaction() as tx:
             try:
-                job = transitions.get_job(db, session["owner"], job_id)
+                job = transitions.get_job(tx, session["owner"], job_id)
             except transitions.JobNotFound:
                 return _not_found(job_id)
             # Join first, then read: an event published in between arrives twice (the client
             # drops it by seq) rather than not at all.
             join_room(job_room(job_id))
-            items, source = replay(db, rt.bus, job, after)
+            items, source = replay(tx, bus, job, after)
             status, last_seq = job.status, job.last_seq
     except OperationalError as exc:
         logger.warning("subscribe failed, database unavailable: %s", exc)
