@@ -9,7 +9,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from app.jobs.events import MAX_SEQ
 from app.jobs.payloads import EventEnvelope
@@ -138,8 +140,24 @@ class JobListQuery(BaseModel):
     cursor: str | None = Field(None, max_length=200)
 
 
-# One event: the envelope of app/jobs/payloads.py, whose `data` is its type's payload model.
-EventOut = EventEnvelope
+class EventOut(BaseModel):
+    """One event as the API serves it. Its schema is `EventEnvelope` (app/jobs/payloads.py),
+    through whose payload models every publisher writes (tests/integration/test_event_payloads.py
+    holds them to it). Reading checks the envelope only: a stored event stays readable after its
+    payload model changes, rather than failing the page."""
+
+    job_id: uuid.UUID
+    seq: int
+    prev: int | None = None
+    type: str
+    at: datetime
+    data: dict[str, Any]
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, _core_schema: CoreSchema, _handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"$ref": f"#/components/schemas/{EventEnvelope.__name__}"}
 
 
 class EventsQuery(BaseModel):

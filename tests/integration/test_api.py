@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from sqlalchemy import update
 
+from app.models import JobEvent
 from app.runtime import runtime
 from tests.conftest import Tenant, undispatched_job
 
@@ -337,3 +339,18 @@ def test_retrying_a_job_deleted_meanwhile_is_404_not_500(tenant: Tenant, monkeyp
 
     monkeypatch.setattr(jobs, "create_job", deleted_by_someone_else_first)
     assert_problem(tenant.post(f"/api/v1/jobs/{job_id}/retry"), 404)
+
+
+def test_an_event_stored_by_an_earlier_payload_model_is_still_served(tenant: Tenant) -> None:
+    """Reading checks the envelope only: a payload model may change after its events were
+    stored (here: a field it no longer has, and one it now requires missing)."""
+    job_id = undispatched_job(tenant.owner)
+    with runtime().db.transaction() as session:
+        session.execute(
+            update(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.seq == 1)
+            .values(data={"kind": "chat", "queue": "legacy"})
+        )
+    page = tenant.get(f"/api/v1/jobs/{job_id}/events")
+    assert page.status_code == 200
+    assert page.get_json()["items"][0]["data"] == {"kind": "chat", "queue": "legacy"}
