@@ -6,7 +6,7 @@ tokens (`[[sim duration=D tokens=T]]` in the prompt). One worker process runs
 settings (DB pool: --db-pool-size / --db-max-overflow override them). The ideal is S/D jobs/s.
 
 How a run measures steady state without the job creator competing for the two cores:
-  1. all jobs are created up front with app.jobs.transitions.create_job(), in two processes, while
+  1. all jobs are created up front with Jobs.create_job(), in two processes, while
      no worker runs: first S warm-up jobs whose durations are spread over (0, D], then more
      D-second jobs than the worker can finish at its ideal rate;
   2. the worker starts and takes the warm-up jobs first (the queue is FIFO); as they end one by

@@ -7,7 +7,7 @@ peers measured in the same run on the same private PostgreSQL and Redis:
           send_task("conveyor.run_job") with the app's Celery config; no HTTP; one thread
   rawN    the same in --raw-procs processes x --raw-threads threads (default 2 x 16, the
           server's processes)
-  svc1    (c, optional) app.jobs.transitions.create_job() in-process, one thread, no HTTP: what
+  svc1    (c, optional) Jobs.create_job() in-process, one thread, no HTTP: what
           the service layer costs without gunicorn, Flask and the view
 
 Each phase: --warmup seconds, then --duration seconds measured, with --concurrency
@@ -270,7 +270,7 @@ def _raw_dispatch_one(conn: Any, celery: Any, with_event: bool) -> None:
             conn.execute(INSERT_EVENT, (job_id, now, Jsonb({"kind": "chat", "retry_of": None})))
     else:
         conn.execute(INSERT_JOB, job_args)
-    # Exactly what app.jobs.transitions.dispatch publishes for a priority-0 job.
+    # Exactly what Jobs.dispatch publishes for a priority-0 job.
     celery.send_task("conveyor.run_job", args=[str(job_id)], countdown=None, priority=9)
 
 

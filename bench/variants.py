@@ -9,7 +9,7 @@ BENCH_VARIANTS for gunicorn / the Celery worker). The app's code is not modified
   redis-pool      Redis pools sized for the worker's slots (redis-py 8 caps a default pool at
                   100 connections and raises instead of waiting), for the event bus and the
                   Socket.IO emitter alike
-  core-insert     transitions.create_job with two prebuilt Core INSERTs (bind parameters at
+  core-insert     Jobs.create_job with two prebuilt Core INSERTs (bind parameters at
                   execute time, so nothing is rebuilt or re-keyed per call) instead of
                   pg_insert(Job).values(**row).returning(Job) and the ORM event insert
 """
