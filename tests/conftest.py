@@ -7,6 +7,9 @@ tables, so the session-wide worker never sees rows vanish under it.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +33,23 @@ from devtools.postgres import PostgresServer
 from devtools.redis_server import RedisServer
 from devtools.simprocess import SimulatorProcess
 from tests.webserver import WebServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each session's temporary files in a directory of its own, not pytest's shared
+    /tmp/pytest-of-<user>: the private PostgreSQL runs as `postgres` when the tests run as
+    root, so its data directory's parents must stay traversable, and every new pytest session
+    takes that permission back from pytest-of-<user> (two sessions at once then broke each
+    other's initdb). Removed at the end unless CONVEYOR_KEEP_TEST_TMP is set."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="conveyor-tests-")
+        config._conveyor_basetemp = config.option.basetemp  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    made = getattr(config, "_conveyor_basetemp", None)
+    if made and not os.environ.get("CONVEYOR_KEEP_TEST_TMP"):
+        shutil.rmtree(made, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
