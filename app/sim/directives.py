@@ -2,6 +2,10 @@
 
 Tests and benchmarks steer single calls through the real client this way, without any
 side channel: the directive travels inside the prompt the code under test sends anyway.
+
+A block may name a step (`[[sim step=lorebook fault=http_500]]`): it then applies only to
+requests whose `STEP_HEADER` names that step, as a multi-step job's calls do, so one prompt can
+steer each step of a pipeline on its own.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ _DIRECTIVE = re.compile(r"\[\[\s*sim\b(?P<body>[^\]]*)\]\]", re.IGNORECASE)
 _PAIR = re.compile(r"(?P<key>[A-Za-z_]+)\s*=\s*(?P<value>[^\s\]]+)")
 
 HEADER_PREFIX = "X-Sim-"
+STEP_HEADER = "X-Conveyor-Step"
 NO_FAULT = "none"
 
 
@@ -96,18 +101,22 @@ def parse_pairs(pairs: Mapping[str, str]) -> Directives:
     return Directives(**values)
 
 
-def parse_directive_text(text: str) -> tuple[Directives, str]:
-    """Directives found in `text` (a later block wins) and the text without them."""
+def parse_directive_text(text: str, step: str | None = None) -> tuple[Directives, str]:
+    """Directives found in `text` (a later block wins) and the text without them. A block that
+    names a step counts only for a request of that `step`."""
     pairs: dict[str, str] = {}
     for block in _DIRECTIVE.finditer(text):
-        for pair in _PAIR.finditer(block.group("body")):
-            pairs[pair.group("key")] = pair.group("value")
+        found = {m.group("key").lower(): m.group("value") for m in _PAIR.finditer(block["body"])}
+        scope = found.pop("step", None)
+        if scope is None or scope == step:
+            pairs.update(found)
     cleaned = _DIRECTIVE.sub("", text).strip()
     return parse_pairs(pairs), cleaned
 
 
 def parse_headers(headers: Mapping[str, str]) -> Directives:
-    """Directives from X-Sim-* headers (X-Sim-Fault, X-Sim-Retry-After, ...)."""
+    """Directives from X-Sim-* headers (X-Sim-Fault, X-Sim-Retry-After, ...); these are not
+    scoped to a step."""
     pairs = {
         name[len(HEADER_PREFIX) :]: value
         for name, value in headers.items()
@@ -132,7 +141,7 @@ def directive_message(messages: Sequence[Any]) -> str:
 
 def request_directives(messages: Sequence[Any], headers: Mapping[str, str]) -> Directives:
     """The knobs of one request: the message directive wins over headers."""
-    from_text, _ = parse_directive_text(directive_message(messages))
+    from_text, _ = parse_directive_text(directive_message(messages), headers.get(STEP_HEADER))
     return from_text.over(parse_headers(headers))
 
 

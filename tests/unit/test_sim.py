@@ -317,6 +317,18 @@ def test_later_directive_block_wins() -> None:
     assert knobs == Directives(fault="drop", tps=10.0)
 
 
+def test_a_block_naming_a_step_steers_only_that_steps_requests() -> None:
+    text = (
+        "[[sim tps=10]] concept [[sim step=lorebook fault=500 times=1]] [[sim step=profile ttft=2]]"
+    )
+    assert parse_directive_text(text) == (Directives(tps=10.0), "concept")
+    assert parse_directive_text(text, "lorebook")[0] == Directives(fault="500", times=1, tps=10.0)
+    assert parse_directive_text(text, "profile")[0] == Directives(tps=10.0, ttft=2.0)
+    messages = [{"role": "user", "content": text}]
+    assert request_directives(messages, {"X-Conveyor-Step": "lorebook"}).fault == "500"
+    assert request_directives(messages, {"X-Conveyor-Step": "review"}).fault is None
+
+
 def test_headers_are_parsed() -> None:
     headers = {"X-Sim-Fault": "hang", "X-Sim-Retry-After": "3", "x-sim-tokens": "12", "Other": "1"}
     assert parse_headers(headers) == Directives(fault="hang", retry_after=3.0, tokens=12)
