@@ -12,9 +12,10 @@ Fields the spec makes optional are absent from the JSON when unset (never `null`
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 # Bounds, documented in docs/cards.md. Text lengths are in characters.
 MAX_NAME_CHARS = 256
@@ -35,23 +36,34 @@ Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 Short = Annotated[str, Field(max_length=MAX_SHORT_CHARS)]
 Key = Annotated[str, Field(max_length=MAX_SHORT_CHARS)]
+Url = Annotated[str, Field(max_length=2_048)]
 BookNumber = Annotated[int, Field(ge=-MAX_BOOK_NUMBER, le=MAX_BOOK_NUMBER)]
 Extensions = dict[str, Any]
+
+
+T = TypeVar("T")
 
 
 def _absent_when_none(value: object) -> bool:
     return value is None
 
 
-def optional(**constraints: Any) -> Any:
-    """An optional field of the spec: absent from the JSON when unset, never `null`."""
-    return Field(None, exclude_if=_absent_when_none, **constraints)
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+# An optional field of the spec: absent from the JSON when unset, never `null` (in the JSON
+# and in the schema alike). Declared `name: Absent[Short] = None`.
+Absent = Annotated[
+    T | SkipJsonSchema[None],
+    Field(exclude_if=_absent_when_none, json_schema_extra=_no_default),
+]
 
 
 class _CardModel(BaseModel):
     # Fields no spec defines are dropped on import (a V2 card from SillyTavern also repeats
     # the V1 fields at its root); `extensions` is where applications keep their own data.
-    model_config = ConfigDict(extra="ignore", json_schema_serialization_defaults_required=True)
+    model_config = ConfigDict(extra="ignore")
 
 
 class CharacterBookEntry(_CardModel):
@@ -62,25 +74,25 @@ class CharacterBookEntry(_CardModel):
     extensions: Extensions = Field(default_factory=dict)
     enabled: bool = True
     insertion_order: BookNumber = 0
-    case_sensitive: bool | None = optional()
-    name: Short | None = optional()
-    priority: BookNumber | None = optional()
-    id: BookNumber | None = optional()
-    comment: Annotated[str, Field(max_length=MAX_COMMENT_CHARS)] | None = optional()
-    selective: bool | None = optional()
-    secondary_keys: list[Key] | None = optional(max_length=MAX_KEYS)
-    constant: bool | None = optional()
-    position: Literal["before_char", "after_char"] | None = optional()
+    case_sensitive: Absent[bool] = None
+    name: Absent[Short] = None
+    priority: Absent[BookNumber] = None
+    id: Absent[BookNumber] = None
+    comment: Absent[Annotated[str, Field(max_length=MAX_COMMENT_CHARS)]] = None
+    selective: Absent[bool] = None
+    secondary_keys: Absent[Annotated[list[Key], Field(max_length=MAX_KEYS)]] = None
+    constant: Absent[bool] = None
+    position: Absent[Literal["before_char", "after_char"]] = None
 
 
 class CharacterBook(_CardModel):
     """The character's own lorebook."""
 
-    name: Short | None = optional()
-    description: Text | None = optional()
-    scan_depth: Annotated[int, Field(ge=0, le=MAX_BOOK_NUMBER)] | None = optional()
-    token_budget: Annotated[int, Field(ge=0, le=MAX_BOOK_NUMBER)] | None = optional()
-    recursive_scanning: bool | None = optional()
+    name: Absent[Short] = None
+    description: Absent[Text] = None
+    scan_depth: Absent[Annotated[int, Field(ge=0, le=MAX_BOOK_NUMBER)]] = None
+    token_budget: Absent[Annotated[int, Field(ge=0, le=MAX_BOOK_NUMBER)]] = None
+    recursive_scanning: Absent[bool] = None
     extensions: Extensions = Field(default_factory=dict)
     entries: list[CharacterBookEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
 
@@ -96,7 +108,7 @@ class CharacterCardV2Data(_CardModel):
     system_prompt: Text = ""
     post_history_instructions: Text = ""
     alternate_greetings: list[Text] = Field(default_factory=list, max_length=MAX_GREETINGS)
-    character_book: CharacterBook | None = optional()
+    character_book: Absent[CharacterBook] = None
     tags: list[Short] = Field(default_factory=list, max_length=MAX_TAGS)
     creator: Short = ""
     character_version: Short = ""
@@ -117,7 +129,7 @@ class CharacterCardV2(_CardModel):
 class CharacterBookEntryV3(CharacterBookEntry):
     use_regex: bool = False
     # V3 allows a string id as well as a number.
-    id: BookNumber | Short | None = optional()  # type: ignore[assignment]
+    id: Absent[BookNumber | Short] = None  # type: ignore[assignment]
 
 
 class CharacterBookV3(CharacterBook):
@@ -128,20 +140,23 @@ class CharacterBookV3(CharacterBook):
 
 class CardAsset(_CardModel):
     type: Short
+    # A URL, `embeded://path`, `ccdefault:` or a data URL of the asset itself.
     uri: Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
     name: Short
     ext: Short
 
 
 class CharacterCardV3Data(CharacterCardV2Data):
-    character_book: CharacterBookV3 | None = optional()  # type: ignore[assignment]
+    character_book: Absent[CharacterBookV3] = None  # type: ignore[assignment]
     group_only_greetings: list[Text] = Field(default_factory=list, max_length=MAX_GREETINGS)
-    nickname: Short | None = optional()
-    creator_notes_multilingual: dict[Short, Text] | None = optional(max_length=MAX_LANGUAGES)
-    source: list[Annotated[str, Field(max_length=2_048)]] | None = optional(max_length=MAX_SOURCES)
-    creation_date: Annotated[int, Field(ge=0)] | None = optional()
-    modification_date: Annotated[int, Field(ge=0)] | None = optional()
-    assets: list[CardAsset] | None = optional(max_length=MAX_ASSETS)
+    nickname: Absent[Short] = None
+    creator_notes_multilingual: Absent[
+        Annotated[dict[Short, Text], Field(max_length=MAX_LANGUAGES)]
+    ] = None
+    source: Absent[Annotated[list[Url], Field(max_length=MAX_SOURCES)]] = None
+    creation_date: Absent[Annotated[int, Field(ge=0)]] = None
+    modification_date: Absent[Annotated[int, Field(ge=0)]] = None
+    assets: Absent[Annotated[list[CardAsset], Field(max_length=MAX_ASSETS)]] = None
 
 
 class CharacterCardV3(_CardModel):
