@@ -57,7 +57,9 @@ def from_v3(card: CharacterCardV3) -> CharacterCardV2:
         for entry in book["entries"]:
             entry.pop("use_regex", None)
             if isinstance(entry.get("id"), str):
-                entry["id"] = _numeric_id(entry["id"])
+                number = _numeric_id(entry.pop("id"))
+                if number is not None:
+                    entry["id"] = number
     return CharacterCardV2.model_validate({"data": data})
 
 

@@ -84,12 +84,26 @@ def _validated(model: type[AnyCard], value: dict[str, Any], spec: Spec, strip: s
             return model.model_validate(value)
         except ValidationError as exc:
             issues = [
-                FieldIssue(".".join(str(part) for part in error["loc"]), error["msg"])
+                FieldIssue(_path_in(value, error["loc"]), error["msg"])
                 for error in exc.errors(include_url=False)[:MAX_ISSUES]
             ]
     if strip:
         issues = [FieldIssue(i.field.removeprefix(strip), i.message) for i in issues]
     raise CardError(Fault.INVALID_CARD, f"not a valid {spec} card", tuple(issues))
+
+
+def _path_in(document: Any, loc: tuple[int | str, ...]) -> str:
+    """The dotted path of a pydantic error's location in the document it validated. Only keys
+    and indexes the document has are kept: a union's member names, which pydantic also puts
+    in the location (`id.constrained-str`), are no place in the card."""
+    path, node = [], document
+    for part in loc:
+        in_object = isinstance(node, dict) and part in node
+        in_array = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_object or in_array:
+            node = node[part]
+            path.append(str(part))
+    return ".".join(path)
 
 
 def _check_nesting(value: Any) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic.json_schema import SkipJsonSchema
 
 # Bounds, documented in docs/cards.md. Text lengths are in characters.
 MAX_NAME_CHARS = 256
@@ -52,12 +51,10 @@ def _no_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
-# An optional field of the spec: absent from the JSON when unset, never `null` (in the JSON
-# and in the schema alike). Declared `name: Absent[Short] = None`.
-Absent = Annotated[
-    T | SkipJsonSchema[None],
-    Field(exclude_if=_absent_when_none, json_schema_extra=_no_default),
-]
+# An optional field of the spec: absent from the JSON when unset, never `null` (null is no
+# value the specs allow, so it is not one of the field's types either). Declared
+# `name: Absent[Short] = None`; the default is the only None it holds.
+Absent = Annotated[T, Field(exclude_if=_absent_when_none, json_schema_extra=_no_default)]
 
 
 class _CardModel(BaseModel):
