@@ -36,7 +36,6 @@ TITLES = {
     Fault.CARD_TOO_LARGE: "The card is too large",
     Fault.INVALID_CARD: "The card is not valid",
 }
-_PICTURE = {"type": "string", "contentMediaType": PNG}
 
 
 @bp.post("/cards/import")
@@ -44,13 +43,22 @@ _PICTURE = {"type": "string", "contentMediaType": PNG}
     summary="Import a character card",
     tag="cards",
     content={
+        # A V1 or V3 card is accepted too, and answered as V2.
         JSON: CharacterCardV2,
-        PNG: {**_PICTURE, "description": "A card PNG: `chara` (V2) or `ccv3` (V3) tEXt chunk"},
+        PNG: {
+            "type": "string",
+            "contentMediaType": PNG,
+            "description": "A card PNG: a `chara` (V2) or `ccv3` (V3) tEXt chunk",
+        },
         MULTIPART: {
             "type": "object",
             "required": [UPLOAD_FIELD],
             "properties": {
-                UPLOAD_FIELD: {**_PICTURE, "description": "A card PNG, or a card's JSON file"}
+                UPLOAD_FIELD: {
+                    "type": "string",
+                    "contentMediaType": "application/octet-stream",
+                    "description": "A card PNG, or a card's JSON file",
+                }
             },
         },
     },

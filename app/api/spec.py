@@ -239,11 +239,10 @@ def _common_problems(rule: str, op: Operation) -> list[tuple[int, str]]:
             (415, "Body is not application/json"),
         ]
     if op.content:
-        problems.append((413, "Body too large"))
-        media_types = " or ".join(op.content)
-        problems.append((415, f"Body is not {media_types}"))
         if JSON in op.content:
             problems.append((400, "Malformed JSON"))
+        problems.append((413, "Body too large"))
+        problems.append((415, f"Body is not {' or '.join(op.content)}"))
     if op.body is not None or op.query is not None or op.content:
         problems.append((422, "A field is not valid; `errors` names it"))
     problems.append((503, "A backing service is unavailable"))
