@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydantic import BaseModel
 
@@ -39,6 +42,8 @@ from app.cards.models import (
 from app.cards.png import card_texts
 from app.cards.schema import spec_issues
 from tests.cardfiles import card_document, card_text, full_card, text_chunk, tiny_png
+
+CARD_PNG = write_png_card(full_card())
 
 
 def fields_of(error: CardError) -> dict[str, str]:
@@ -436,3 +441,58 @@ def test_the_placeholder_is_the_same_for_the_same_name_and_differs_by_name() -> 
 )
 def test_initials(name: str, expected: str) -> None:
     assert initials(name) == expected
+
+
+# No file makes the reader fail otherwise than with a CardError ------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+card_field_names = st.sampled_from(
+    [*CharacterCardV3Data.model_fields, "spec", "spec_version", "data", "entries", "keys"]
+)
+card_like = st.recursive(
+    json_values,
+    lambda children: st.dictionaries(card_field_names, children, max_size=6),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(card_like)
+def test_any_json_value_is_a_card_or_a_card_error(value: Any) -> None:
+    raw = json.dumps(value).encode()
+    for document in (raw, json.dumps({"spec": "chara_card_v2", "data": value}).encode()):
+        with contextlib.suppress(CardError):
+            read_json_card(document)
+
+
+def damaged(data: st.DataObject, original: bytes) -> bytes:
+    damaged = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(damaged) - 1))
+        damaged[position] = data.draw(st.integers(0, 255))
+    return bytes(damaged[: data.draw(st.integers(0, len(damaged)))])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_damaged_card_png_is_a_card_or_a_card_error(data: st.DataObject) -> None:
+    with contextlib.suppress(CardError):
+        read_png_card(damaged(data, CARD_PNG))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), st.sampled_from(["text", "json"]))
+def test_any_damaged_card_chunk_is_a_card_or_a_card_error(data: st.DataObject, layer: str) -> None:
+    """Damage inside a chunk whose CRC is right: it reaches base64, JSON and validation."""
+    document = card_json(full_card())
+    text = damaged(data, card_text(json.loads(document))) if layer == "text" else None
+    if text is None:
+        text = base64.b64encode(damaged(data, document))
+    with contextlib.suppress(CardError):
+        read_png_card(tiny_png(after_image=(text_chunk("chara", text),)))
