@@ -6,6 +6,8 @@ import base64
 import contextlib
 import io
 import json
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -496,3 +498,13 @@ def test_any_damaged_card_chunk_is_a_card_or_a_card_error(data: st.DataObject, l
         text = base64.b64encode(damaged(data, document))
     with contextlib.suppress(CardError):
         read_png_card(tiny_png(after_image=(text_chunk("chara", text),)))
+
+
+def test_the_schema_files_are_package_data() -> None:
+    """An installed wheel has them: spec_schema reads them through importlib.resources."""
+    root = Path(__file__).resolve().parents[2]
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["app.cards"]
+    shipped = {path for pattern in patterns for path in (root / "app" / "cards").glob(pattern)}
+    assert shipped == set((root / "app" / "cards" / "schemas").glob("*.json"))
+    assert len(shipped) == 2
