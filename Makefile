@@ -8,13 +8,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: dev test soak lint format bench-dispatch bench-concurrency bench-events migrate clean
 
-$(STAMP): pyproject.toml app/web/package-lock.json
+$(STAMP): pyproject.toml app/web/package-lock.json tests/node_reader/package-lock.json
 	tools/require npm
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# The dashboard's socket.io-client, from the npm registry (not committed).
 	cd app/web && npm ci --no-audit --no-fund --loglevel=error
+	# The tests' independent reader of card PNGs: the chunk packages SillyTavern uses.
+	cd tests/node_reader && npm ci --no-audit --no-fund --loglevel=error
 	touch $(STAMP)
 
 dev: $(STAMP)

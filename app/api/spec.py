@@ -56,6 +56,8 @@ class Operation:
     tag: str
     description: str | None = None
     headers: list[dict[str, Any]] = field(default_factory=list)
+    # A body the view reads itself, by media type: a model (its schema) or a literal schema.
+    content: dict[str, type[BaseModel] | dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,15 @@ def operation(
     auth: bool = True,
     tag: str = "jobs",
     headers: list[dict[str, Any]] | None = None,
+    content: dict[str, type[BaseModel] | dict[str, Any]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declares a view an API operation. Goes under the blueprint's route decorator: the route
     must register the validating wrapper this returns, not the bare view. The view's docstring,
-    if any, is the operation's description."""
+    if any, is the operation's description.
+
+    `body` is a JSON body parsed and validated before the view runs; `content` instead
+    declares a body the view reads itself, in each media type it accepts (a model, or a
+    literal schema for a non-JSON one such as an image), for the document only."""
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(view)
@@ -100,6 +107,7 @@ def operation(
             tag=tag,
             description=inspect.cleandoc(view.__doc__ or "") or None,
             headers=headers or [],
+            content=content or {},
         )
         setattr(endpoint, _OPERATION_ATTRIBUTE, declared)
         return endpoint
@@ -135,6 +143,7 @@ def document(
             models.append((op.body, "validation"))
         if op.query is not None:
             models.append((op.query, "validation"))
+        models.extend((m, "validation") for m in op.content.values() if _is_model(m))
         models.extend((m, "serialization") for m, _ in op.responses.values() if m)
     models.extend((m, "validation") for m in extra_schemas)
     refs, definitions = models_json_schema(
@@ -174,6 +183,13 @@ def _operation_doc(rule: str, op: Operation, refs: dict[Any, Any]) -> dict[str, 
             "required": True,
             "content": {JSON: {"schema": refs[(op.body, "validation")]}},
         }
+    if op.content:
+        content = {}
+        for media_type, schema in op.content.items():
+            content[media_type] = {
+                "schema": refs[(schema, "validation")] if _is_model(schema) else schema
+            }
+        doc["requestBody"] = {"required": True, "content": content}
     problem_ref = refs[(Problem, "serialization")]
     for status, (model, description) in sorted(op.responses.items()):
         entry: dict[str, Any] = {"description": description}
@@ -189,6 +205,10 @@ def _operation_doc(rule: str, op: Operation, refs: dict[Any, Any]) -> dict[str, 
             },
         )
     return doc
+
+
+def _is_model(schema: type[BaseModel] | dict[str, Any]) -> bool:
+    return isinstance(schema, type) and issubclass(schema, BaseModel)
 
 
 def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
@@ -218,7 +238,12 @@ def _common_problems(rule: str, op: Operation) -> list[tuple[int, str]]:
             (413, "Body too large"),
             (415, "Body is not application/json"),
         ]
-    if op.body is not None or op.query is not None:
+    if op.content:
+        if JSON in op.content:
+            problems.append((400, "Malformed JSON"))
+        problems.append((413, "Body too large"))
+        problems.append((415, f"Body is not {' or '.join(op.content)}"))
+    if op.body is not None or op.query is not None or op.content:
         problems.append((422, "A field is not valid; `errors` names it"))
     problems.append((503, "A backing service is unavailable"))
     return problems
