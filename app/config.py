@@ -43,7 +43,14 @@ class Settings(BaseSettings):
     llm_timeout: float = Field(60.0, gt=0, description="read timeout of one model call, seconds")
     llm_connect_timeout: float = Field(5.0, gt=0)
     default_model: str = "gpt-4o-mini"
-    models: dict[str, str] = Field(default_factory=dict, description="kind -> model")
+    models: dict[str, str | dict[str, str]] = Field(
+        default_factory=dict,
+        description="kind -> model, or kind -> {role -> model} (`default` for any other role)",
+    )
+    allowed_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="models a request may name (comma-separated), besides the configured ones",
+    )
     pricing_file: Path | None = None
 
     # Job lifecycle
@@ -90,11 +97,11 @@ class Settings(BaseSettings):
     )
     realtime_token_ttl: int = Field(300, ge=10, le=86_400)
 
-    @field_validator("allowed_origins", mode="before")
+    @field_validator("allowed_origins", "allowed_models", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
-            return [origin.strip() for origin in value.split(",") if origin.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
     # Worker
@@ -113,8 +120,24 @@ class Settings(BaseSettings):
     def celery_broker_url(self) -> str:
         return self.broker_url or self.redis_url
 
-    def model_for(self, kind: str) -> str:
-        return self.models.get(kind, self.default_model)
+    def model_for(self, kind: str, role: str | None = None) -> str:
+        """The configured model of a kind's role: `CONVEYOR_MODELS` maps a kind to one model
+        for all its calls, or to a model per role with `default` for the roles it leaves out;
+        what it does not name gets `CONVEYOR_DEFAULT_MODEL`."""
+        entry = self.models.get(kind)
+        if isinstance(entry, str):
+            return entry
+        if entry is None:
+            return self.default_model
+        return entry.get(role or "default") or entry.get("default") or self.default_model
+
+    def requestable_models(self) -> frozenset[str]:
+        """What a request may name: `CONVEYOR_ALLOWED_MODELS`, and every model the
+        configuration already uses (naming the model a job would get anyway is no choice)."""
+        configured = {self.default_model}
+        for entry in self.models.values():
+            configured.update([entry] if isinstance(entry, str) else entry.values())
+        return frozenset(self.allowed_models) | configured
 
 
 def testing_settings(**overrides: object) -> Settings:

@@ -76,6 +76,8 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     model: Mapped[str | None] = mapped_column(String(200))
+    # The model of each role the kind's steps name, pinned when the job was created.
+    models: Mapped[dict[str, Any] | None]
     worker: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None]
     retry_at: Mapped[datetime | None]
@@ -136,10 +138,37 @@ class ModelCall(Base):
     model: Mapped[str] = mapped_column(String(200))
     tokens_in: Mapped[int] = mapped_column(Integer, default=0)
     tokens_out: Mapped[int] = mapped_column(Integer, default=0)
+    # From the price table (app/llm/pricing.py); the provider's own figure, when its response
+    # reported one (OpenRouter's `usage.cost`), is `reported_cost_usd`, and that is the one
+    # the job's total counts.
     cost_usd: Mapped[Decimal] = mapped_column(Numeric(16, 8), default=Decimal(0))
+    reported_cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(16, 8))
+    step: Mapped[str | None] = mapped_column(String(64))
+    role: Mapped[str | None] = mapped_column(String(64))
     latency_ms: Mapped[float] = mapped_column(Float)
     ttft_ms: Mapped[float | None] = mapped_column(Float)
     outcome: Mapped[str] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class JobStep(Base):
+    """A finished step's checkpoint: a later attempt of the job reuses `output` instead of
+    running the step (and paying for its model calls) again."""
+
+    __tablename__ = "job_steps"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)  # the attempt that finished it
+    output: Mapped[Any] = mapped_column(JSONB)  # any JSON value the step returned
+    tokens_in: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    tokens_out: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cost_usd: Mapped[Decimal] = mapped_column(
+        Numeric(16, 8), default=Decimal(0), server_default="0"
+    )
     started_at: Mapped[datetime]
     finished_at: Mapped[datetime] = mapped_column(server_default=func.now())

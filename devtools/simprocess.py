@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,11 @@ class SimulatorProcess(DevServer):
 
     def stats(self) -> dict[str, Any]:
         return self._admin("GET", "stats")
+
+    def requests(self, tag: str | None = None) -> list[dict[str, Any]]:
+        """The simulator's log of its latest requests (those with `[[sim tag=...]]` `tag`)."""
+        query = "" if tag is None else f"?tag={urllib.parse.quote(tag)}"
+        return self._admin("GET", f"requests{query}")["items"]
 
     def reset(self) -> dict[str, Any]:
         """Zero the counters and the per-messages `times` fault counters."""

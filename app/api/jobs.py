@@ -25,10 +25,14 @@ from app.api.schemas import (
     JobResult,
     KindList,
     KindOut,
+    KindStep,
     LogEntry,
     LogPage,
+    ModelCallOut,
+    ModelCallPage,
     decode_cursor,
     encode_cursor,
+    usd,
 )
 from app.api.spec import json_response, operation
 from app.api.sse import SSE_TYPE, event_stream_response
@@ -36,8 +40,8 @@ from app.jobs import transitions
 from app.jobs.events import MAX_SEQ, replay
 from app.jobs.states import TERMINAL, EventType, JobStatus
 from app.keys.watch import key_watch
-from app.kinds import KINDS
-from app.models import Job, JobEvent
+from app.kinds import KINDS, Kind
+from app.models import Job, JobEvent, ModelCall
 from app.runtime import runtime
 
 bp = Blueprint("jobs", __name__)
@@ -75,6 +79,7 @@ def create_job(body: JobCreate) -> Response:
         job_input = kind.Input.model_validate(body.input)
     except ValidationError as exc:
         raise validation_problem(exc, prefix="input") from None
+    model, models = _chosen_models(kind, body)
     key = _idempotency_key()
     max_attempts = body.max_attempts or runtime().settings.job_max_attempts
     fingerprint = None
@@ -85,6 +90,9 @@ def create_job(body: JobCreate) -> Response:
             "priority": body.priority,
             "max_attempts": max_attempts,
         }
+        # Only when given, so a key used before models could be chosen keeps its fingerprint.
+        choice = {"model": body.model, "models": body.models}
+        request_with_defaults.update({name: value for name, value in choice.items() if value})
         fingerprint = transitions.request_fingerprint(request_with_defaults)
     try:
         created = runtime().jobs.create_job(
@@ -95,6 +103,8 @@ def create_job(body: JobCreate) -> Response:
             max_attempts=max_attempts,
             idempotency_key=key,
             fingerprint=fingerprint,
+            model=model,
+            models=models,
         )
     except transitions.IdempotencyConflict as exc:
         raise ApiProblem(
@@ -109,6 +119,38 @@ def create_job(body: JobCreate) -> Response:
     if created.replayed:
         headers["Idempotent-Replayed"] = "true"
     return json_response(job, 202 if not created.replayed else 200, headers)
+
+
+def _chosen_models(kind: Kind, body: JobCreate) -> tuple[str, dict[str, str]]:
+    """The job's model and its roles' models, pinned now: the request's choice where it made
+    one (a model the operator allows, a role the kind has), the configuration's elsewhere."""
+    settings = runtime().settings
+    allowed = settings.requestable_models()
+
+    def check(field: str, model: str) -> None:
+        if model not in allowed:
+            raise field_problem(
+                field,
+                "not a model this deployment allows; allowed: " + ", ".join(sorted(allowed)),
+                f"{field}: model {model!r} is not allowed here",
+            )
+
+    if body.model is not None:
+        check("model", body.model)
+    for role, model in (body.models or {}).items():
+        if role not in kind.roles:
+            roles = ", ".join(kind.roles) or "none"
+            raise field_problem(
+                f"models.{role}",
+                f"the kind {kind.name!r} has no role {role!r}; its roles: {roles}",
+            )
+        check(f"models.{role}", model)
+    chosen = body.models or {}
+    models = {
+        role: chosen.get(role) or body.model or settings.model_for(kind.name, role)
+        for role in kind.roles
+    }
+    return body.model or settings.model_for(kind.name), models
 
 
 @bp.get("/jobs")
@@ -254,6 +296,46 @@ def list_logs(job_id: uuid.UUID) -> Response:
     return json_response(LogPage(items=items))
 
 
+@bp.get("/jobs/<uuid:job_id>/calls")
+@operation(
+    summary="List a job's model calls",
+    responses={200: (ModelCallPage, "Every model call of every attempt, oldest first")},
+)
+def list_calls(job_id: uuid.UUID) -> Response:
+    """One entry per call to the model, whatever its outcome: its step and role, model,
+    attempt, tokens, cost (the provider's reported figure beside the price table's), latency
+    and time to first token. A call cut short by a killed worker is missing: nothing was left
+    to record it."""
+    owned_job(job_id)
+    calls = runtime().db.request_session.scalars(
+        select(ModelCall).where(ModelCall.job_id == job_id).order_by(ModelCall.id).limit(1000)
+    )
+    return json_response(ModelCallPage(items=[_call_out(call) for call in calls]))
+
+
+def _call_out(call: ModelCall) -> ModelCallOut:
+    reported = call.reported_cost_usd
+    return ModelCallOut(
+        id=call.id,
+        attempt=call.attempt,
+        step=call.step,
+        role=call.role,
+        provider=call.provider,
+        model=call.model,
+        tokens_in=call.tokens_in,
+        tokens_out=call.tokens_out,
+        cost_usd=reported if reported is not None else call.cost_usd,
+        table_cost_usd=call.cost_usd,
+        reported_cost_usd=None if reported is None else usd(reported),
+        latency_ms=call.latency_ms,
+        ttft_ms=call.ttft_ms,
+        outcome=call.outcome,
+        error_message=call.error_message,
+        started_at=call.started_at,
+        finished_at=call.finished_at,
+    )
+
+
 @bp.post("/jobs/<uuid:job_id>/cancel")
 @operation(
     summary="Cancel a job",
@@ -309,6 +391,11 @@ def list_kinds() -> Response:
                     description=kind.description,
                     input_schema=kind.Input.model_json_schema(by_alias=True),
                     output_schema=kind.Output.model_json_schema(),
+                    steps=[
+                        KindStep(name=step.name, role=step.role, weight=step.weight)
+                        for step in kind.steps
+                    ],
+                    roles=list(kind.roles),
                 )
                 for kind in KINDS.values()
             ]

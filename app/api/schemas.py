@@ -29,6 +29,22 @@ class JobCreate(BaseModel):
     input: dict[str, Any] = Field(description="The kind's input; see GET /kinds for its schema.")
     priority: int = Field(0, ge=0, le=9, description="0 (default) to 9 (most urgent)")
     max_attempts: int | None = Field(None, ge=1, le=10)
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="The model of every call the job makes, instead of the configured one. "
+        "Only a model the operator allows (CONVEYOR_ALLOWED_MODELS, or one the configuration "
+        "already uses).",
+        examples=["google/gemini-2.5-flash"],
+    )
+    models: dict[str, Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None,
+        max_length=20,
+        description="Role -> model, for a kind whose steps name roles (GET /kinds): the model "
+        "of each role named here, over `model`. The same models are allowed as for `model`.",
+        examples=[{"creative": "anthropic/claude-sonnet-4"}],
+    )
 
 
 # Money is NUMERIC(16, 8) in PostgreSQL; `str(Decimal)` would say "0E-8" for a zero there.
@@ -76,6 +92,9 @@ class JobOut(BaseModel):
     max_attempts: int
     priority: int
     model: str | None
+    models: dict[str, str] | None = Field(
+        description="Role -> model, pinned when the job was created, for a kind with roles"
+    )
     error: JobError | None
     usage: Usage
     cancel_requested: bool
@@ -99,6 +118,7 @@ class JobOut(BaseModel):
             max_attempts=job.max_attempts,
             priority=job.priority,
             model=job.model,
+            models=job.models,
             error=JobError(code=job.error_code, message=job.error_message)
             if job.error_code and job.status == JobStatus.FAILED
             else None,
@@ -189,15 +209,57 @@ class LogPage(BaseModel):
     items: list[LogEntry]
 
 
+class KindStep(BaseModel):
+    name: str
+    role: str = Field(description="whose model the step calls: `CONVEYOR_MODELS`, or `models`")
+    weight: float = Field(description="its share of the job's progress, out of the steps' sum")
+
+
 class KindOut(BaseModel):
     name: str
     description: str
     input_schema: dict[str, Any]
     output_schema: dict[str, Any]
+    steps: list[KindStep] = Field(
+        description="Checkpointed steps, in order; a retry resumes at the first unfinished one. "
+        "Empty for a kind that runs in one go."
+    )
+    roles: list[str] = Field(description="The roles its steps name: the keys `models` accepts")
 
 
 class KindList(BaseModel):
     items: list[KindOut]
+
+
+class ModelCallOut(BaseModel):
+    id: int
+    attempt: int
+    step: str | None = Field(description="the kind's step that made the call; null outside steps")
+    role: str | None = Field(description="the role its model was chosen for")
+    provider: str
+    model: str
+    tokens_in: int
+    tokens_out: int
+    cost_usd: Usd = Field(
+        description="what the call counts for in the job's total: `reported_cost_usd` when "
+        "the provider reported one, else `table_cost_usd`"
+    )
+    table_cost_usd: Usd = Field(description="from Conveyor's price table")
+    reported_cost_usd: str | None = Field(
+        description="the cost the provider's response reported (OpenRouter's `usage.cost`), "
+        "in US dollars with 8 places, or null",
+        examples=["0.00002400"],
+    )
+    latency_ms: float
+    ttft_ms: float | None = Field(description="time to the first token, or null if none came")
+    outcome: str = Field(description="`ok`, `interrupted`, or the error code of the call")
+    error_message: str | None
+    started_at: datetime
+    finished_at: datetime
+
+
+class ModelCallPage(BaseModel):
+    items: list[ModelCallOut] = Field(description="oldest first")
 
 
 class Stats(BaseModel):

@@ -273,6 +273,8 @@ def follow_job(api: Api, job_id: str) -> dict[str, Any]:
                 progress = max(progress, data.get("progress", progress))
             elif kind == EventType.PROGRESS:
                 progress = data["progress"]
+            elif kind == EventType.STEP:
+                status, progress = f"{data['step']}: {data['status']}", data["progress"]
             elif kind == EventType.STARTED:
                 status, progress = JobStatus.RUNNING.value, 0.0
                 if data.get("attempt", 1) > 1:

@@ -67,6 +67,7 @@ def _run_attempt(ctx: JobContext) -> Outcome:
     claim = ctx.claim
     try:
         kind = get_kind(claim.kind)
+        ctx.declare_steps(kind.steps)
         job_input = kind.Input.model_validate(claim.input)
         output = kind.run(ctx, job_input)
         ctx.check()

@@ -55,6 +55,7 @@ class NewJob:
     model: str | None
     retry_of: uuid.UUID | None
     at: datetime
+    models: dict[str, str] | None = None  # role -> model, for kinds whose steps name roles
 
     def queued_event(self) -> Event:
         """The job's first event (seq 1), stored with the row and then published."""

@@ -136,6 +136,31 @@ class LogPayload(EventPayload):
     message: str = Field(description="the line, for people")
 
 
+class StepPayload(EventPayload):
+    """A step of a multi-step kind started, finished (its output is now a checkpoint), or was
+    reused: an earlier attempt finished it, so this attempt skips it and pays nothing again."""
+
+    event_type = EventType.STEP
+
+    step: str = Field(description="the step's name, as its kind declares it")
+    status: Literal["started", "finished", "reused"] = Field(
+        description="`reused`: an earlier attempt's checkpoint stands in for the step"
+    )
+    role: str = Field(description="the role whose model the step calls, e.g. `creative`")
+    attempt: int = Field(
+        ge=1, description="the attempt that runs it or, when `reused`, the one that finished it"
+    )
+    progress: Progress = Field(
+        description="the job's progress: where the step starts, or where it ends once done"
+    )
+    tokens_in: int | None = absent_unless_given("finished or reused: the step's input tokens")
+    tokens_out: int | None = absent_unless_given("finished or reused: its output tokens")
+    cost_usd: str | None = absent_unless_given(
+        "finished or reused: what its model calls cost, US dollars as a decimal string with "
+        "8 places (the providers' reported costs where they sent them)"
+    )
+
+
 class RetryingPayload(EventPayload):
     """The attempt failed and the job will be tried again; another `job.started` follows."""
 
@@ -206,6 +231,7 @@ PAYLOADS: Mapping[EventType, type[EventPayload]] = {
         ProgressPayload,
         OutputDeltaPayload,
         LogPayload,
+        StepPayload,
         RetryingPayload,
         SucceededPayload,
         FailedPayload,

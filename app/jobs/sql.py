@@ -21,14 +21,14 @@ CREATE = text("""
 WITH new AS (
     SELECT * FROM jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(
         id uuid, owner text, kind text, input jsonb, priority int, max_attempts int,
-        idempotency_key text, request_hash text, model text, retry_of uuid, at timestamptz,
-        event jsonb, ord int)
+        idempotency_key text, request_hash text, model text, models jsonb, retry_of uuid,
+        at timestamptz, event jsonb, ord int)
 ), job AS (
     INSERT INTO jobs (id, owner, kind, status, input, priority, max_attempts, idempotency_key,
-                      request_hash, model, retry_of, last_seq, created_at, updated_at,
+                      request_hash, model, models, retry_of, last_seq, created_at, updated_at,
                       dispatched_at)
     SELECT id, owner, kind, 'queued', input, priority, max_attempts, idempotency_key,
-           request_hash, model, retry_of, 1, at, at, at
+           request_hash, model, models, retry_of, 1, at, at, at
     FROM new ORDER BY ord
     ON CONFLICT (owner, idempotency_key) DO NOTHING
     RETURNING *
@@ -41,7 +41,8 @@ SELECT * FROM job
 
 # `data` is the job.started payload as its model (payloads.StartedPayload) writes it; the
 # statement only puts in the attempt number, which nobody knows before the compare-and-set
-# has won.
+# has won. The job's checkpoints (finished steps) come back with it, so the attempt resumes
+# after them.
 CLAIM = text("""
 WITH claimed AS (
     UPDATE jobs
@@ -51,38 +52,61 @@ WITH claimed AS (
         updated_at = now(), last_seq = last_seq + 1
     WHERE id = :id AND status = 'queued' AND (retry_at IS NULL OR retry_at <= now())
       AND attempt < max_attempts
-    RETURNING id, owner, kind, input, attempt, max_attempts, priority, model, last_seq
+    RETURNING id, owner, kind, input, attempt, max_attempts, priority, model, models, last_seq
 ), started AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
     SELECT id, last_seq, :type, :at, jsonb_set(CAST(:data AS jsonb), '{attempt}', to_jsonb(attempt))
     FROM claimed
 )
-SELECT * FROM claimed
+SELECT claimed.*, (
+    SELECT jsonb_agg(jsonb_build_object(
+        'name', s.name, 'attempt', s.attempt, 'output', s.output, 'tokens_in', s.tokens_in,
+        'tokens_out', s.tokens_out, 'cost_usd', s.cost_usd))
+    FROM job_steps s WHERE s.job_id = claimed.id
+) AS steps
+FROM claimed
 """)
 
 # Model calls travel as one JSON array and are inserted whether or not the fenced update wins:
 # the money was spent either way.
 _CALLS = """
 calls AS (
-    INSERT INTO model_calls (job_id, attempt, provider, model, tokens_in, tokens_out, cost_usd,
-                             latency_ms, ttft_ms, outcome, error_message, started_at)
-    SELECT :job_id, :attempt, c.provider, c.model, c.tokens_in, c.tokens_out, c.cost_usd,
-           c.latency_ms, c.ttft_ms, c.outcome, c.error_message, c.started_at
+    INSERT INTO model_calls (job_id, attempt, provider, model, step, role, tokens_in,
+                             tokens_out, cost_usd, reported_cost_usd, latency_ms, ttft_ms,
+                             outcome, error_message, started_at)
+    SELECT :job_id, :attempt, c.provider, c.model, c.step, c.role, c.tokens_in, c.tokens_out,
+           c.cost_usd, c.reported_cost_usd, c.latency_ms, c.ttft_ms, c.outcome,
+           c.error_message, c.started_at
     FROM jsonb_to_recordset(CAST(:calls AS jsonb)) AS c(
-        provider text, model text, tokens_in int, tokens_out int, cost_usd numeric,
-        latency_ms float8, ttft_ms float8, outcome text, error_message text,
-        started_at timestamptz)
+        provider text, model text, step text, role text, tokens_in int, tokens_out int,
+        cost_usd numeric, reported_cost_usd numeric, latency_ms float8, ttft_ms float8,
+        outcome text, error_message text, started_at timestamptz)
 )"""
+
+# A finished step's checkpoint rides on the fenced write that announces it: written only if
+# that write won, so a worker that lost its lease can never checkpoint anything.
+_CHECKPOINT = """
+checkpoint AS (
+    INSERT INTO job_steps (job_id, name, attempt, output, tokens_in, tokens_out, cost_usd,
+                           started_at)
+    SELECT id, c.name, :attempt, coalesce(c.output, 'null'::jsonb), c.tokens_in,
+           c.tokens_out, c.cost_usd, c.started_at
+    FROM changed, jsonb_to_record(CAST(:checkpoint AS jsonb)) AS c(
+        name text, output jsonb, tokens_in bigint, tokens_out bigint, cost_usd numeric,
+        started_at timestamptz)
+    ON CONFLICT (job_id, name) DO NOTHING
+),"""
 
 JSON_COLUMNS = frozenset({"output"})
 TIMESTAMP_EXPRESSIONS = {"finished_at": "now()", "lease_expires_at": "NULL"}
 
 
 @lru_cache(maxsize=64)
-def fenced(columns: tuple[str, ...]) -> TextClause:
+def fenced(columns: tuple[str, ...], checkpoint: bool = False) -> TextClause:
     """The lease holder's write: set `columns` (plus seq, usage totals and updated_at) only
-    while its attempt still holds the job, append the event, record model calls. Returns one
-    row with `changed` = 1 when the write won, 0 when the lease was lost."""
+    while its attempt still holds the job, append the event, record model calls and, with
+    `checkpoint`, a finished step. Returns one row with `changed` = 1 when the write won, 0
+    when the lease was lost."""
     assignments = []
     for column in columns:
         if column in TIMESTAMP_EXPRESSIONS:
@@ -103,7 +127,7 @@ WITH changed AS (
 ), event AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
     SELECT id, :seq, :type, :at, CAST(:data AS jsonb) FROM changed
-), {_CALLS.strip()}
+),{_CHECKPOINT if checkpoint else ""} {_CALLS.strip()}
 SELECT count(*) AS changed FROM changed
 """)
 

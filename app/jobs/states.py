@@ -22,6 +22,7 @@ class EventType(StrEnum):
     PROGRESS = "job.progress"
     OUTPUT_DELTA = "job.output.delta"
     LOG = "job.log"
+    STEP = "job.step"
     RETRYING = "job.retrying"
     SUCCEEDED = "job.succeeded"
     FAILED = "job.failed"

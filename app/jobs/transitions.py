@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -134,6 +134,29 @@ def _transition_unleased(session: Session, job: Job, payload: EventPayload, **va
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """A step an earlier attempt finished: its output, and what its model calls cost."""
+
+    name: str
+    attempt: int  # the attempt that finished it
+    output: Any
+    tokens_in: int
+    tokens_out: int
+    cost_usd: Decimal
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> Checkpoint:
+        return cls(
+            name=row["name"],
+            attempt=row["attempt"],
+            output=row["output"],
+            tokens_in=int(row["tokens_in"]),
+            tokens_out=int(row["tokens_out"]),
+            cost_usd=Decimal(str(row["cost_usd"])),
+        )
+
+
+@dataclass(frozen=True)
 class Claim:
     job_id: uuid.UUID
     owner: str
@@ -144,6 +167,8 @@ class Claim:
     priority: int
     model: str | None
     seq: int  # the seq of this attempt's job.started event
+    models: dict[str, str] = field(default_factory=dict)  # role -> model, pinned at creation
+    checkpoints: dict[str, Checkpoint] = field(default_factory=dict)  # finished steps by name
 
 
 def _retry_transition(
@@ -181,12 +206,19 @@ def retry_delay(attempt: int, base: float, cap: float, retry_after: float | None
     return delay
 
 
+def call_cost(call: dict[str, Any]) -> Decimal:
+    """What a model call adds to its job's total: the cost its response reported (OpenRouter's
+    `usage.cost`) when there was one, else the price table's figure."""
+    reported = call.get("reported_cost_usd")
+    return Decimal(str(reported if reported is not None else call["cost_usd"]))
+
+
 def _calls_params(calls: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "calls": _json(calls),
         "tokens_in": sum(call["tokens_in"] for call in calls),
         "tokens_out": sum(call["tokens_out"] for call in calls),
-        "cost_usd": sum((Decimal(call["cost_usd"]) for call in calls), Decimal(0)),
+        "cost_usd": sum((call_cost(call) for call in calls), Decimal(0)),
     }
 
 
@@ -305,8 +337,10 @@ class Jobs:
         fingerprint: str | None = None,
         retry_of: uuid.UUID | None = None,
         model: str | None = None,
+        models: dict[str, str] | None = None,
     ) -> Created:
-        """`max_attempts` and `model` default to the configuration's for the kind."""
+        """`max_attempts` and `model` default to the configuration's for the kind; `models`
+        (role -> model) pins the model of each role the kind's steps name."""
         row = self.intake.create(
             NewJob(
                 id=uuid.uuid4(),
@@ -320,6 +354,7 @@ class Jobs:
                 model=model or self.settings.model_for(kind),
                 retry_of=retry_of,
                 at=now(),
+                models=models or None,
             )
         )
         if row is None:
@@ -376,8 +411,8 @@ class Jobs:
 
     def retry_job(self, owner: str, job_id: uuid.UUID) -> Job:
         """A new job cloned from the old one's request (kind, input, priority, max_attempts and
-        model: a configuration change since does not change what is retried), linked to it
-        through `retry_of`."""
+        models: a configuration change since does not change what is retried), linked to it
+        through `retry_of`. It starts from scratch: checkpoints belong to the old job."""
         with self.db.transaction() as session:
             old = get_job(session, owner, job_id)
             if JobStatus(old.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
@@ -388,6 +423,7 @@ class Jobs:
                 "priority": old.priority,
                 "max_attempts": old.max_attempts,
                 "model": old.model,
+                "models": old.models,
             }
         try:
             return self.create_job(owner=owner, retry_of=job_id, **request).job
@@ -437,6 +473,8 @@ class Jobs:
             row.priority,
             row.model,
             row.last_seq,
+            models=dict(row.models or {}),
+            checkpoints={step["name"]: Checkpoint.of(step) for step in row.steps or ()},
         )
         started = StartedPayload(attempt=claim.attempt, worker=worker)
         self.bus.publish([Event(job_id, claim.owner, claim.seq, started, at)])
@@ -449,12 +487,14 @@ class Jobs:
         payload: EventPayload,
         *,
         calls: list[dict[str, Any]] | None = None,
+        checkpoint: dict[str, Any] | None = None,
         **values: Any,
     ) -> Event:
-        """One write of the lease holder: its state change, its event (of the payload's type) and
-        the model calls made since its last write, in one statement; LeaseLost if its attempt no
-        longer holds the job. `finished_at` and `lease_expires_at` are set to now() and NULL
-        whatever value is given."""
+        """One write of the lease holder: its state change, its event (of the payload's type),
+        the model calls made since its last write and, given a `checkpoint` (name, output,
+        tokens_in, tokens_out, cost_usd, started_at), a finished step, in one statement;
+        LeaseLost if its attempt no longer holds the job. `finished_at` and `lease_expires_at`
+        are set to now() and NULL whatever value is given."""
         event = Event(claim.job_id, claim.owner, seq, payload)
         params = {
             "job_id": claim.job_id,
@@ -465,11 +505,14 @@ class Jobs:
             "data": _json(event.data),
             **_calls_params(calls or []),
         }
+        if checkpoint is not None:
+            params["checkpoint"] = _json(checkpoint)
         for column, value in values.items():
             if column not in sql.TIMESTAMP_EXPRESSIONS:
                 params[column] = _json(value) if column in sql.JSON_COLUMNS else value
         with self.db.engine.begin() as connection:
-            changed = connection.execute(sql.fenced(tuple(sorted(values))), params).scalar_one()
+            statement = sql.fenced(tuple(sorted(values)), checkpoint is not None)
+            changed = connection.execute(statement, params).scalar_one()
         if not changed:
             if calls:
                 self._record_calls(claim, calls, totals_only=True)

@@ -1,16 +1,24 @@
-"""The registry of job kinds. A kind is one module: `Input`, `Output`, `run(ctx, input)`.
+"""The registry of job kinds. A kind is one module: `Input`, `Output`, `run(ctx, input)`, and
+`STEPS` when it runs in checkpointed steps (docs/kinds.md).
 
 Adding a kind is adding a module and a line here; the API, events and docs pick it up.
 """
 
 from __future__ import annotations
 
-from app.kinds import chat, structured
-from app.kinds.base import Kind, KindError
+from app.kinds import article, chat, structured
+from app.kinds.base import Kind, KindError, Step
 
 KINDS: dict[str, Kind] = {
-    module.NAME: Kind(module.NAME, module.DESCRIPTION, module.Input, module.Output, module.run)
-    for module in (chat, structured)
+    module.NAME: Kind(
+        module.NAME,
+        module.DESCRIPTION,
+        module.Input,
+        module.Output,
+        module.run,
+        getattr(module, "STEPS", ()),
+    )
+    for module in (chat, structured, article)
 }
 
 
@@ -21,4 +29,4 @@ def get_kind(name: str) -> Kind:
         raise KindError(f"unknown kind {name!r}; known kinds: {', '.join(sorted(KINDS))}") from None
 
 
-__all__ = ["KINDS", "Kind", "KindError", "get_kind"]
+__all__ = ["KINDS", "Kind", "KindError", "Step", "get_kind"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -12,10 +13,34 @@ if TYPE_CHECKING:
     from app.kinds.context import JobContext
 
 MAX_PROMPT_CHARS = 100_000
+STEP_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 
 class KindError(ValueError):
     """A job whose kind or input cannot be run."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """A named step of a kind (its module's `STEPS`). A finished step's output is checkpointed,
+    so a later attempt of the job reuses it instead of running the step again.
+
+    `role` picks the step's model (`CONVEYOR_MODELS`, or the request's choice); `weight` is its
+    share of the job's progress; `output`, when given, is the model its result is an instance
+    of, and a reused checkpoint is validated back into it."""
+
+    name: str
+    role: str = "default"
+    weight: float = 1.0
+    output: type[BaseModel] | None = None
+
+    def __post_init__(self) -> None:
+        if not STEP_NAME.match(self.name):
+            raise ValueError(f"step name {self.name!r} must match {STEP_NAME.pattern}")
+        if not STEP_NAME.match(self.role):
+            raise ValueError(f"role {self.role!r} must match {STEP_NAME.pattern}")
+        if not self.weight > 0:
+            raise ValueError(f"step {self.name!r}: weight must be > 0")
 
 
 @dataclass(frozen=True)
@@ -25,6 +50,17 @@ class Kind:
     Input: type[BaseModel]
     Output: type[BaseModel]
     run: Callable[[JobContext, Any], BaseModel]
+    steps: tuple[Step, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [step.name for step in self.steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"kind {self.name!r} declares a step twice: {names}")
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles its steps name, in order of first use."""
+        return tuple(dict.fromkeys(step.role for step in self.steps))
 
 
 class Message(BaseModel):

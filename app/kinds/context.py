@@ -1,9 +1,9 @@
 """`JobContext`: everything a kind may touch while it runs one attempt of a job.
 
 `ctx.llm` (streaming calls that account tokens and cost and stop on cancellation),
-`ctx.progress`, `ctx.log`, `ctx.emit`. The context also owns the attempt's event `seq`
-counter (see transitions.py for why the lease holder allocates seqs locally) and the coalescing of
-token deltas.
+`ctx.run_step` (a checkpointed step, see docs/kinds.md), `ctx.progress`, `ctx.log`,
+`ctx.emit`. The context also owns the attempt's event `seq` counter (see transitions.py for why
+the lease holder allocates seqs locally) and the coalescing of token deltas.
 """
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from app.config import Settings
 from app.jobs.events import Event
@@ -22,12 +27,39 @@ from app.jobs.payloads import (
     LogPayload,
     OutputDeltaPayload,
     ProgressPayload,
+    StepPayload,
     TerminalPayload,
 )
-from app.jobs.transitions import Claim, Jobs, LeaseLost
+from app.jobs.transitions import Checkpoint, Claim, Jobs, LeaseLost, call_cost
+from app.kinds.base import Step
 from app.llm.client import CallRecord, Completion, Interrupted, ModelClient
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+USD_PLACES = Decimal("0.00000001")
+
+
+def usd_text(amount: Decimal) -> str:
+    return f"{amount.quantize(USD_PLACES):f}"
+
+
+@dataclass
+class RunningStep:
+    """The step this attempt is running: its share of the progress scale and its calls."""
+
+    spec: Step
+    start: float  # the job's progress where it begins and ends, 0-100
+    end: float
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def usage(self) -> tuple[int, int, Decimal]:
+        return (
+            sum(call["tokens_in"] for call in self.calls),
+            sum(call["tokens_out"] for call in self.calls),
+            sum((call_cost(call) for call in self.calls), Decimal(0)),
+        )
 
 
 class JobCanceled(Exception):
@@ -68,6 +100,9 @@ class JobContext:
         self.done = False
         self.tokens_streamed = 0
         self.llm = JobLLM(self, model_client)
+        self.steps: tuple[Step, ...] = ()
+        self.step: RunningStep | None = None
+        self._steps_run: set[str] = set()
 
     # Signals from other threads (lease keeper, cancel listener) --------------------------------
 
@@ -139,9 +174,13 @@ class JobContext:
             self.lose_lease()
 
     def progress(self, percent: float, *, force: bool = False) -> None:
-        """Progress on the 0-100 scale. Kept in memory at every call and written (with its
-        event) at most every `progress_write_interval` seconds."""
-        self._progress = min(100.0, max(0.0, float(percent)))
+        """Progress on the 0-100 scale; inside a step, of that step (mapped onto its share of
+        the job's). Kept in memory at every call and written (with its event) at most every
+        `progress_write_interval` seconds."""
+        percent = min(100.0, max(0.0, float(percent)))
+        if self.step is not None:
+            percent = self.step.start + (self.step.end - self.step.start) * percent / 100
+        self._progress = percent
         due = time.monotonic() - self._last_progress_write >= self.settings.progress_write_interval
         if force or due:
             self.flush()
@@ -164,6 +203,106 @@ class JobContext:
         adds its type to `EventType` and its model to app/jobs/payloads.py."""
         self.flush()
         self._jobs.fenced_update(self.claim, self.next_seq(), payload, calls=self.take_calls())
+
+    # Steps ----------------------------------------------------------------------------------
+
+    def declare_steps(self, steps: tuple[Step, ...]) -> None:
+        """The kind's steps (its module's `STEPS`), given by the runner before `run`."""
+        self.steps = steps
+
+    def run_step(self, name: str, fn: Callable[[], T]) -> T:
+        """Runs the declared step `name` (`fn()`, which returns its output) and checkpoints its
+        output, or, when an earlier attempt of the job finished it, returns that attempt's
+        output without calling `fn`: its model calls are not made, nor paid for, again.
+
+        The output is stored as JSON: a pydantic model when the step declares `output`, else
+        any JSON value. Inside `fn`, `ctx.llm` calls the model of the step's role and
+        `ctx.progress` is the step's own 0-100."""
+        spec, start, end = self._locate(name)
+        if name in self._steps_run:
+            raise RuntimeError(f"step {name!r} already ran in this attempt")
+        self._steps_run.add(name)
+        checkpoint = self.claim.checkpoints.get(name)
+        if checkpoint is not None:
+            self._reuse(spec, checkpoint, end)
+            return self._restore(spec, checkpoint.output)  # type: ignore[no-any-return]
+        self.step = RunningStep(spec, start, end)
+        try:
+            self._write_step(StepPayload(**self._step_fields(spec, "started", start)))
+            result = fn()
+            self.check()
+            self._finish_step(self.step, result)
+        finally:
+            self.step = None
+        return result
+
+    def _locate(self, name: str) -> tuple[Step, float, float]:
+        total = sum(step.weight for step in self.steps)
+        before = 0.0
+        for step in self.steps:
+            if step.name == name:
+                return step, 100 * before / total, 100 * (before + step.weight) / total
+            before += step.weight
+        declared = ", ".join(step.name for step in self.steps) or "none"
+        raise RuntimeError(f"step {name!r} is not declared by the kind (its steps: {declared})")
+
+    def _step_fields(self, spec: Step, status: str, progress: float) -> dict[str, Any]:
+        return {
+            "step": spec.name,
+            "status": status,
+            "role": spec.role,
+            "attempt": self.attempt,
+            "progress": round(progress, 2),
+        }
+
+    def _write_step(self, payload: StepPayload, checkpoint: dict[str, Any] | None = None) -> None:
+        self.flush()
+        self._progress = payload.progress
+        self._last_progress_write = time.monotonic()
+        self._jobs.fenced_update(
+            self.claim,
+            self.next_seq(),
+            payload,
+            calls=self.take_calls(),
+            checkpoint=checkpoint,
+            progress=payload.progress,
+        )
+
+    def _finish_step(self, step: RunningStep, result: Any) -> None:
+        spec = step.spec
+        if spec.output is not None and not isinstance(result, spec.output):
+            raise TypeError(
+                f"step {spec.name!r} returned {type(result).__name__}, "
+                f"not its declared {spec.output.__name__}"
+            )
+        output = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        tokens_in, tokens_out, cost = step.usage()
+        usage = {"tokens_in": tokens_in, "tokens_out": tokens_out}
+        payload = StepPayload(
+            **self._step_fields(spec, "finished", step.end), **usage, cost_usd=usd_text(cost)
+        )
+        checkpoint = {
+            "name": spec.name,
+            "output": output,
+            **usage,
+            "cost_usd": str(cost),
+            "started_at": step.started_at.isoformat(),
+        }
+        self._write_step(payload, checkpoint)
+
+    def _reuse(self, spec: Step, checkpoint: Checkpoint, end: float) -> None:
+        fields = self._step_fields(spec, "reused", end) | {"attempt": checkpoint.attempt}
+        payload = StepPayload(
+            **fields,
+            tokens_in=checkpoint.tokens_in,
+            tokens_out=checkpoint.tokens_out,
+            cost_usd=usd_text(checkpoint.cost_usd),
+        )
+        self._write_step(payload)
+
+    @staticmethod
+    def _restore(spec: Step, output: Any) -> Any:
+        return output if spec.output is None else spec.output.model_validate(output)
 
     # What the runner calls --------------------------------------------------------------------
 
@@ -201,6 +340,15 @@ class JobLLM:
     def model_for_job(self) -> str:
         return self._ctx.claim.model or self._ctx.settings.model_for(self._ctx.claim.kind)
 
+    def model_for_role(self, role: str | None) -> str:
+        """The model pinned for `role` when the job was created (the request's choice or the
+        configuration's then), else the configuration's now (a job created before its kind
+        named the role). Without a role, the job's model."""
+        if role is None:
+            return self.model_for_job()
+        claim = self._ctx.claim
+        return claim.models.get(role) or self._ctx.settings.model_for(claim.kind, role)
+
     def chat(
         self,
         messages: list[dict[str, Any]],
@@ -211,18 +359,25 @@ class JobLLM:
     ) -> Completion:
         ctx = self._ctx
         ctx.check()
+        step = ctx.step
+        role = options.pop("role", None) or (step.spec.role if step is not None else None)
+        streamed = 0
 
         def on_delta(text: str) -> None:
+            nonlocal streamed
+            streamed += 1
             if stream_deltas:
                 ctx.delta(text)
             if progress_of is not None:
-                ctx.progress(progress_of(ctx.tokens_streamed))
+                ctx.progress(progress_of(streamed))
 
         record: CallRecord | None = None
         try:
             completion = self._models.stream_chat(
-                model=options.pop("model", None) or self.model_for_job(),
+                model=options.pop("model", None) or self.model_for_role(role),
                 messages=messages,
+                step=step.spec.name if step is not None else None,
+                role=role,
                 on_delta=on_delta,
                 interrupted=lambda: ctx.interrupted,
                 register_closer=ctx.set_closer,
@@ -239,7 +394,10 @@ class JobLLM:
             raise
         finally:
             if record is not None:
-                ctx.pending_calls.append(record.as_row(self._models.prices))
+                row = record.as_row(self._models.prices)
+                ctx.pending_calls.append(row)
+                if step is not None:
+                    step.calls.append(row)
 
 
 def token_progress(expected_tokens: int | None) -> Callable[[int], float]:

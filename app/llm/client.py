@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,6 +30,8 @@ from app.llm.errors import ModelError, classify_status_error, classify_transport
 from app.llm.pricing import PriceTable
 
 logger = logging.getLogger(__name__)
+
+STEP_HEADER = "X-Conveyor-Step"
 
 DEFAULT_PROVIDER = "api.openai.com"
 
@@ -43,6 +46,11 @@ class CallRecord:
     tokens_in: int = 0
     tokens_out: int = 0
     usage_reported: bool = False
+    # What the response said the call cost (OpenRouter's `usage.cost`), when it said so.
+    reported_cost: Decimal | None = None
+    # The kind's step and the role the model was chosen for (None outside steps).
+    step: str | None = None
+    role: str | None = None
     # The provider answered with an error status: the request was refused, nothing was billed.
     refused: bool = False
     ttft_ms: float | None = None
@@ -54,9 +62,12 @@ class CallRecord:
         return {
             "provider": self.provider,
             "model": self.model,
+            "step": self.step,
+            "role": self.role,
             "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out,
             "cost_usd": prices.cost(self.model, self.tokens_in, self.tokens_out),
+            "reported_cost_usd": self.reported_cost,
             "latency_ms": round(self.latency_ms, 2),
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
             "outcome": self.outcome,
@@ -119,10 +130,11 @@ class ModelClient:
         response_format: dict[str, Any] | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        step: str | None = None,
+        role: str | None = None,
     ) -> Completion:
-        """One streamed chat completion. Always returns or raises with `record` filled in:
-        ModelError and Interrupted carry it as `exc.record`."""
-        record = CallRecord(model=model, provider=self.provider)
+        """One streamed chat completion, its `record` always filled in (`exc.record` if raised)."""
+        record = CallRecord(model=model, provider=self.provider, step=step, role=role)
         started = time.perf_counter()
         request: dict[str, Any] = {
             "model": model,
@@ -134,6 +146,10 @@ class ModelClient:
             "temperature": temperature,
         }
         request = {name: value for name, value in request.items() if value is not None}
+        if step is not None:
+            # Which step of a multi-step job this call is for: logs and proxies see it, and the
+            # simulator's step-scoped directives use it. Providers ignore unknown headers.
+            request["extra_headers"] = {STEP_HEADER: step}
         parts: list[str] = []
         try:
             with self._open_stream(request, register_closer) as lines:
@@ -207,6 +223,7 @@ def _consume(
             record.tokens_in = int(usage.get("prompt_tokens") or 0)
             record.tokens_out = int(usage.get("completion_tokens") or 0)
             record.usage_reported = True
+            record.reported_cost = _reported_cost(usage)
         for choice in chunk.get("choices") or ():
             text = (choice.get("delta") or {}).get("content")
             if text:
@@ -216,6 +233,19 @@ def _consume(
                 on_delta(text)
             finish_reason = choice.get("finish_reason") or finish_reason
     return finish_reason
+
+
+def _reported_cost(usage: dict[str, Any]) -> Decimal | None:
+    """OpenRouter (and the simulator) add the call's cost in USD to the usage; OpenAI does not.
+    A figure that is not a finite number >= 0 is ignored rather than trusted."""
+    cost = usage.get("cost")
+    if isinstance(cost, bool) or not isinstance(cost, int | float | str):
+        return None
+    try:
+        amount = Decimal(str(cost))
+    except ArithmeticError:
+        return None
+    return amount if amount.is_finite() and amount >= 0 else None
 
 
 def _sse_chunks(lines: Iterator[str]) -> Iterator[dict[str, Any]]:

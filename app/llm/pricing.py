@@ -1,8 +1,15 @@
 """Cost of a model call: USD per million input and output tokens.
 
-The defaults are list prices of common models; a JSON file named by `CONVEYOR_PRICING_FILE`
+The defaults are list prices of common models, under OpenAI's names (`gpt-4o-mini`) and
+OpenRouter's (`anthropic/claude-sonnet-4`, `google/gemini-2.5-flash`); a name with a vendor
+prefix that is not in the table is priced as the name after the prefix (`openai/gpt-4o` as
+`gpt-4o`). A JSON file named by `CONVEYOR_PRICING_FILE`
 (`{"model-name": {"input": 0.15, "output": 0.60}}`) adds models or overrides them. A model with
 no price costs 0 and is logged once, so an operator notices instead of a job failing.
+
+A provider that reports each call's cost itself (OpenRouter's `usage.cost`) is believed over
+this table: the table's figure is still recorded beside it, and the job's total counts the
+reported one (app/jobs/transitions.py, `call_cost`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,14 @@ DEFAULT_PRICES: dict[str, Price] = {
     "o3-mini": _price("1.10", "4.40"),
     "o4-mini": _price("1.10", "4.40"),
     "gpt-3.5-turbo": _price("0.50", "1.50"),
+    # OpenRouter's names (its list prices; `openai/...` falls back to the names above).
+    "anthropic/claude-sonnet-4": _price("3.00", "15.00"),
+    "anthropic/claude-3.7-sonnet": _price("3.00", "15.00"),
+    "anthropic/claude-opus-4": _price("15.00", "75.00"),
+    "anthropic/claude-3.5-haiku": _price("0.80", "4.00"),
+    "google/gemini-2.5-flash": _price("0.30", "2.50"),
+    "google/gemini-2.5-pro": _price("1.25", "10.00"),
+    "google/gemini-2.0-flash-001": _price("0.10", "0.40"),
     # The simulator's own models, priced like a small hosted model so demos show real figures.
     "sim-small": _price("0.15", "0.60"),
     "sim-large": _price("2.50", "10.00"),
@@ -62,8 +77,14 @@ class PriceTable:
             prices.update(read_price_file(path))
         return cls(prices)
 
-    def cost(self, model: str, tokens_in: int, tokens_out: int) -> Decimal:
+    def price_of(self, model: str) -> Price | None:
         price = self._prices.get(model)
+        if price is None and "/" in model:
+            price = self._prices.get(model.split("/", 1)[1])
+        return price
+
+    def cost(self, model: str, tokens_in: int, tokens_out: int) -> Decimal:
+        price = self.price_of(model)
         if price is None:
             if model not in self._warned:
                 self._warned.add(model)

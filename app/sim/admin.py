@@ -15,6 +15,14 @@ async def get_stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE].stats.as_dict())
 
 
+async def get_requests(request: web.Request) -> web.Response:
+    """The latest requests (at most the last 2,000), oldest first: model, `tag` directive,
+    the start of the system message and the outcome; `?tag=` keeps one tag's."""
+    tag = request.query.get("tag")
+    items = [entry for entry in request.app[STATE].requests if tag is None or entry["tag"] == tag]
+    return web.json_response({"items": items})
+
+
 async def post_reset(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.reset()
@@ -73,6 +81,7 @@ def _fault_rates(value: Any, current: FaultRates) -> FaultRates:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/_sim/stats", get_stats)
+    app.router.add_get("/_sim/requests", get_requests)
     app.router.add_post("/_sim/reset", post_reset)
     app.router.add_get("/_sim/config", get_config)
     app.router.add_post("/_sim/config", post_config)

@@ -21,12 +21,28 @@ def compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+# What the simulator says a call cost, in USD per million tokens, the way OpenRouter reports
+# `usage.cost`: its own figures, deliberately not any price table's, so a test can tell the
+# reported cost from one computed by the client.
+PRICE_PER_MILLION_IN = 0.20
+PRICE_PER_MILLION_OUT = 0.80
+
+
+def reported_cost(prompt_tokens: int, completion_tokens: int) -> float:
+    cost = prompt_tokens * PRICE_PER_MILLION_IN + completion_tokens * PRICE_PER_MILLION_OUT
+    return round(cost / 1_000_000, 10)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cost: float | None) -> dict[str, Any]:
+    """The usage object; `cost` (USD) is left out when None, as OpenAI leaves it out."""
+    body: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cost is not None:
+        body["cost"] = cost
+    return body
 
 
 def completion_body(
@@ -38,6 +54,7 @@ def completion_body(
     finish_reason: str,
     prompt_tokens: int,
     completion_tokens: int,
+    cost: float | None,
 ) -> dict[str, Any]:
     """A non-streaming `chat.completion` object."""
     return {
@@ -54,7 +71,7 @@ def completion_body(
                 "finish_reason": finish_reason,
             }
         ],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cost),
     }
 
 
@@ -91,6 +108,6 @@ class ChunkEncoder:
     def finish(self, finish_reason: str) -> bytes:
         return self._choice_chunk({}, finish_reason)
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        body = compact_json(usage(prompt_tokens, completion_tokens))
+    def usage(self, prompt_tokens: int, completion_tokens: int, cost: float | None) -> bytes:
+        body = compact_json(usage(prompt_tokens, completion_tokens, cost))
         return f'data: {self._head},"choices":[],"usage":{body}}}\n\n'.encode()

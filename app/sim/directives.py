@@ -26,6 +26,8 @@ _PAIR = re.compile(r"(?P<key>[A-Za-z_]+)\s*=\s*(?P<value>[^\s\]]+)")
 HEADER_PREFIX = "X-Sim-"
 STEP_HEADER = "X-Conveyor-Step"
 NO_FAULT = "none"
+NO_COST = -1.0  # `cost=none`
+_TAG = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 class DirectiveError(ValueError):
@@ -43,6 +45,10 @@ class Directives:
     tps: float | None = None
     tokens: int | None = None
     duration: float | None = None
+    # The usage's reported cost: a number of USD, or NO_COST to leave it out.
+    cost: float | None = None
+    # A label the request log (GET /_sim/requests) keeps, so a test can find its requests.
+    tag: str | None = None
 
     def over(self, fallback: Directives) -> Directives:
         """These directives, with fields they leave unset taken from `fallback`."""
@@ -74,6 +80,18 @@ def _parse_seconds(value: str) -> float:
     return number
 
 
+def _parse_cost(value: str) -> float:
+    if value.strip().lower() == "none":
+        return NO_COST
+    return _parse_seconds(value)  # any number >= 0
+
+
+def _parse_tag(value: str) -> str:
+    if not _TAG.match(value):
+        raise ValueError("a tag is 1 to 64 letters, digits or _.:-")
+    return value
+
+
 _PARSERS: dict[str, Any] = {
     "fault": _parse_fault,
     "times": _parse_count,
@@ -82,6 +100,8 @@ _PARSERS: dict[str, Any] = {
     "tps": _parse_seconds,
     "tokens": _parse_count,
     "duration": _parse_seconds,
+    "cost": _parse_cost,
+    "tag": _parse_tag,
 }
 
 

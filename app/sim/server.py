@@ -9,15 +9,21 @@ import uuid
 
 from aiohttp import web
 
-from app.sim import admin
+from app.sim import admin, chunks
 from app.sim.answer import ChatRequest, InvalidRequest, compose_answer
 from app.sim.config import SimConfig
-from app.sim.directives import DirectiveError, Directives, fault_key, request_directives
+from app.sim.directives import (
+    NO_COST,
+    DirectiveError,
+    Directives,
+    fault_key,
+    request_directives,
+)
 from app.sim.faults import HTTP_FAULTS, error_body
 from app.sim.pacing import schedule
 from app.sim.state import STATE, SimState
 from app.sim.streaming import Reply, send_stream, send_whole
-from app.sim.text import seed_for
+from app.sim.text import message_text, seed_for
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +98,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     messages_hash = seed_for(chat.messages)
     fault = state.choose_fault(knobs, fault_key(chat.messages))
     stats.by_outcome[fault or "ok"] += 1
+    state.requests.append(_logged(chat, knobs, fault))
     if fault is not None:
         log.debug("injecting fault %s (knobs %s)", fault, knobs)
     if fault in HTTP_FAULTS:
@@ -116,7 +123,36 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         fault=fault,
         include_usage=chat.include_usage,
         arrived=arrived,
+        cost=_cost(knobs, answer.prompt_tokens, len(answer.pieces)),
     )
     if chat.stream:
         return await send_stream(request, reply, stats)
     return await send_whole(request, reply, stats)
+
+
+def _cost(knobs: Directives, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """The usage's `cost`: the directive's figure, none for `cost=none`, else the simulator's
+    own price of the tokens."""
+    if knobs.cost == NO_COST:
+        return None
+    if knobs.cost is not None:
+        return knobs.cost
+    return chunks.reported_cost(prompt_tokens, completion_tokens)
+
+
+def _logged(chat: ChatRequest, knobs: Directives, fault: str | None) -> dict[str, object]:
+    """What the request log keeps of a request: enough to tell which call it was."""
+    system = next(
+        (
+            message_text(m)
+            for m in chat.messages
+            if isinstance(m, dict) and m.get("role") == "system"
+        ),
+        "",
+    )
+    return {
+        "model": chat.model,
+        "tag": knobs.tag,
+        "system": system[:120],
+        "outcome": fault or "ok",
+    }

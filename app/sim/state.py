@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -10,12 +12,16 @@ from app.sim.config import SimConfig
 from app.sim.directives import NO_FAULT, Directives, FaultCounter
 from app.sim.stats import SimStats
 
+REQUEST_LOG = 2_000
+
 
 @dataclass
 class SimState:
     config: SimConfig
     stats: SimStats = field(default_factory=SimStats)
     fault_counter: FaultCounter = field(default_factory=FaultCounter)
+    # The latest requests (GET /_sim/requests), bounded so a benchmark cannot grow it forever.
+    requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=REQUEST_LOG))
 
     def choose_fault(self, knobs: Directives, messages_hash: int) -> str | None:
         """The fault for one request: its own directive if any, else the run's random rates."""
@@ -30,6 +36,7 @@ class SimState:
     def reset(self) -> None:
         self.stats.reset()
         self.fault_counter.reset()
+        self.requests.clear()
 
 
 STATE = web.AppKey("sim_state", SimState)

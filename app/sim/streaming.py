@@ -31,6 +31,7 @@ class Reply:
     fault: str | None
     include_usage: bool
     arrived: float  # loop.time() when the request arrived; all timing is relative to it
+    cost: float | None = None  # the usage's `cost`, USD; None leaves it out
 
 
 def client_gone(request: web.Request) -> bool:
@@ -84,6 +85,7 @@ async def send_whole(request: web.Request, reply: Reply, stats: SimStats) -> web
         finish_reason=answer.finish_reason,
         prompt_tokens=answer.prompt_tokens,
         completion_tokens=len(answer.pieces),
+        cost=reply.cost,
     )
     stats.completion_tokens_sent += len(answer.pieces)
     text = chunks.compact_json(body)
@@ -153,6 +155,6 @@ async def _write_events(
     await sleep_until(arrived + reply.timing.end)
     tail = encoder.finish(answer.finish_reason)
     if reply.include_usage:
-        tail += encoder.usage(answer.prompt_tokens, len(answer.pieces))
+        tail += encoder.usage(answer.prompt_tokens, len(answer.pieces), reply.cost)
     await response.write(tail + chunks.DONE)
     await response.write_eof()

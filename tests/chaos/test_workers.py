@@ -40,6 +40,71 @@ def test_sigkill_of_the_whole_worker_mid_stream(cluster: Cluster) -> None:
     cluster.assert_sound(job_id)
 
 
+def test_sigkill_in_the_last_step_resumes_there_without_paying_again_for_the_others(
+    cluster: Cluster,
+) -> None:
+    """An article (app/kinds/article.py) is three steps: the outline and the draft are quick,
+    the edit is a 4 s stream. The worker dies during the edit; the next attempt must reuse
+    the outline and draft checkpoints, so the model sees their calls once."""
+    tag = f"kill-{uuid.uuid4().hex[:8]}"
+    cluster.start_beat()
+    doomed = cluster.start_worker("doomed", pool="gevent")
+    with cluster.http() as client:
+        response = client.post(
+            "/jobs",
+            json={
+                "kind": "article",
+                "input": {
+                    "topic": f"Belts [[sim tag={tag}]]",
+                    "edit_notes": f"Tighten it [[sim tag={tag} tokens=200 tps=50]]",
+                },
+            },
+        )
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+
+    def edit_started() -> bool:
+        return bool(
+            cluster.sql(
+                "SELECT 1 FROM job_events WHERE job_id = %s AND type = 'job.step' "
+                "AND data->>'step' = 'edit' AND data->>'status' = 'started'",
+                job_id,
+            )
+        )
+
+    deadline = time.monotonic() + 30
+    while not edit_started():
+        assert time.monotonic() < deadline, "the edit step never started"
+        time.sleep(0.05)
+    time.sleep(1.0)  # well into the edit's stream
+    cluster.stop(doomed, signal.SIGKILL)
+    cluster.start_worker("survivor", pool="gevent")
+
+    job, _ = cluster.wait_terminal(job_id, within=40)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    systems = [request["system"] for request in cluster.sim.requests(tag)]
+    assert sum(system.startswith("You plan articles") for system in systems) == 1
+    assert sum(system.startswith("You write articles") for system in systems) == 1
+    assert sum(system.startswith("You edit articles") for system in systems) == 2
+    assert len(systems) == 4
+    checkpoints = cluster.sql(
+        "SELECT name, attempt FROM job_steps WHERE job_id = %s ORDER BY attempt, name", job_id
+    )
+    assert checkpoints == [("draft", 1), ("outline", 1), ("edit", 2)]
+    # The killed edit call is lost with its worker; the others are recorded once each.
+    calls = cluster.sql(
+        "SELECT step, attempt FROM model_calls WHERE job_id = %s ORDER BY id", job_id
+    )
+    assert calls == [("outline", 1), ("draft", 1), ("edit", 2)]
+    reused = cluster.sql(
+        "SELECT data->>'step' FROM job_events WHERE job_id = %s AND type = 'job.step' "
+        "AND data->>'status' = 'reused' ORDER BY seq",
+        job_id,
+    )
+    assert reused == [("outline",), ("draft",)]
+    cluster.assert_sound(job_id)
+
+
 def test_sigkill_of_a_prefork_child_mid_stream(cluster: Cluster) -> None:
     cluster.start_beat()
     worker = cluster.start_worker("prefork", pool="prefork", concurrency=2)

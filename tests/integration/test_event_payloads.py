@@ -5,7 +5,8 @@ reformatted) fails here.
 
 The jobs run through the whole stack (API, PostgreSQL, Redis, the in-process Celery worker,
 the simulator over HTTP); together they publish every event type, in every shape: success,
-a structured job's repair log, a model failure, a retried attempt, a cancel while queued and
+a structured job's repair log, a model failure, a retried attempt, a multi-step job's steps
+(started, finished, and reused by its next attempt), a cancel while queued and
 while running, the sweeper's three recoveries, and a retry of a failed job.
 """
 
@@ -122,6 +123,19 @@ def scenarios(app: Flask, worker: object) -> Iterator[tuple[Tenant, dict[str, Sc
             {EventType.RETRYING, EventType.SUCCEEDED},
             {EventType.SUCCEEDED: {"attempt": 2}},
         ),
+        # Steps started and finished, then reused by the attempt after the edit's 500.
+        "steps": Scenario(
+            submit(
+                "article",
+                {
+                    "topic": _unique("Conveyor belts"),
+                    "edit_notes": _unique("[[sim fault=500 times=1]]"),
+                    "max_tokens": 30,
+                },
+            ),
+            {EventType.STEP, EventType.RETRYING, EventType.SUCCEEDED},
+            {EventType.SUCCEEDED: {"attempt": 2}},
+        ),
     }
 
     queued = undispatched_job(owner)
@@ -205,6 +219,7 @@ SCENARIOS = [
     "repaired",
     "failed",
     "retried",
+    "steps",
     "canceled while queued",
     "canceled while running",
     "sweeper retried",

@@ -402,3 +402,25 @@ def test_stop_leaves_no_process_behind() -> None:
     assert process.pid is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_usage_reports_a_cost_from_the_tokens_as_openrouter_does(
+    client: openai.OpenAI, sim: SimulatorProcess
+) -> None:
+    tag = f"cost-{uuid.uuid4().hex[:6]}"
+    whole = client.chat.completions.create(
+        model="sim-small", messages=ask(f"What does it cost? [[sim tag={tag}]]")
+    )
+    usage = whole.usage.model_dump()
+    expected = (usage["prompt_tokens"] * 0.20 + usage["completion_tokens"] * 0.80) / 1_000_000
+    assert usage["cost"] == pytest.approx(expected, rel=1e-6)
+    fixed = client.chat.completions.create(
+        model="sim-small", messages=ask("Fixed [[sim cost=0.25]]")
+    ).usage.model_dump()
+    assert fixed["cost"] == 0.25
+    none = client.chat.completions.create(
+        model="sim-small", messages=ask("None [[sim cost=none]]")
+    ).usage.model_dump()
+    assert "cost" not in none
+    (logged,) = sim.requests(tag)
+    assert logged == {"model": "sim-small", "tag": tag, "system": "You are terse.", "outcome": "ok"}

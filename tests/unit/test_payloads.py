@@ -42,6 +42,29 @@ WIRE: dict[EventType, list[dict[str, Any]]] = {
         {"level": "info", "message": "hello"},
         {"level": "warning", "message": "repairing", "error": "at (root): not an object"},
     ],
+    EventType.STEP: [
+        {"step": "outline", "status": "started", "role": "analysis", "attempt": 1, "progress": 0.0},
+        {
+            "step": "outline",
+            "status": "finished",
+            "role": "analysis",
+            "attempt": 1,
+            "progress": 20.0,
+            "tokens_in": 12,
+            "tokens_out": 40,
+            "cost_usd": "0.00003440",
+        },
+        {
+            "step": "draft",
+            "status": "reused",
+            "role": "creative",
+            "attempt": 1,
+            "progress": 70.0,
+            "tokens_in": 60,
+            "tokens_out": 300,
+            "cost_usd": "0.00025200",
+        },
+    ],
     EventType.RETRYING: [
         # The worker's own retry (schedule_retry).
         {"attempt": 1, "delay": 1.25, "retry_at": RETRY_AT, "error": ERROR},

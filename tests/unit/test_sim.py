@@ -416,7 +416,7 @@ def test_chunk_encoder_emits_openai_chunks() -> None:
         encoder.role(),
         encoder.content(' "quoted"'),
         encoder.finish("stop"),
-        encoder.usage(3, 1),
+        encoder.usage(3, 1, 0.0000014),
     ]
     chunks = [json.loads(line.decode().removeprefix("data: ")) for line in lines]
     assert all(line.startswith(b"data: ") and line.endswith(b"\n\n") for line in lines)
@@ -426,7 +426,13 @@ def test_chunk_encoder_emits_openai_chunks() -> None:
     assert chunks[1]["usage"] is None
     assert chunks[2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[3]["choices"] == []
-    assert chunks[3]["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    assert chunks[3]["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 1,
+        "total_tokens": 4,
+        "cost": 0.0000014,
+    }
+    assert "cost" not in json.loads(encoder.usage(3, 1, None).decode()[6:])["usage"]
     without_usage = ChunkEncoder("chatcmpl-1", 123, "m", include_usage=False).content("x")
     assert "usage" not in json.loads(without_usage.decode().removeprefix("data: "))
 

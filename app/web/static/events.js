@@ -9,6 +9,7 @@ export const EventType = Object.freeze({
   PROGRESS: "job.progress",
   OUTPUT_DELTA: "job.output.delta",
   LOG: "job.log",
+  STEP: "job.step",
   RETRYING: "job.retrying",
   SUCCEEDED: "job.succeeded",
   FAILED: "job.failed",
