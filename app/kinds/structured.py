@@ -65,47 +65,61 @@ class InvalidOutput(ValueError):
 
 
 def run(ctx: JobContext, job_input: StructuredInput) -> StructuredOutput:
-    messages = job_input.as_messages()
+    data, repaired = ask_for_json(
+        ctx,
+        job_input.as_messages(),
+        job_input.json_schema,
+        job_input.schema_name,
+        progress_of=token_progress(job_input.max_tokens),
+        **job_input.call_options(),
+    )
+    return StructuredOutput(data=data, repaired=repaired)
+
+
+def ask_for_json(
+    ctx: JobContext,
+    messages: list[dict[str, Any]],
+    schema: dict[str, Any],
+    name: str,
+    **options: Any,
+) -> tuple[dict[str, Any], bool]:
+    """A document from the model that validates against `schema`, and whether it took the one
+    repair call; `ModelError("output_invalid")` when the repair fails too. `options` go to
+    `ctx.llm.chat` (the repair call does not stream its deltas)."""
     response_format = {
         "type": "json_schema",
-        "json_schema": {
-            "name": job_input.schema_name,
-            "schema": job_input.json_schema,
-            "strict": True,
-        },
+        "json_schema": {"name": name, "schema": schema, "strict": True},
     }
-    options = {"response_format": response_format, **job_input.call_options()}
-    completion = ctx.llm.chat(messages, progress_of=token_progress(job_input.max_tokens), **options)
+    completion = ctx.llm.chat(messages, response_format=response_format, **options)
     try:
-        return StructuredOutput(data=parse_and_validate(completion.text, job_input.json_schema))
-    except InvalidOutput as first_error:
-        ctx.log(
-            "the model's JSON was invalid; asking it to repair",
-            level="warning",
-            error=str(first_error),
-        )
-        repair = [
-            *messages,
-            {"role": "assistant", "content": completion.text},
-            {
-                "role": "user",
-                "content": (
-                    f"That answer was not valid: {first_error}. Reply again with only a JSON "
-                    "document that matches the schema."
-                ),
-            },
-        ]
-        repaired = ctx.llm.chat(repair, stream_deltas=False, **options)
-        try:
-            return StructuredOutput(
-                data=parse_and_validate(repaired.text, job_input.json_schema), repaired=True
-            )
-        except InvalidOutput as second_error:
-            raise ModelError(
-                "output_invalid",
-                f"the model's output did not match the schema after one repair: {second_error}",
-                retryable=False,
-            ) from None
+        return parse_and_validate(completion.text, schema), False
+    except InvalidOutput as error:
+        first_error = error
+    ctx.log(
+        "the model's JSON was invalid; asking it to repair", level="warning", error=str(first_error)
+    )
+    repair = [
+        *messages,
+        {"role": "assistant", "content": completion.text},
+        {
+            "role": "user",
+            "content": (
+                f"That answer was not valid: {first_error}. Reply again with only a JSON "
+                "document that matches the schema."
+            ),
+        },
+    ]
+    options.pop("progress_of", None)
+    options["stream_deltas"] = False
+    repaired = ctx.llm.chat(repair, response_format=response_format, **options)
+    try:
+        return parse_and_validate(repaired.text, schema), True
+    except InvalidOutput as second_error:
+        raise ModelError(
+            "output_invalid",
+            f"the model's output did not match the schema after one repair: {second_error}",
+            retryable=False,
+        ) from None
 
 
 def parse_and_validate(text: str, schema: dict[str, Any]) -> dict[str, Any]:

@@ -136,20 +136,7 @@ class ModelClient:
         """One streamed chat completion, its `record` always filled in (`exc.record` if raised)."""
         record = CallRecord(model=model, provider=self.provider, step=step, role=role)
         started = time.perf_counter()
-        request: dict[str, Any] = {
-            "model": model,
-            "messages": messages,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "response_format": response_format,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
-        request = {name: value for name, value in request.items() if value is not None}
-        if step is not None:
-            # Which step of a multi-step job this call is for: logs and proxies see it, and the
-            # simulator's step-scoped directives use it. Providers ignore unknown headers.
-            request["extra_headers"] = {STEP_HEADER: step}
+        request = _request(model, messages, response_format, max_tokens, temperature, step)
         parts: list[str] = []
         try:
             with self._open_stream(request, register_closer) as lines:
@@ -287,3 +274,29 @@ def _close_record(
     elif isinstance(error, ModelError):
         record.outcome = error.code
         record.error_message = error.message
+
+
+def _request(
+    model: str,
+    messages: list[dict[str, Any]],
+    response_format: dict[str, Any] | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    step: str | None,
+) -> dict[str, Any]:
+    """The arguments of one streamed chat completion; options left unset are not sent."""
+    request: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "response_format": response_format,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    }
+    request = {name: value for name, value in request.items() if value is not None}
+    if step is not None:
+        # Which step of a multi-step job this call is for: logs and proxies see it, and the
+        # simulator's step-scoped directives use it. Providers ignore unknown headers.
+        request["extra_headers"] = {STEP_HEADER: step}
+    return request

@@ -49,10 +49,13 @@ def test_status_enum_is_the_single_vocabulary() -> None:
 
 
 def test_registry() -> None:
-    assert set(KINDS) == {"chat", "structured", "article"}
+    assert set(KINDS) == {"chat", "structured", "article", "character_card"}
     assert KINDS["chat"].steps == () and KINDS["structured"].steps == ()
     assert [step.name for step in KINDS["article"].steps] == ["outline", "draft", "edit"]
     assert KINDS["article"].roles == ("analysis", "creative")
+    card_steps = [step.name for step in KINDS["character_card"].steps]
+    assert card_steps == ["profile", "greetings", "lorebook", "review"]
+    assert KINDS["character_card"].roles == ("creative", "analysis")
     with pytest.raises(KindError, match="known kinds"):
         get_kind("paint")
 
