@@ -56,6 +56,7 @@ class Operation:
     tag: str
     description: str | None = None
     headers: list[dict[str, Any]] = field(default_factory=list)
+    produces: dict[int, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,12 @@ def operation(
     auth: bool = True,
     tag: str = "jobs",
     headers: list[dict[str, Any]] | None = None,
+    produces: dict[int, list[str]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declares a view an API operation. Goes under the blueprint's route decorator: the route
     must register the validating wrapper this returns, not the bare view. The view's docstring,
-    if any, is the operation's description."""
+    if any, is the operation's description. `produces` names the media types, other than the
+    response model's JSON, that a status may answer with (as text: a YAML or CSV export)."""
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(view)
@@ -100,6 +103,7 @@ def operation(
             tag=tag,
             description=inspect.cleandoc(view.__doc__ or "") or None,
             headers=headers or [],
+            produces=produces or {},
         )
         setattr(endpoint, _OPERATION_ATTRIBUTE, declared)
         return endpoint
@@ -179,6 +183,8 @@ def _operation_doc(rule: str, op: Operation, refs: dict[Any, Any]) -> dict[str, 
         entry: dict[str, Any] = {"description": description}
         if model is not None:
             entry["content"] = {JSON: {"schema": refs[(model, "serialization")]}}
+        for media_type in op.produces.get(status, []):
+            entry.setdefault("content", {})[media_type] = {"schema": {"type": "string"}}
         doc["responses"][str(status)] = entry
     for status, description in _common_problems(rule, op):
         doc["responses"].setdefault(

@@ -1,0 +1,168 @@
+"""Exports: one job's whole record (JSON, YAML or CSV), and an owner's job list streamed as CSV or
+JSON Lines however long it is. How each format is written: app/api/export_formats.py."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from decimal import Decimal
+from typing import Any
+
+from flask import Blueprint, Response, current_app
+
+from app.api import export_formats as formats
+from app.api.auth import current_principal
+from app.api.jobs import PREFIX, owned_job
+from app.api.problems import ApiProblem
+from app.api.schemas import (
+    JobExport,
+    JobExportQuery,
+    JobListExportQuery,
+    JobOut,
+    TimelineEvent,
+)
+from app.api.spec import operation
+from app.db import Database
+from app.jobs import history
+from app.jobs.listing import JobFilter, stream_jobs
+from app.models import Job
+from app.runtime import runtime
+
+bp = Blueprint("exports", __name__)
+
+# The job list leaves out what can be large unless the caller names it in `include`.
+LARGE_COLUMNS = ("input", "output")
+SUMMARY_COLUMNS = tuple(c for c in Job.__table__.columns if c.name not in LARGE_COLUMNS)
+# Rows per FETCH from PostgreSQL, and per chunk of the response.
+STREAM_BATCH = 1000
+_STREAM_SLOTS = "conveyor.export_stream_slots"
+
+
+@bp.get("/jobs/<uuid:job_id>/export")
+@operation(
+    summary="Export a job's record",
+    query=JobExportQuery,
+    responses={200: (JobExport, "The job, its input, output, timeline and model calls")},
+    produces={200: [formats.YAML_TYPE, formats.CSV_TYPE]},
+)
+def export_job(job_id: uuid.UUID, query: JobExportQuery) -> Response:
+    """The job as the API shows it, its input and output, its durable timeline (every event but
+    the token deltas) and every model call with all of its columns. `csv` writes one row per
+    record, its kind in the `section` column (job, event, call); see docs/api.md."""
+    job = owned_job(job_id)
+    session = runtime().db.request_session
+    document = JobExport(
+        job=JobOut.of(job, PREFIX),
+        input=job.input,
+        output=job.output,
+        events=[
+            TimelineEvent(seq=event.seq, type=event.type, at=event.at, data=event.data)
+            for event in history.timeline(session, job.id)
+        ],
+        model_calls=[_plain(call) for call in history.model_calls(session, job.id)],
+    )
+    if query.format == "json":
+        body, media_type = document.model_dump_json(), formats.JSON_TYPE
+    elif query.format == "yaml":
+        body, media_type = formats.yaml_text(document.model_dump(mode="json")), formats.YAML_TYPE
+    else:
+        body = formats.job_export_csv(
+            document.model_dump(mode="json"), history.model_call_columns()
+        )
+        media_type = formats.CSV_TYPE
+    return Response(body, mimetype=media_type, headers=_attachment(f"job-{job.id}.{query.format}"))
+
+
+@bp.get("/jobs/export")
+@operation(
+    summary="Export the job list",
+    query=JobListExportQuery,
+    responses={
+        200: (None, "One line per job, newest first, streamed"),
+        503: (None, "This process already streams its most exports at once; retry later"),
+    },
+    produces={200: [formats.JSONL_TYPE, formats.CSV_TYPE]},
+)
+def export_jobs(query: JobListExportQuery) -> Response:
+    """Every job of the caller that matches the filters, newest first: `jsonl` writes each as
+    `GET /jobs/{id}` shows it, one per line; `csv` one row per job, nested fields as dotted
+    columns. `input` and `output` are left out unless named in `include`.
+
+    Streamed as it is read from the database, in batches, so its length has no bound; a
+    process streams at most `CONVEYOR_EXPORT_MAX_STREAMS` exports at once."""
+    where = JobFilter(
+        owner=current_principal().owner,
+        status=query.status,
+        kind=query.kind,
+        created_after=query.created_after,
+        created_before=query.created_before,
+    )
+    include = list(dict.fromkeys(query.include))
+    slots = _stream_slots()
+    if not slots.acquire(blocking=False):
+        raise ApiProblem(
+            503,
+            "exports-busy",
+            "Too many exports at once",
+            "This process is streaming as many exports as it allows; retry shortly.",
+            headers={"Retry-After": "5"},
+        )
+    db = runtime().db
+    write = _csv_chunks if query.format == "csv" else _jsonl_chunks
+    response = Response(
+        write(db, where, include),
+        mimetype=formats.CSV_TYPE if query.format == "csv" else formats.JSONL_TYPE,
+        headers={**_attachment(f"jobs.{query.format}"), "X-Accel-Buffering": "no"},
+    )
+    # Released when the server closes the response: after the last chunk, or when the client
+    # went away (a generator never started would not run its own `finally`).
+    response.call_on_close(slots.release)
+    return response
+
+
+def _jsonl_chunks(db: Database, where: JobFilter, include: list[str]) -> Iterator[str]:
+    for batch in _job_batches(db, where, include):
+        yield "".join(formats.json_line(record) for record in batch)
+
+
+def _csv_chunks(db: Database, where: JobFilter, include: list[str]) -> Iterator[str]:
+    columns = [*formats.JOB_COLUMNS, *include]
+    yield formats.csv_text([columns])
+    for batch in _job_batches(db, where, include):
+        yield formats.csv_text(formats.csv_row(record, columns) for record in batch)
+
+
+def _job_batches(
+    db: Database, where: JobFilter, include: list[str]
+) -> Iterator[list[dict[str, Any]]]:
+    columns = [*SUMMARY_COLUMNS, *(Job.__table__.c[name] for name in include)]
+    for rows in stream_jobs(db, where, columns, STREAM_BATCH):
+        yield [_summary(row, include) for row in rows]
+
+
+def _summary(row: Any, include: Sequence[str]) -> dict[str, Any]:
+    record = JobOut.of(row, PREFIX).model_dump(mode="json")
+    for name in include:
+        record[name] = getattr(row, name)
+    return record
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """A row's values as JSON would carry them; money (NUMERIC) as a plain decimal string, where
+    `str(Decimal)` could say "0E-8"."""
+    return {k: f"{v:f}" if isinstance(v, Decimal) else v for k, v in values.items()}
+
+
+def _attachment(filename: str) -> dict[str, str]:
+    return {"Content-Disposition": f'attachment; filename="{filename}"'}
+
+
+def _stream_slots() -> threading.BoundedSemaphore:
+    """This process's export streams: each holds a PostgreSQL connection of its own while its
+    client reads, so their number is bounded."""
+    extensions = current_app.extensions
+    if _STREAM_SLOTS not in extensions:
+        limit = runtime().settings.export_max_streams
+        extensions.setdefault(_STREAM_SLOTS, threading.BoundedSemaphore(limit))
+    return extensions[_STREAM_SLOTS]
