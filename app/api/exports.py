@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from flask import Blueprint, Response, current_app
+from sqlalchemy import Row
 
 from app.api import export_formats as formats
 from app.api.auth import current_principal
@@ -35,7 +36,7 @@ bp = Blueprint("exports", __name__)
 LARGE_COLUMNS = ("input", "output")
 SUMMARY_COLUMNS = tuple(c for c in Job.__table__.columns if c.name not in LARGE_COLUMNS)
 # Rows per FETCH from PostgreSQL, and per chunk of the response.
-STREAM_BATCH = 1000
+STREAM_BATCH = 250
 _STREAM_SLOTS = "conveyor.export_stream_slots"
 
 
@@ -99,49 +100,79 @@ def export_jobs(query: JobListExportQuery) -> Response:
         created_before=query.created_before,
     )
     include = list(dict.fromkeys(query.include))
-    slots = _stream_slots()
-    if not slots.acquire(blocking=False):
-        raise ApiProblem(
-            503,
-            "exports-busy",
-            "Too many exports at once",
-            "This process is streaming as many exports as it allows; retry shortly.",
-            headers={"Retry-After": "5"},
-        )
+    slot = _StreamSlot.take()
     db = runtime().db
     write = _csv_chunks if query.format == "csv" else _jsonl_chunks
     response = Response(
-        write(db, where, include),
+        slot.held_while(write(db, where, include)),
         mimetype=formats.CSV_TYPE if query.format == "csv" else formats.JSONL_TYPE,
         headers={**_attachment(f"jobs.{query.format}"), "X-Accel-Buffering": "no"},
     )
-    # Released when the server closes the response: after the last chunk, or when the client
-    # went away (a generator never started would not run its own `finally`).
-    response.call_on_close(slots.release)
+    # Also when the server closes a response it never started to send (the client went away
+    # first): a generator that never started does not run its `finally`.
+    response.call_on_close(slot.release)
     return response
 
 
+class _StreamSlot:
+    """One of this process's export streams. Each holds a PostgreSQL connection of its own
+    while its client reads, so there are at most `CONVEYOR_EXPORT_MAX_STREAMS`."""
+
+    def __init__(self, slots: threading.BoundedSemaphore) -> None:
+        self._slots = slots
+        self._lock = threading.Lock()
+        self._held = True
+
+    @classmethod
+    def take(cls) -> _StreamSlot:
+        extensions = current_app.extensions
+        if _STREAM_SLOTS not in extensions:
+            limit = runtime().settings.export_max_streams
+            extensions.setdefault(_STREAM_SLOTS, threading.BoundedSemaphore(limit))
+        slots = extensions[_STREAM_SLOTS]
+        if not slots.acquire(blocking=False):
+            raise ApiProblem(
+                503,
+                "exports-busy",
+                "Too many exports at once",
+                "This process is streaming as many exports as it allows; retry shortly.",
+                headers={"Retry-After": "5"},
+            )
+        return cls(slots)
+
+    def held_while(self, chunks: Iterator[str]) -> Iterator[str]:
+        try:
+            yield from chunks
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Idempotent: the end of the body and the closing of the response both call it."""
+        with self._lock:
+            if self._held:
+                self._held = False
+                self._slots.release()
+
+
 def _jsonl_chunks(db: Database, where: JobFilter, include: list[str]) -> Iterator[str]:
-    for batch in _job_batches(db, where, include):
-        yield "".join(formats.json_line(record) for record in batch)
+    for rows in _job_rows(db, where, include):
+        yield "".join(formats.json_line(_summary(row, include)) for row in rows)
 
 
 def _csv_chunks(db: Database, where: JobFilter, include: list[str]) -> Iterator[str]:
     columns = [*formats.JOB_COLUMNS, *include]
     yield formats.csv_text([columns])
-    for batch in _job_batches(db, where, include):
-        yield formats.csv_text(formats.csv_row(record, columns) for record in batch)
+    for rows in _job_rows(db, where, include):
+        yield formats.csv_text(formats.csv_row(_summary(row, include), columns) for row in rows)
 
 
-def _job_batches(
-    db: Database, where: JobFilter, include: list[str]
-) -> Iterator[list[dict[str, Any]]]:
+def _job_rows(db: Database, where: JobFilter, include: list[str]) -> Iterator[Sequence[Row[Any]]]:
     columns = [*SUMMARY_COLUMNS, *(Job.__table__.c[name] for name in include)]
-    for rows in stream_jobs(db, where, columns, STREAM_BATCH):
-        yield [_summary(row, include) for row in rows]
+    return stream_jobs(db, where, columns, STREAM_BATCH)
 
 
-def _summary(row: Any, include: Sequence[str]) -> dict[str, Any]:
+def _summary(row: Row[Any], include: Sequence[str]) -> dict[str, Any]:
+    """A job as `GET /jobs/{id}` shows it, with the large fields the caller asked for."""
     record = JobOut.of(row, PREFIX).model_dump(mode="json")
     for name in include:
         record[name] = getattr(row, name)
@@ -156,13 +187,3 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
 
 def _attachment(filename: str) -> dict[str, str]:
     return {"Content-Disposition": f'attachment; filename="{filename}"'}
-
-
-def _stream_slots() -> threading.BoundedSemaphore:
-    """This process's export streams: each holds a PostgreSQL connection of its own while its
-    client reads, so their number is bounded."""
-    extensions = current_app.extensions
-    if _STREAM_SLOTS not in extensions:
-        limit = runtime().settings.export_max_streams
-        extensions.setdefault(_STREAM_SLOTS, threading.BoundedSemaphore(limit))
-    return extensions[_STREAM_SLOTS]

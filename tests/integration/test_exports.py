@@ -6,19 +6,30 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
+from flask import Flask
+from sqlalchemy import delete, text
 
+from app.api.export_formats import JOB_COLUMNS
+from app.config import Settings
+from app.db import STREAMING_APPLICATION_NAME
 from app.jobs import history
+from app.keys.api_keys import create_api_key
 from app.models import Job, JobEvent, ModelCall
 from app.runtime import runtime
-from tests.conftest import Tenant, undispatched_job
+from tests.conftest import Tenant, undispatched_job, wait_until
 from tests.integration.test_api import assert_problem
+from tests.webserver import WebServer
 
 # Newlines of three kinds, commas, quotes, a formula, non-Latin scripts, an emoji, YAML's
 # special words and a Unicode line separator.
@@ -196,3 +207,226 @@ def test_the_default_job_export_is_json(tenant: Tenant) -> None:
     response = tenant.get(f"/api/v1/jobs/{job_id}/export")
     assert response.mimetype == "application/json"
     assert response.get_json()["job"]["id"] == str(job_id)
+
+
+# The job list ---------------------------------------------------------------------------------
+
+BIG = 100_000
+SEED_START = datetime(2024, 1, 1, tzinfo=UTC)
+SEED = text("""
+INSERT INTO jobs (id, owner, kind, status, input, output, max_attempts, attempt, model,
+                  created_at, updated_at, started_at, finished_at, tokens_in, tokens_out,
+                  cost_usd)
+SELECT gen_random_uuid(), :owner,
+       CASE WHEN i % 3 = 0 THEN 'structured' ELSE 'chat' END,
+       CASE WHEN i % 2 = 0 THEN 'succeeded' ELSE 'canceled' END,
+       jsonb_build_object('prompt', :prompt || i),
+       CASE WHEN i % 2 = 0 THEN jsonb_build_object('text', :prompt || i) END,
+       3, 1, 'sim-small',
+       :start + i * interval '1 second', :start + i * interval '1 second',
+       :start + i * interval '1 second', :start + (i + 2) * interval '1 second',
+       i, 2 * i, i * 0.00000150
+FROM generate_series(1, :count) AS i
+""")
+
+
+def seed_jobs(owner: str, count: int, prompt: str = "write about") -> None:
+    """`count` finished jobs of `owner` in one statement, one second apart from SEED_START:
+    job i is structured when i % 3 == 0 (else chat), succeeded when i is even (else canceled)."""
+    with runtime().db.transaction() as session:
+        session.execute(
+            SEED, {"owner": owner, "count": count, "prompt": prompt, "start": SEED_START}
+        )
+
+
+def jsonl(response: Any) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.mimetype == "application/x-ndjson"
+    return [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+
+
+def test_the_job_list_exports_as_json_lines_newest_first(tenant: Tenant) -> None:
+    seed_jobs(tenant.owner, 7, prompt=AWKWARD)
+    lines = jsonl(tenant.get("/api/v1/jobs/export"))
+    assert len(lines) == 7
+    assert [line["created_at"] for line in lines] == sorted(
+        (line["created_at"] for line in lines), reverse=True
+    )
+    for line in lines:
+        shown = tenant.get(f"/api/v1/jobs/{line['id']}").get_json()
+        assert line == {k: v for k, v in shown.items() if k != "input"}
+    full = jsonl(tenant.get("/api/v1/jobs/export?format=jsonl&include=input,output"))
+    assert [line["id"] for line in full] == [line["id"] for line in lines]
+    assert full[0]["input"]["prompt"] == f"{AWKWARD}7" and full[0]["output"] is None
+    assert full[1]["output"] == {"text": f"{AWKWARD}6"}
+    assert jsonl(tenant.get("/api/v1/jobs/export?include=output&include=input")) == full
+
+
+def test_the_job_list_exports_as_csv_one_row_per_job(tenant: Tenant) -> None:
+    seed_jobs(tenant.owner, 4, prompt=AWKWARD)
+    response = tenant.get("/api/v1/jobs/export?format=csv&include=input")
+    assert response.mimetype == "text/csv"
+    assert response.headers["Content-Disposition"] == 'attachment; filename="jobs.csv"'
+    rows = read_csv(response.get_data(as_text=True))
+    assert len(rows) == 4
+    assert list(rows[0]) == [*JOB_COLUMNS, "input"]
+    assert "output" not in rows[0] and "links.self" not in rows[0]
+    newest = rows[0]
+    assert json.loads(newest["input"]) == {"prompt": f"{AWKWARD}4"}
+    assert newest["status"] == "succeeded" and newest["kind"] == "chat"
+    assert newest["usage.tokens_out"] == "8" and newest["usage.cost_usd"] == "0.00000600"
+    assert newest["error.code"] == "" and newest["retry_of"] == ""
+    shown = tenant.get(f"/api/v1/jobs/{newest['id']}").get_json()
+    assert newest["created_at"] == shown["created_at"]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("status=succeeded", [i for i in range(1, 13) if i % 2 == 0]),
+        ("kind=structured", [3, 6, 9, 12]),
+        ("status=canceled&kind=structured", [3, 9]),
+        # Job i was created at SEED_START + i seconds; both bounds are exclusive.
+        ("created_after=2024-01-01T00:00:05Z&created_before=2024-01-01T00:00:09Z", [6, 7, 8]),
+        ("created_after=2024-01-01T00:00:10", [11, 12]),  # no offset: UTC
+        ("created_before=2024-01-01T02:00:03%2B02:00", [1, 2]),
+        ("kind=image", []),
+    ],
+)
+def test_the_job_list_export_filters(tenant: Tenant, query: str, expected: list[int]) -> None:
+    seed_jobs(tenant.owner, 12)
+    lines = jsonl(tenant.get(f"/api/v1/jobs/export?{query}&include=input"))
+    assert [int(line["input"]["prompt"].removeprefix("write about")) for line in lines] == sorted(
+        expected, reverse=True
+    )
+    # The paged list takes the same filters.
+    page = tenant.get(f"/api/v1/jobs?{query}&limit=100").get_json()
+    assert [job["id"] for job in page["items"]] == [line["id"] for line in lines]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("format=xml", "format"),
+        ("format=json", "format"),
+        ("status=done", "status"),
+        ("kind=Not%20a%20kind", "kind"),
+        ("created_after=yesterday", "created_after"),
+        ("created_before=2024-13-01", "created_before"),
+        ("created_after=2024-02-01&created_before=2024-01-01", "created_before"),
+        ("created_after=2024-01-01&created_before=2024-01-01", "created_before"),
+        ("include=prompt", "include.0"),
+        ("include=input,secrets", "include.1"),
+        ("limit=5", "limit"),
+    ],
+)
+def test_a_bad_job_list_export_query_is_422_naming_the_field(
+    tenant: Tenant, query: str, field: str
+) -> None:
+    assert_problem(tenant.get(f"/api/v1/jobs/export?{query}"), 422, field)
+
+
+def test_the_job_list_export_holds_only_the_callers_jobs(tenant: Tenant, new_tenant: Any) -> None:
+    seed_jobs(tenant.owner, 3)
+    other = new_tenant()
+    assert jsonl(other.get("/api/v1/jobs/export")) == []
+    assert read_csv(other.get("/api/v1/jobs/export?format=csv").get_data(as_text=True)) == []
+    assert len(jsonl(tenant.get("/api/v1/jobs/export"))) == 3
+    assert_problem(tenant.client.get("/api/v1/jobs/export"), 401)
+
+
+def test_a_process_streams_a_bounded_number_of_exports(app: Flask, tenant: Tenant) -> None:
+    seed_jobs(tenant.owner, 3)
+    limit = runtime().settings.export_max_streams
+    held = [tenant.get("/api/v1/jobs/export", buffered=False) for _ in range(limit)]
+    assert [response.status_code for response in held] == [200] * limit
+    busy = assert_problem(tenant.get("/api/v1/jobs/export"), 503)
+    assert busy["type"] == "/problems/exports-busy"
+    # A single job's export holds no stream.
+    assert tenant.get(f"/api/v1/jobs/{crafted_job(tenant.owner)}/export").status_code == 200
+    # A client that goes away without reading frees its slot.
+    held.pop().close()
+    assert len(jsonl(tenant.get("/api/v1/jobs/export"))) == 4
+    for response in held:
+        response.close()
+
+
+def streaming_queries() -> list[str]:
+    """What the export's own connections (outside the pool) last ran."""
+    with runtime().db.transaction() as session:
+        return list(
+            session.scalars(
+                text(
+                    "SELECT query FROM pg_stat_activity WHERE application_name = :name "
+                    "AND datname = current_database()"
+                ),
+                {"name": STREAMING_APPLICATION_NAME},
+            )
+        )
+
+
+def resident_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.fixture(scope="module")
+def big_export(settings: Settings, app: Flask) -> Iterator[tuple[WebServer, str]]:
+    """A web process of its own (gunicorn, gevent worker, one worker process), whose memory
+    only these exports touch, and an owner with 100,000 jobs."""
+    owner = f"tenant-{uuid.uuid4().hex[:10]}"
+    started = time.monotonic()
+    seed_jobs(owner, BIG)
+    print(f"seeded {BIG} jobs in {time.monotonic() - started:.1f} s")
+    server = WebServer(settings).start()
+    try:
+        yield server, create_api_key(runtime().db, owner)
+    finally:
+        server.stop()
+        with runtime().db.transaction() as session:
+            session.execute(delete(Job).where(Job.owner == owner))
+
+
+@pytest.mark.parametrize(("fmt", "header_lines"), [("csv", 1), ("jsonl", 0)])
+def test_a_100k_job_export_streams_through_gunicorn_in_bounded_memory(
+    big_export: tuple[WebServer, str], fmt: str, header_lines: int
+) -> None:
+    server, key = big_export
+    [pid] = server.worker_pids()
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
+        # Warm up: the first export of a process imports and compiles what every export uses.
+        assert http.get("/api/v1/jobs/export?kind=none").text == ""
+        baseline = peak = resident_bytes(pid)
+        lines = size = chunks = 0
+        queries: list[str] = []
+        started = time.monotonic()
+        with http.stream("GET", f"/api/v1/jobs/export?format={fmt}") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith(
+                "text/csv" if fmt == "csv" else "application/x-ndjson"
+            )
+            for chunk in response.iter_raw():
+                chunks += 1
+                lines += chunk.count(b"\n")
+                size += len(chunk)
+                if chunks % 20 == 0:
+                    peak = max(peak, resident_bytes(pid))
+                if chunks == 50:
+                    queries = streaming_queries()
+    growth = peak - baseline
+    print(
+        f"{fmt}: {size / 1e6:.1f} MB in {time.monotonic() - started:.1f} s, {chunks} chunks; "
+        f"worker RSS {baseline / 1e6:.0f} MB, grew by at most {growth / 1e6:.2f} MB"
+    )
+    assert lines == BIG + header_lines
+    # Mid-stream, PostgreSQL was handing over batches from a server-side cursor, on the
+    # export's own connection.
+    assert len(queries) == 1 and queries[0].startswith("FETCH FORWARD"), queries
+    # A batch at a time: the process grew by a small fraction of what it sent.
+    assert size > 15_000_000
+    assert growth < size / 10, (growth, size)
+    # The connection closes with the body.
+    wait_until(lambda: streaming_queries() == [])
