@@ -96,8 +96,29 @@ def json_line(record: dict[str, Any]) -> str:
     return text + "\n"
 
 
+class _ExportDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, but a string holding a NEL (U+0085) is written double-quoted,
+    where it is escaped: in the plain or single-quoted style PyYAML writes it raw, and reads it
+    back as a space."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = '"' if "\x85" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_ExportDumper.add_representer(str, _represent_str)
+
+
 def yaml_text(document: dict[str, Any]) -> str:
-    return yaml.safe_dump(document, allow_unicode=True, sort_keys=False, default_flow_style=False)
+    """YAML that `yaml.safe_load` reads back as `document` (JSON-ready values only)."""
+    return yaml.dump(
+        document,
+        Dumper=_ExportDumper,
+        allow_unicode=True,
+        sort_keys=False,
+        default_flow_style=False,
+    )
 
 
 def job_export_csv(document: dict[str, Any], call_columns: Sequence[str]) -> str:

@@ -79,10 +79,7 @@ def export_job(job_id: uuid.UUID, query: JobExportQuery) -> Response:
 @operation(
     summary="Export the job list",
     query=JobListExportQuery,
-    responses={
-        200: (None, "One line per job, newest first, streamed"),
-        503: (None, "This process already streams its most exports at once; retry later"),
-    },
+    responses={200: (None, "One line per job, newest first, streamed")},
     produces={200: [formats.JSONL_TYPE, formats.CSV_TYPE]},
 )
 def export_jobs(query: JobListExportQuery) -> Response:
@@ -90,8 +87,9 @@ def export_jobs(query: JobListExportQuery) -> Response:
     `GET /jobs/{id}` shows it, one per line; `csv` one row per job, nested fields as dotted
     columns. `input` and `output` are left out unless named in `include`.
 
-    Streamed as it is read from the database, in batches, so its length has no bound; a
-    process streams at most `CONVEYOR_EXPORT_MAX_STREAMS` exports at once."""
+    Streamed as it is read from the database, in batches, so its length has no bound. A web
+    process streams at most `CONVEYOR_EXPORT_MAX_STREAMS` of these at once; past that it
+    answers 503 (`/problems/exports-busy`) with `Retry-After`."""
     where = JobFilter(
         owner=current_principal().owner,
         status=query.status,
