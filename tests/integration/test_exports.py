@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -430,3 +431,29 @@ def test_a_100k_job_export_streams_through_gunicorn_in_bounded_memory(
     assert growth < size / 10, (growth, size)
     # The connection closes with the body.
     wait_until(lambda: streaming_queries() == [])
+
+
+def test_a_client_that_disconnects_mid_export_frees_its_connection(
+    big_export: tuple[WebServer, str],
+) -> None:
+    server, key = big_export
+    headers = {"Authorization": f"Bearer {key}"}
+    with (
+        httpx.Client(base_url=server.url, headers=headers, timeout=30) as http,
+        http.stream("GET", "/api/v1/jobs/export?format=csv") as response,
+    ):
+        chunks = response.iter_raw()
+        for _ in range(5):
+            next(chunks)
+        assert len(streaming_queries()) == 1
+    # The server's next write fails, and closing the response ends the cursor's connection.
+    wait_until(lambda: streaming_queries() == [], timeout=20)
+    # Its slot is free again: the limit's worth of exports run at once after it.
+    with (
+        httpx.Client(base_url=server.url, headers=headers, timeout=30) as http,
+        ExitStack() as held,
+    ):
+        for _ in range(runtime().settings.export_max_streams):
+            response = held.enter_context(http.stream("GET", "/api/v1/jobs/export"))
+            assert response.status_code == 200
+        assert http.get("/api/v1/jobs/export").status_code == 503
