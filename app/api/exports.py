@@ -90,13 +90,7 @@ def export_jobs(query: JobListExportQuery) -> Response:
     Streamed as it is read from the database, in batches, so its length has no bound. A web
     process streams at most `CONVEYOR_EXPORT_MAX_STREAMS` of these at once; past that it
     answers 503 (`/problems/exports-busy`) with `Retry-After`."""
-    where = JobFilter(
-        owner=current_principal().owner,
-        status=query.status,
-        kind=query.kind,
-        created_after=query.created_after,
-        created_before=query.created_before,
-    )
+    where = query.of_owner(current_principal().owner)
     include = list(dict.fromkeys(query.include))
     slot = _StreamSlot.take()
     db = runtime().db

@@ -34,7 +34,7 @@ from app.api.spec import json_response, operation
 from app.api.sse import SSE_TYPE, event_stream_response
 from app.jobs import transitions
 from app.jobs.events import MAX_SEQ, replay
-from app.jobs.listing import JobFilter, newest_first
+from app.jobs.listing import newest_first
 from app.jobs.states import TERMINAL, EventType, JobStatus
 from app.keys.watch import key_watch
 from app.kinds import KINDS
@@ -119,13 +119,7 @@ def create_job(body: JobCreate) -> Response:
     responses={200: (JobPage, "Newest first, keyset-paginated")},
 )
 def list_jobs(query: JobListQuery) -> Response:
-    where = JobFilter(
-        owner=current_principal().owner,
-        status=query.status,
-        kind=query.kind,
-        created_after=query.created_after,
-        created_before=query.created_before,
-    )
+    where = query.of_owner(current_principal().owner)
     statement = select(Job).where(*where.conditions())
     if query.cursor is not None:
         try:

@@ -24,6 +24,7 @@ from pydantic_core import CoreSchema
 from sqlalchemy import Row
 
 from app.jobs.events import MAX_SEQ
+from app.jobs.listing import JobFilter
 from app.jobs.payloads import EventEnvelope
 from app.jobs.states import JobStatus
 from app.models import Job
@@ -164,6 +165,16 @@ class JobFilters(BaseModel):
     created_before: Instant | None = Field(
         None, description="Jobs created before this instant; later than created_after"
     )
+
+    def of_owner(self, owner: str) -> JobFilter:
+        """The domain's filter: these, over `owner`'s jobs."""
+        return JobFilter(
+            owner=owner,
+            status=self.status,
+            kind=self.kind,
+            created_after=self.created_after,
+            created_before=self.created_before,
+        )
 
     @field_validator("created_before")
     @classmethod
