@@ -88,6 +88,9 @@ class Settings(BaseSettings):
         1.0, ge=0, description="seconds a process reuses a readiness or health check's result"
     )
     secret_key: str | None = Field(None, validation_alias=_alias("SECRET_KEY"))
+    export_max_streams: int = Field(
+        4, ge=1, description="job-list exports one web process streams at once"
+    )
 
     # Realtime (Socket.IO and the dashboard)
     allowed_origins: Annotated[list[str], NoDecode] = Field(

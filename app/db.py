@@ -11,18 +11,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from flask import Flask, g
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from app.config import Settings
+
+# How a streaming connection shows in pg_stat_activity.
+STREAMING_APPLICATION_NAME = "conveyor-stream"
 
 
 class Database:
     def __init__(self) -> None:
         self.engine: Engine | None = None
+        self._streaming_engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
 
     def init_app(self, app: Flask, settings: Settings) -> None:
+        connect_args = {
+            "connect_timeout": 5,
+            "options": f"-c statement_timeout={settings.db_statement_timeout_ms}",
+            "application_name": "conveyor",
+        }
         self.engine = create_engine(
             settings.database_url,
             pool_size=settings.db_pool_size,
@@ -33,11 +43,15 @@ class Database:
             pool_pre_ping=False,
             pool_recycle=1800,
             pool_timeout=10,
-            connect_args={
-                "connect_timeout": 5,
-                "options": f"-c statement_timeout={settings.db_statement_timeout_ms}",
-                "application_name": "conveyor",
-            },
+            connect_args=connect_args,
+        )
+        # A long read streamed to a client (an export) lasts as long as the client takes to
+        # read it: its connection is its own, opened and closed per stream, so that it never
+        # holds one of the pool's connections meanwhile. The caller bounds how many are open.
+        self._streaming_engine = create_engine(
+            settings.database_url,
+            poolclass=NullPool,
+            connect_args={**connect_args, "application_name": STREAMING_APPLICATION_NAME},
         )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         app.extensions["conveyor.db"] = self
@@ -53,6 +67,14 @@ class Database:
         with self.new_session() as session, session.begin():
             yield session
 
+    @contextmanager
+    def streaming_connection(self) -> Iterator[Connection]:
+        """A connection outside the pool, in one transaction (which a server-side cursor needs),
+        closed on exit."""
+        assert self._streaming_engine is not None, "Database.init_app was not called"
+        with self._streaming_engine.connect() as connection, connection.begin():
+            yield connection
+
     @property
     def request_session(self) -> Session:
         """The session of the current web request, closed at teardown."""
@@ -67,8 +89,9 @@ class Database:
             session.close()
 
     def dispose(self) -> None:
-        if self.engine is not None:
-            self.engine.dispose()
+        for engine in (self.engine, self._streaming_engine):
+            if engine is not None:
+                engine.dispose()
 
 
 db = Database()

@@ -73,6 +73,13 @@ class WebServer:
             pass
         self._process = None
 
+    def worker_pids(self) -> list[int]:
+        """The gunicorn workers' process ids (the master's children)."""
+        assert self._process is not None, "not started"
+        pid = self._process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(child) for child in children]
+
     def restart(self) -> None:
         self.stop()
         self.start()

@@ -38,6 +38,7 @@ from app.api.spec import json_response, operation
 from app.api.sse import SSE_TYPE, event_stream_response
 from app.jobs import transitions
 from app.jobs.events import MAX_SEQ, replay
+from app.jobs.listing import newest_first
 from app.jobs.states import TERMINAL, EventType, JobStatus
 from app.keys.watch import key_watch
 from app.kinds import KINDS, Kind
@@ -160,19 +161,15 @@ def _chosen_models(kind: Kind, body: JobCreate) -> tuple[str, dict[str, str]]:
     responses={200: (JobPage, "Newest first, keyset-paginated")},
 )
 def list_jobs(query: JobListQuery) -> Response:
-    principal = current_principal()
-    statement = select(Job).where(Job.owner == principal.owner)
-    if query.status is not None:
-        statement = statement.where(Job.status == query.status.value)
-    if query.kind is not None:
-        statement = statement.where(Job.kind == query.kind)
+    where = query.of_owner(current_principal().owner)
+    statement = select(Job).where(*where.conditions())
     if query.cursor is not None:
         try:
             created_at, job_id = decode_cursor(query.cursor)
         except BadCursor as exc:
             raise field_problem("cursor", str(exc), str(exc)) from None
         statement = statement.where(tuple_(Job.created_at, Job.id) < (created_at, job_id))
-    statement = statement.order_by(Job.created_at.desc(), Job.id.desc()).limit(query.limit + 1)
+    statement = newest_first(statement).limit(query.limit + 1)
     jobs = runtime().db.request_session.scalars(statement).all()
     page, more = jobs[: query.limit], len(jobs) > query.limit
     return json_response(

@@ -5,15 +5,26 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
+from sqlalchemy import Row
 
 from app.jobs.events import MAX_SEQ
+from app.jobs.listing import JobFilter
 from app.jobs.payloads import EventEnvelope
 from app.jobs.states import JobStatus
 from app.models import Job
@@ -107,7 +118,9 @@ class JobOut(BaseModel):
     links: JobLinks
 
     @classmethod
-    def of(cls, job: Job, prefix: str) -> JobOut:
+    def of(cls, job: Job | Row[Any], prefix: str) -> JobOut:
+        """From the job's row: an ORM `Job`, or a result row with the same column names (the
+        export reads jobs as plain rows, without their large input and output)."""
         base = f"{prefix}/jobs/{job.id}"
         return cls(
             id=job.id,
@@ -151,11 +164,50 @@ class JobPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` to get the next page")
 
 
-class JobListQuery(BaseModel):
+def _utc_if_naive(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+# An instant in a query string: ISO 8601; one without an offset is taken as UTC.
+Instant = Annotated[datetime, AfterValidator(_utc_if_naive)]
+
+
+class JobFilters(BaseModel):
+    """The filters of a job listing, paged or exported."""
+
     model_config = ConfigDict(extra="forbid")
 
     status: JobStatus | None = None
     kind: str | None = Field(None, pattern=KIND_PATTERN)
+    created_after: Instant | None = Field(
+        None, description="Jobs created after this instant (ISO 8601; no offset means UTC)"
+    )
+    created_before: Instant | None = Field(
+        None, description="Jobs created before this instant; later than created_after"
+    )
+
+    def of_owner(self, owner: str) -> JobFilter:
+        """The domain's filter: these, over `owner`'s jobs."""
+        return JobFilter(
+            owner=owner,
+            status=self.status,
+            kind=self.kind,
+            created_after=self.created_after,
+            created_before=self.created_before,
+        )
+
+    @field_validator("created_before")
+    @classmethod
+    def _a_range_that_is_not_empty(
+        cls, value: datetime | None, info: ValidationInfo
+    ) -> datetime | None:
+        after = info.data.get("created_after")
+        if value is not None and after is not None and value <= after:
+            raise ValueError("must be later than created_after")
+        return value
+
+
+class JobListQuery(JobFilters):
     limit: int = Field(20, ge=1, le=100)
     cursor: str | None = Field(None, max_length=200)
 
@@ -207,6 +259,59 @@ class LogEntry(BaseModel):
 
 class LogPage(BaseModel):
     items: list[LogEntry]
+
+
+# Exports ---------------------------------------------------------------------------------------
+
+
+class JobExportQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["json", "yaml", "csv"] = Field(
+        "json", description="json (the default), yaml, or csv (one row per record)"
+    )
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class JobListExportQuery(JobFilters):
+    format: Literal["csv", "jsonl"] = Field(
+        "jsonl", description="jsonl (the default: one JSON object per line) or csv"
+    )
+    include: Annotated[list[Literal["input", "output"]], BeforeValidator(_split_commas)] = Field(
+        default_factory=list,
+        description="Large fields to add to every job, left out unless named: input, output "
+        "(comma-separated, or the parameter repeated)",
+    )
+
+
+class TimelineEvent(BaseModel):
+    seq: int
+    type: str
+    at: datetime
+    data: dict[str, Any]
+
+
+class JobExport(BaseModel):
+    """A job's whole record. The YAML export is this document; the CSV export flattens it."""
+
+    job: JobOut = Field(description="The job as `GET /jobs/{id}` shows it, without its input")
+    input: dict[str, Any]
+    output: dict[str, Any] | None = Field(
+        description="The result; null until the job has finished, and for a failed job"
+    )
+    events: list[TimelineEvent] = Field(
+        description="The durable timeline (PostgreSQL), oldest first: every event but the "
+        "token deltas, whose text is in the output"
+    )
+    model_calls: list[dict[str, Any]] = Field(
+        description="One object per model call attempt with every column of the model_calls "
+        "table; money as a plain decimal string"
+    )
 
 
 class KindStep(BaseModel):

@@ -58,6 +58,7 @@ class Operation:
     headers: list[dict[str, Any]] = field(default_factory=list)
     # A body the view reads itself, by media type: a model (its schema) or a literal schema.
     content: dict[str, type[BaseModel] | dict[str, Any]] = field(default_factory=dict)
+    produces: dict[int, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ def operation(
     tag: str = "jobs",
     headers: list[dict[str, Any]] | None = None,
     content: dict[str, type[BaseModel] | dict[str, Any]] | None = None,
+    produces: dict[int, list[str]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declares a view an API operation. Goes under the blueprint's route decorator: the route
     must register the validating wrapper this returns, not the bare view. The view's docstring,
@@ -84,7 +86,9 @@ def operation(
 
     `body` is a JSON body parsed and validated before the view runs; `content` instead
     declares a body the view reads itself, in each media type it accepts (a model, or a
-    literal schema for a non-JSON one such as an image), for the document only."""
+    literal schema for a non-JSON one such as an image), for the document only. `produces`
+    names the media types, other than the response model's JSON, that a status may answer
+    with (as text: a YAML or CSV export)."""
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(view)
@@ -108,6 +112,7 @@ def operation(
             description=inspect.cleandoc(view.__doc__ or "") or None,
             headers=headers or [],
             content=content or {},
+            produces=produces or {},
         )
         setattr(endpoint, _OPERATION_ATTRIBUTE, declared)
         return endpoint
@@ -195,6 +200,8 @@ def _operation_doc(rule: str, op: Operation, refs: dict[Any, Any]) -> dict[str, 
         entry: dict[str, Any] = {"description": description}
         if model is not None:
             entry["content"] = {JSON: {"schema": refs[(model, "serialization")]}}
+        for media_type in op.produces.get(status, []):
+            entry.setdefault("content", {})[media_type] = {"schema": {"type": "string"}}
         doc["responses"][str(status)] = entry
     for status, description in _common_problems(rule, op):
         doc["responses"].setdefault(

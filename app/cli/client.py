@@ -5,6 +5,8 @@
     conveyor jobs list [--status running] [--kind chat]
     conveyor jobs show JOB_ID
     conveyor jobs cancel JOB_ID
+    conveyor export JOB_ID --format yaml -o job.yaml
+    conveyor jobs export --format csv --status failed -o failed.csv
 
 The API address and key come from --url/--key or CONVEYOR_URL/CONVEYOR_API_KEY.
 
@@ -93,6 +95,26 @@ class Api:
             delay = min(retry_after, 10.0) if retry_after is not None else delay
             click.echo(f"{failure}; retrying in {delay:.1f} s with the same key", err=True)
             time.sleep(delay)
+
+    def download(self, path: str, params: dict[str, Any], output: str) -> None:
+        """Writes the response's body to `output` ("-": standard output) as it arrives. A file
+        is written beside its name and renamed once whole, so an interrupted download never
+        leaves a file that looks complete."""
+        partial = Path(f"{output}.part") if output != "-" else None
+        try:
+            with self.http.stream("GET", path, params=params) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise click.ClickException(_problem_text(response))
+                with click.open_file(str(partial or output), "wb") as sink:
+                    for chunk in response.iter_bytes():
+                        sink.write(chunk)
+        except httpx.HTTPError as exc:
+            if partial is not None:
+                partial.unlink(missing_ok=True)
+            raise click.ClickException(f"the download failed: {exc}") from None
+        if partial is not None:
+            partial.replace(output)
 
     def follow_events(self, job_id: str) -> Iterator[dict[str, Any]]:
         """The job's events as Server-Sent Events until its terminal one, each once and in
@@ -251,6 +273,63 @@ def cancel(api: Api, job_id: str) -> None:
     job = api.request("POST", f"/jobs/{job_id}/cancel")
     state = "cancel requested" if job["status"] == JobStatus.RUNNING else job["status"]
     click.echo(f"job {job_id}: {state}")
+
+
+OUTPUT_OPTION = click.option(
+    "-o",
+    "--output",
+    default="-",
+    show_default=True,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="File to write; - is standard output.",
+)
+
+
+@main.command("export")
+@click.argument("job_id")
+@click.option("--format", "fmt", type=click.Choice(["json", "yaml", "csv"]), default="json")
+@OUTPUT_OPTION
+@click.pass_obj
+def export_job(api: Api, job_id: str, fmt: str, output: str) -> None:
+    """Download a job's whole record: the job, its input and output, its timeline and its
+    model calls."""
+    api.download(f"/jobs/{job_id}/export", {"format": fmt}, output)
+
+
+@jobs.command("export")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl")
+@click.option("--status")
+@click.option("--kind")
+@click.option("--created-after", help="ISO 8601; no offset means UTC.")
+@click.option("--created-before", help="ISO 8601; no offset means UTC.")
+@click.option(
+    "--include",
+    multiple=True,
+    type=click.Choice(["input", "output"]),
+    help="Add a large field to every job (repeatable).",
+)
+@OUTPUT_OPTION
+@click.pass_obj
+def export_jobs(
+    api: Api,
+    fmt: str,
+    status: str | None,
+    kind: str | None,
+    created_after: str | None,
+    created_before: str | None,
+    include: tuple[str, ...],
+    output: str,
+) -> None:
+    """Download every matching job, newest first, one line (jsonl) or row (csv) each."""
+    params: dict[str, Any] = {
+        "format": fmt,
+        "status": status,
+        "kind": kind,
+        "created_after": created_after,
+        "created_before": created_before,
+        "include": list(include),
+    }
+    api.download("/jobs/export", {k: v for k, v in params.items() if v}, output)
 
 
 def follow_job(api: Api, job_id: str) -> dict[str, Any]:

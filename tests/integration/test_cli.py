@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import re
 import socket
 import threading
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from werkzeug.serving import make_server
 
 from app.cli.client import main
 from tests.conftest import Tenant
+from tests.integration.test_exports import AWKWARD, crafted_job
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -165,3 +170,39 @@ def test_submit_whose_answer_is_lost_retries_with_its_key_and_creates_one_job(
     assert len(keys) == 2 and keys[0] == keys[1], keys
     assert keys[0] == (given_key or keys[0])
     assert "created by an earlier attempt" in result.stderr
+
+
+def test_export_writes_a_job_and_the_job_list_to_files(
+    api_url: str, tenant: Tenant, tmp_path: Path
+) -> None:
+    job_id = crafted_job(tenant.owner)
+    target = tmp_path / "job.yaml"
+    result = run(api_url, tenant, "export", str(job_id), "--format", "yaml", "-o", str(target))
+    assert result.exit_code == 0, result.output
+    document = yaml.safe_load(target.read_text(encoding="utf-8"))
+    assert document["job"]["id"] == str(job_id) and document["input"]["prompt"] == AWKWARD
+    assert not list(tmp_path.glob("*.part"))
+
+    listed = tmp_path / "jobs.csv"
+    result = run(
+        api_url, tenant, "jobs", "export", "--format", "csv", "--status", "succeeded",
+        "--include", "output", "-o", str(listed),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with listed.open(newline="", encoding="utf-8") as file:
+        [row] = list(csv.DictReader(file))
+    assert row["id"] == str(job_id) and json.loads(row["output"])["text"] == AWKWARD
+
+    stdout = run(api_url, tenant, "jobs", "export", "--status", "canceled")
+    assert stdout.exit_code == 0 and stdout.output == ""
+
+
+def test_export_of_an_unknown_job_fails_with_the_problem(
+    api_url: str, tenant: Tenant, tmp_path: Path
+) -> None:
+    target = tmp_path / "job.json"
+    result = run(api_url, tenant, "export", str(uuid.uuid4()), "-o", str(target))
+    assert result.exit_code == 1 and "Not found (HTTP 404)" in result.output
+    assert not target.exists() and not list(tmp_path.iterdir())
+    result = run(api_url, tenant, "jobs", "export", "--created-after", "someday")
+    assert result.exit_code == 1 and "created_after" in result.output
