@@ -75,7 +75,7 @@ def create_job(body: JobCreate) -> Response:
         job_input = kind.Input.model_validate(body.input)
     except ValidationError as exc:
         raise validation_problem(exc, prefix="input") from None
-    key = _idempotency_key()
+    key = idempotency_key()
     max_attempts = body.max_attempts or runtime().settings.job_max_attempts
     fingerprint = None
     if key:
@@ -316,7 +316,7 @@ def list_kinds() -> Response:
     )
 
 
-def _idempotency_key() -> str | None:
+def idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None

@@ -55,11 +55,14 @@ class NewJob:
     model: str | None
     retry_of: uuid.UUID | None
     at: datetime
+    # Set for the jobs of a batch (app/jobs/batches.py), which stores them itself.
+    batch_id: uuid.UUID | None = None
+    batch_item: int | None = None
 
     def queued_event(self) -> Event:
         """The job's first event (seq 1), stored with the row and then published."""
         payload = QueuedPayload(kind=self.kind, retry_of=self.retry_of)
-        return Event(self.id, self.owner, 1, payload, self.at)
+        return Event(self.id, self.owner, 1, payload, self.at, self.batch_id)
 
 
 # What the intake gives back for one job: its row, None when its Idempotency-Key was already
@@ -93,7 +96,7 @@ class JobIntake:
         created = [job for job, row in zip(batch, stored, strict=True) if isinstance(row, Row)]
         if created:
             self._bus.publish([job.queued_event() for job in created])
-            self._dispatch(created)
+            self.dispatch(created)
         return stored
 
     def _store(self, batch: list[NewJob]) -> list[StoreOutcome]:
@@ -121,7 +124,9 @@ class JobIntake:
             ).all()
         return {row.id: row for row in rows}
 
-    def _dispatch(self, jobs: list[NewJob]) -> None:
+    def dispatch(self, jobs: list[NewJob]) -> None:
+        """Their Celery messages through one pipeline (kombu flushes it every 1,000). Jobs
+        whose publish fails stay queued for the sweeper."""
         try:
             with self._celery.producer_or_acquire() as producer, producer.batch():
                 for job in jobs:

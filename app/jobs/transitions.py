@@ -130,7 +130,9 @@ def _transition_unleased(session: Session, job: Job, payload: EventPayload, **va
     for name, value in values.items():
         setattr(job, name, value)
     session.flush()
-    return record_event(session, Event(job.id, job.owner, job.last_seq, payload))
+    return record_event(
+        session, Event(job.id, job.owner, job.last_seq, payload, batch_id=job.batch_id)
+    )
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class Claim:
     priority: int
     model: str | None
     seq: int  # the seq of this attempt's job.started event
+    batch_id: uuid.UUID | None = None
 
 
 def _retry_transition(
@@ -437,9 +440,10 @@ class Jobs:
             row.priority,
             row.model,
             row.last_seq,
+            row.batch_id,
         )
         started = StartedPayload(attempt=claim.attempt, worker=worker)
-        self.bus.publish([Event(job_id, claim.owner, claim.seq, started, at)])
+        self.bus.publish([Event(job_id, claim.owner, claim.seq, started, at, claim.batch_id)])
         return claim
 
     def fenced_update(
@@ -455,7 +459,7 @@ class Jobs:
         the model calls made since its last write, in one statement; LeaseLost if its attempt no
         longer holds the job. `finished_at` and `lease_expires_at` are set to now() and NULL
         whatever value is given."""
-        event = Event(claim.job_id, claim.owner, seq, payload)
+        event = Event(claim.job_id, claim.owner, seq, payload, batch_id=claim.batch_id)
         params = {
             "job_id": claim.job_id,
             "attempt": claim.attempt,
