@@ -9,9 +9,17 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from app.jobs.batches import BatchSummary
 from app.jobs.events import MAX_SEQ
@@ -437,9 +445,20 @@ class RealtimeTokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_id: uuid.UUID | None = Field(None, description="Limit the token to this one job")
+    batch_id: uuid.UUID | None = Field(
+        None, description="Limit the token to this one batch (not with `job_id`)"
+    )
+
+    @field_validator("batch_id")
+    @classmethod
+    def _one_scope(cls, batch_id: uuid.UUID | None, info: ValidationInfo) -> uuid.UUID | None:
+        if batch_id is not None and info.data.get("job_id") is not None:
+            raise PydanticCustomError("one_scope", "give job_id or batch_id, not both")
+        return batch_id
 
 
 class RealtimeToken(BaseModel):
     token: str = Field(description="Send as `auth: {token}` when connecting to Socket.IO")
     expires_in: int = Field(description="Seconds during which a connection may be opened with it")
     job_id: uuid.UUID | None
+    batch_id: uuid.UUID | None = None

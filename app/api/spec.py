@@ -199,7 +199,8 @@ def _operation_doc(rule: str, op: Operation, refs: dict[Any, Any]) -> dict[str, 
     for status, (model, description) in sorted(op.response_lines.items()):
         doc["responses"][str(status)] = {
             "description": description,
-            "content": _json_lines(refs[(model, "serialization")]),
+            # The one media type the API sends; a request may use either name.
+            "content": _json_lines(refs[(model, "serialization")], JSON_LINES_TYPES[:1]),
         }
     for status, description in _common_problems(rule, op):
         doc["responses"].setdefault(
@@ -212,7 +213,9 @@ def _operation_doc(rule: str, op: Operation, refs: dict[Any, Any]) -> dict[str, 
     return doc
 
 
-def _json_lines(line_ref: dict[str, str]) -> dict[str, Any]:
+def _json_lines(
+    line_ref: dict[str, str], media_types: tuple[str, ...] = JSON_LINES_TYPES
+) -> dict[str, Any]:
     """Media types of a JSON Lines body: OpenAPI 3.1 can only call it a string, so the
     description names the schema of one line."""
     return {
@@ -223,7 +226,7 @@ def _json_lines(line_ref: dict[str, str]) -> dict[str, Any]:
                 "description": f"JSON Lines: one {line_ref['$ref']} per line",
             }
         }
-        for media in JSON_LINES_TYPES
+        for media in media_types
     }
 
 
@@ -253,7 +256,12 @@ def _common_problems(rule: str, op: Operation) -> list[tuple[int, str]]:
         problems += [
             (400, "Malformed JSON"),
             (413, "Body too large"),
-            (415, "Body is not application/json"),
+            (
+                415,
+                "Body is not JSON or JSON Lines"
+                if op.body_lines
+                else "Body is not application/json",
+            ),
         ]
     if op.body is not None or op.query is not None:
         problems.append((422, "A field is not valid; `errors` names it"))
