@@ -126,15 +126,25 @@ class JobIntake:
 
     def dispatch(self, jobs: list[NewJob]) -> None:
         """Their Celery messages through one pipeline (kombu flushes it every 1,000). Jobs
-        whose publish fails stay queued for the sweeper."""
+        whose publish fails stay queued for the sweeper.
+
+        Per message, Celery would check the queue's declaration again and write the argument's
+        repr with its `saferepr`: a third of the CPU of dispatching a batch of 1,000 (0.3 ms a
+        job, most of a batch's cost). The first message declares the queue as usual, which
+        kombu needs for Redis to route the rest; the others skip the check. The repr, a list
+        of one id string, is the same text saferepr writes."""
         try:
             with self._celery.producer_or_acquire() as producer, producer.batch():
-                for job in jobs:
+                for position, job in enumerate(jobs):
+                    job_id = str(job.id)
                     self._celery.send_task(
                         RUN_JOB_TASK,
-                        args=[str(job.id)],
+                        args=[job_id],
+                        argsrepr=f"['{job_id}']",
+                        kwargsrepr="{}",
                         priority=task_priority(job.priority),
                         producer=producer,
+                        **({} if position == 0 else {"declare": []}),
                     )
         except Exception as exc:  # kombu raises several unrelated types for a broker outage
             logger.warning(
