@@ -14,6 +14,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     from app import api, cli, logs, realtime, web
     from app.db import db
     from app.execution.leases import worker_heartbeat_step
+    from app.jobs.batches import Batches
     from app.jobs.events import EventBus
     from app.jobs.intake import JobIntake
     from app.jobs.transitions import Jobs
@@ -44,6 +45,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         celery,
         intake,
         Jobs(settings, db, redis_client, bus, celery, intake),
+        Batches(settings, db, bus, intake),
         ModelClient(settings),
     ).init_app(app)
     api.init_app(app, settings)

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     card_max_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="largest body POST /cards/import accepts (a PNG)"
     )
+    max_batch_request_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="the body limit of POST /batches"
+    )
     ready_timeout: float = Field(
         1.0, gt=0, description="seconds /ready and /health wait for their checks"
     )

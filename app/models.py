@@ -59,6 +59,13 @@ class Job(Base):
             "finished_at",
             postgresql_where=text("status = 'failed'"),
         ),
+        Index(
+            "jobs_batch_item",
+            "batch_id",
+            "batch_item",
+            unique=True,
+            postgresql_where=text("batch_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -90,12 +97,36 @@ class Job(Base):
     retry_of: Mapped[uuid.UUID | None] = mapped_column(
         UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="SET NULL")
     )
+    # The batch the job was created in, and its position among the batch's items (from 0).
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("batches.id", ondelete="SET NULL")
+    )
+    batch_item: Mapped[int | None] = mapped_column(Integer)
     last_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     tokens_in: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     tokens_out: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     cost_usd: Mapped[Decimal] = mapped_column(
         Numeric(16, 8), default=Decimal(0), server_default="0"
     )
+
+
+class Batch(Base):
+    """Jobs created together by one POST /batches; its counts and cost are its jobs'."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        CheckConstraint("item_count > 0", name="batches_item_count_positive"),
+        UniqueConstraint("owner", "idempotency_key", name="batches_owner_idempotency_key"),
+        Index("batches_owner_created", "owner", text("created_at DESC"), text("id DESC")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    item_count: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    canceled_at: Mapped[datetime | None]
 
 
 class JobEvent(Base):

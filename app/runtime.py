@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from app.config import Settings
     from app.db import Database
+    from app.jobs.batches import Batches
     from app.jobs.events import EventBus
     from app.jobs.intake import JobIntake
     from app.jobs.transitions import Jobs
@@ -37,6 +38,8 @@ class Runtime:
     intake: JobIntake
     # Every transition that needs the clients above (app/jobs/transitions.py).
     jobs: Jobs
+    # Creating and canceling batches of jobs (app/jobs/batches.py).
+    batches: Batches
     # Lazy: no network until the first call; one connection pool shared by every slot.
     model_client: ModelClient
 

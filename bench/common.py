@@ -80,7 +80,7 @@ class Services:
 
         with psycopg.connect(self.pg.conninfo(), autocommit=True) as conn:
             conn.execute("SET lock_timeout = '5s'")
-            conn.execute("TRUNCATE jobs CASCADE")
+            conn.execute("TRUNCATE jobs, batches CASCADE")
         client = redis.Redis.from_url(self.redis.url)
         try:
             keys = [k for p in ("conveyor*", "unacked*") for k in client.scan_iter(p, count=5000)]

@@ -9,6 +9,9 @@ peers measured in the same run on the same private PostgreSQL and Redis:
           server's processes)
   svc1    (c, optional) Jobs.create_job() in-process, one thread, no HTTP: what
           the service layer costs without gunicorn, Flask and the view
+  batch   POST /api/v1/batches with --batch-size of the same job each, over
+          --batch-concurrency connections; counted in jobs, not requests, so its
+          ops/s compares with POST /jobs' (target: at least 3x)
 
 Each phase: --warmup seconds, then --duration seconds measured, with --concurrency
 connections held busy by an aiohttp client (one event loop in its own process; its CPU is
@@ -66,11 +69,15 @@ from bench.common import (
     wait_until,
 )
 
-PHASES = ("live", "post", "raw1", "rawN", "svc1")
-DEFAULT_PHASES = ("live", "post", "raw1", "rawN")
+PHASES = ("live", "post", "raw1", "rawN", "svc1", "batch")
+DEFAULT_PHASES = ("live", "post", "raw1", "rawN", "batch")
+# Served by gunicorn (their CPU per op is gunicorn's); the others run in the load processes.
+HTTP_PHASES = ("live", "post", "batch")
 POST_BODY = {"kind": "chat", "input": {"prompt": "hello"}}
 OWNER = "bench"
 TARGETS = {"live": 0.5, "rawN": 0.8}
+# Jobs per second through batches over jobs per second through single POSTs.
+BATCH_TARGET = 3.0
 
 
 def parse_args() -> argparse.Namespace:
@@ -97,6 +104,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--worker-connections", type=int, default=1000, help="with gevent (Procfile: 1000)"
+    )
+    parser.add_argument("--batch-size", type=int, default=1000, help="jobs per POST /batches")
+    parser.add_argument(
+        "--batch-concurrency", type=int, default=4, help="HTTP connections of the batch phase"
     )
     parser.add_argument("--raw-procs", type=int, default=2, help="processes of the rawN peer")
     parser.add_argument("--raw-threads", type=int, default=16, help="threads per rawN process")
@@ -399,10 +410,19 @@ def http_request(bench: Bench, phase: str) -> dict[str, Any]:
             "body": None,
             "expect": 200,
         }
+    headers = {"Authorization": f"Bearer {bench.key}", "Content-Type": "application/json"}
+    if phase == "batch":
+        return {
+            "method": "POST",
+            "url": f"{bench.url}/api/v1/batches",
+            "headers": headers,
+            "body": json.dumps({"items": [POST_BODY] * bench.args.batch_size}).encode(),
+            "expect": 202,
+        }
     return {
         "method": "POST",
         "url": f"{bench.url}/api/v1/jobs",
-        "headers": {"Authorization": f"Bearer {bench.key}", "Content-Type": "application/json"},
+        "headers": headers,
         "body": json.dumps(POST_BODY).encode(),
         "expect": 202,
     }
@@ -410,9 +430,10 @@ def http_request(bench: Bench, phase: str) -> dict[str, Any]:
 
 def submit_phase(bench: Bench, phase: str, window: Window) -> list[Future[LoadResult]]:
     args = bench.args
-    if phase in ("live", "post"):
+    if phase in HTTP_PHASES:
         request = http_request(bench, phase)
-        return [bench.pool.submit(http_phase, request, args.concurrency, window)]
+        concurrency = args.batch_concurrency if phase == "batch" else args.concurrency
+        return [bench.pool.submit(http_phase, request, concurrency, window)]
     if phase == "svc1":
         values = {"database_url": bench.services.pg.url, "redis_url": bench.services.redis.url}
         return [bench.pool.submit(service_phase, values, args.variants, window)]
@@ -435,7 +456,8 @@ def run_phase(bench: Bench, phase: str, warmup: float, duration: float) -> Phase
     sleep_until(window.until)
     after, counters_after = bench.meter.snapshot(), read_counters(bench.services)
     results = [f.result(timeout=warmup + duration + 60) for f in futures]
-    result = summarize(phase, results, bench.meter.usage(before, after), duration)
+    jobs_per_request = bench.args.batch_size if phase == "batch" else 1
+    result = summarize(phase, results, bench.meter.usage(before, after), duration, jobs_per_request)
     ops = max(1.0, result.rps * duration)
     result.redis_per_op = (counters_after.redis_total() - counters_before.redis_total()) / ops
     result.pg_xacts_per_op = (counters_after.pg_xacts - counters_before.pg_xacts) / ops
@@ -443,8 +465,13 @@ def run_phase(bench: Bench, phase: str, warmup: float, duration: float) -> Phase
 
 
 def summarize(
-    phase: str, results: list[LoadResult], cpu: dict[str, float], duration: float
+    phase: str,
+    results: list[LoadResult],
+    cpu: dict[str, float],
+    duration: float,
+    jobs_per_request: int = 1,
 ) -> PhaseResult:
+    """`rps` counts jobs: a request of the batch phase creates `jobs_per_request` of them."""
     latencies = [lat for r in results for lat in r.latencies]
     bad: Counter[str] = Counter()
     for r in results:
@@ -452,7 +479,7 @@ def summarize(
     cpu["load"] = 100 * sum(r.cpu_seconds for r in results) / duration
     return PhaseResult(
         phase=phase,
-        rps=len(latencies) / duration,
+        rps=len(latencies) * jobs_per_request / duration,
         p50_ms=1000 * percentile(latencies, 50),
         p99_ms=1000 * percentile(latencies, 99),
         bad=bad,
@@ -468,11 +495,14 @@ PHASE_LABELS = {
     "raw1": "(b) raw 1 thread",
     "rawN": "(b) raw {procs}x{threads} threads",
     "svc1": "(c) create_job() 1 thread",
+    "batch": "POST /batches x{size} (jobs)",
 }
 
 
 def label(phase: str, args: argparse.Namespace) -> str:
-    return PHASE_LABELS[phase].format(procs=args.raw_procs, threads=args.raw_threads)
+    return PHASE_LABELS[phase].format(
+        procs=args.raw_procs, threads=args.raw_threads, size=args.batch_size
+    )
 
 
 def report(results: list[PhaseResult], args: argparse.Namespace) -> dict[str, float]:
@@ -484,7 +514,7 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> dict[str, fl
         rps = median([r.rps for r in runs])
         rates[phase] = rps
         cpu = {k: median([r.cpu[k] for r in runs]) for k in runs[0].cpu}
-        served_by = "gunicorn" if phase in ("live", "post") else "load"
+        served_by = "gunicorn" if phase in HTTP_PHASES else "load"
         bad = sum(sum(r.bad.values()) for r in runs)
         rows.append(
             [
@@ -508,7 +538,8 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> dict[str, fl
     print_table(
         f"Medians over runs; {args.duration:g} s measured per phase after {args.warmup:g} s "
         f"warm-up; HTTP concurrency {args.concurrency}; gunicorn {args.worker_class} "
-        f"{args.workers} workers; raw peers insert jobs"
+        f"{args.workers} workers; batches of {args.batch_size} over {args.batch_concurrency} "
+        "connections, counted in jobs; raw peers insert jobs"
         + ("" if args.raw_without_event else " + job_events in one transaction")
         + " (CPU in % of one core; machine in % of all cores)",
         [
@@ -554,6 +585,11 @@ def report_ratios(rates: dict[str, float], args: argparse.Namespace) -> None:
                     verdict,
                 ]
             )
+    if rates.get("batch"):
+        ratio = rates["batch"] / post
+        verdict = "met" if ratio >= BATCH_TARGET else "MISSED"
+        label_ = f"{label('batch', args)} / POST /jobs"
+        rows.append([label_, f"{ratio:.2f}", f"{BATCH_TARGET:.2f}", verdict])
     print_table("Ratios of medians", ["ratio", "value", "target", ""], rows)
 
 

@@ -5,12 +5,32 @@ from __future__ import annotations
 from flask import Flask
 from flask_cors import CORS
 
-from app.api import cards, downloads, exports, health, jobs, openapi, problems, realtime, system
+from app.api import (
+    batches,
+    cards,
+    downloads,
+    exports,
+    health,
+    jobs,
+    openapi,
+    problems,
+    realtime,
+    system,
+)
 from app.config import Settings
 
 PREFIX = jobs.PREFIX
 # Registered in this order, which is also the order of the OpenAPI document's paths.
-BLUEPRINTS = (jobs.bp, exports.bp, downloads.bp, cards.bp, system.bp, realtime.bp, openapi.bp)
+BLUEPRINTS = (
+    jobs.bp,
+    batches.bp,
+    exports.bp,
+    downloads.bp,
+    cards.bp,
+    system.bp,
+    realtime.bp,
+    openapi.bp,
+)
 
 # What a browser app on an allowed origin may send and read. Credentials (cookies) are never
 # allowed: the API authenticates with a bearer key the app sends itself.

@@ -81,7 +81,7 @@ def create_job(body: JobCreate) -> Response:
     except ValidationError as exc:
         raise validation_problem(exc, prefix="input") from None
     model, models = _chosen_models(kind, body)
-    key = _idempotency_key()
+    key = idempotency_key()
     max_attempts = body.max_attempts or runtime().settings.job_max_attempts
     fingerprint = None
     if key:
@@ -123,35 +123,45 @@ def create_job(body: JobCreate) -> Response:
 
 
 def _chosen_models(kind: Kind, body: JobCreate) -> tuple[str, dict[str, str]]:
-    """The job's model and its roles' models, pinned now: the request's choice where it made
-    one (a model the operator allows, a role the kind has), the configuration's elsewhere."""
-    settings = runtime().settings
-    allowed = settings.requestable_models()
+    """The job's model and its roles' models, pinned now (see `model_choice`)."""
+    errors = model_choice_errors(kind, body.model, body.models)
+    if errors:
+        raise field_problem(errors[0].field, errors[0].message)
+    return model_choice(kind, body.model, body.models)
 
-    def check(field: str, model: str) -> None:
-        if model not in allowed:
-            raise field_problem(
-                field,
-                "not a model this deployment allows; allowed: " + ", ".join(sorted(allowed)),
-                f"{field}: model {model!r} is not allowed here",
-            )
 
-    if body.model is not None:
-        check("model", body.model)
-    for role, model in (body.models or {}).items():
+def model_choice_errors(
+    kind: Kind, model: str | None, models: dict[str, str] | None
+) -> list[FieldError]:
+    """What is wrong with a request's choice of models: a model the operator does not allow,
+    a role the kind does not have (each named by its field, `model` or `models.<role>`)."""
+    allowed = runtime().settings.requestable_models()
+    refused = "not a model this deployment allows; allowed: " + ", ".join(sorted(allowed))
+    errors = []
+    if model is not None and model not in allowed:
+        errors.append(FieldError(field="model", message=refused))
+    for role, chosen in (models or {}).items():
         if role not in kind.roles:
             roles = ", ".join(kind.roles) or "none"
-            raise field_problem(
-                f"models.{role}",
-                f"the kind {kind.name!r} has no role {role!r}; its roles: {roles}",
-            )
-        check(f"models.{role}", model)
-    chosen = body.models or {}
-    models = {
-        role: chosen.get(role) or body.model or settings.model_for(kind.name, role)
+            message = f"the kind {kind.name!r} has no role {role!r}; its roles: {roles}"
+            errors.append(FieldError(field=f"models.{role}", message=message))
+        elif chosen not in allowed:
+            errors.append(FieldError(field=f"models.{role}", message=refused))
+    return errors
+
+
+def model_choice(
+    kind: Kind, model: str | None, models: dict[str, str] | None
+) -> tuple[str, dict[str, str]]:
+    """The job's model and its roles' models, pinned at creation: the request's choice where it
+    made one (checked by `model_choice_errors`), the configuration's elsewhere."""
+    settings = runtime().settings
+    chosen = models or {}
+    pinned = {
+        role: chosen.get(role) or model or settings.model_for(kind.name, role)
         for role in kind.roles
     }
-    return body.model or settings.model_for(kind.name), models
+    return model or settings.model_for(kind.name), pinned
 
 
 @bp.get("/jobs")
@@ -400,7 +410,7 @@ def list_kinds() -> Response:
     )
 
 
-def _idempotency_key() -> str | None:
+def idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None

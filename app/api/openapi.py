@@ -50,11 +50,13 @@ def build_document(app: Flask) -> dict[str, Any]:
 
 
 def link_kind_inputs(document: dict[str, Any]) -> None:
-    """`JobCreate.input` is validated by the chosen kind; say so in the schema."""
+    """`JobCreate.input` (and a batch item's) is validated by the chosen kind; say so in the
+    schema."""
     schemas = document["components"]["schemas"]
     names = [kind.Input.__name__ for kind in KINDS.values()]
-    schemas["JobCreate"]["properties"]["input"] = {
-        "description": "The input of the chosen kind: "
-        + ", ".join(f"{kind} -> {name}" for kind, name in zip(KINDS, names, strict=True)),
-        "anyOf": [{"$ref": f"#/components/schemas/{name}"} for name in names],
-    }
+    for model in ("JobCreate", "BatchItem"):
+        schemas[model]["properties"]["input"] = {
+            "description": "The input of the chosen kind: "
+            + ", ".join(f"{kind} -> {name}" for kind, name in zip(KINDS, names, strict=True)),
+            "anyOf": [{"$ref": f"#/components/schemas/{name}"} for name in names],
+        }

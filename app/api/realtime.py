@@ -6,6 +6,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from app.api.auth import current_principal
+from app.api.batches import owned_batch
 from app.api.jobs import owned_job
 from app.api.problems import ApiProblem
 from app.api.schemas import RealtimeToken, RealtimeTokenRequest
@@ -23,18 +24,22 @@ bp = Blueprint("realtime", __name__)
     body=RealtimeTokenRequest,
     responses={
         201: (RealtimeToken, "A token for `auth.token` when connecting to Socket.IO"),
-        404: (None, "No such job (or another owner's)"),
+        404: (None, "No such job or batch (or another owner's)"),
         503: (None, "The server has no CONVEYOR_SECRET_KEY to sign tokens with"),
     },
 )
 def realtime_token(body: RealtimeTokenRequest) -> Response:
-    """Scoped to the caller, and to one job when `job_id` is given (such a connection can
-    subscribe to that job only and is not in the owner's room)."""
+    """Scoped to the caller, and to one job when `job_id` is given, or to one batch when
+    `batch_id` is (such a connection can subscribe to that job or batch only and is not in the
+    owner's room)."""
     if body.job_id is not None:
         owned_job(body.job_id)
+    if body.batch_id is not None:
+        owned_batch(body.batch_id)
     try:
-        token = mint_token(runtime().settings, current_principal(), body.job_id)
+        token = mint_token(runtime().settings, current_principal(), body.job_id, body.batch_id)
     except TokenError as exc:
         raise ApiProblem(503, "realtime-unavailable", "Tokens unavailable", str(exc)) from None
     ttl = runtime().settings.realtime_token_ttl
-    return json_response(RealtimeToken(token=token, expires_in=ttl, job_id=body.job_id), status=201)
+    out = RealtimeToken(token=token, expires_in=ttl, job_id=body.job_id, batch_id=body.batch_id)
+    return json_response(out, status=201)

@@ -20,14 +20,15 @@ from pydantic import (
     field_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, PydanticCustomError
 from sqlalchemy import Row
 
+from app.jobs.batches import BatchSummary
 from app.jobs.events import MAX_SEQ
 from app.jobs.listing import JobFilter
 from app.jobs.payloads import EventEnvelope
 from app.jobs.states import JobStatus
-from app.models import Job
+from app.models import Batch, Job
 
 # Kind names as the registry spells them; anything else (a NUL byte, say) is refused here.
 KIND_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
@@ -110,6 +111,7 @@ class JobOut(BaseModel):
     usage: Usage
     cancel_requested: bool
     retry_of: uuid.UUID | None
+    batch_id: uuid.UUID | None = Field(description="The batch the job was created in, if any")
     retry_at: datetime | None
     created_at: datetime
     updated_at: datetime
@@ -138,6 +140,7 @@ class JobOut(BaseModel):
             usage=Usage(tokens_in=job.tokens_in, tokens_out=job.tokens_out, cost_usd=job.cost_usd),
             cancel_requested=job.cancel_requested_at is not None,
             retry_of=job.retry_of,
+            batch_id=job.batch_id,
             retry_at=job.retry_at,
             created_at=job.created_at,
             updated_at=job.updated_at,
@@ -487,13 +490,138 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise BadCursor("not a cursor this API returned") from exc
 
 
+# Batches -----------------------------------------------------------------------------------------
+
+MAX_BATCH_ITEMS = 10_000
+# A model name as providers spell them ("gpt-4o-mini", "meta-llama/Llama-3.1-8B-Instruct").
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$"
+
+
+class BatchItem(BaseModel):
+    """One job of a batch: what POST /jobs takes, plus the model to run it with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(pattern=KIND_PATTERN, examples=["chat"])
+    input: dict[str, Any] = Field(description="The kind's input; see GET /kinds for its schema.")
+    priority: int = Field(0, ge=0, le=9, description="0 (default) to 9 (most urgent)")
+    max_attempts: int | None = Field(None, ge=1, le=10)
+    model: str | None = Field(
+        None,
+        pattern=MODEL_PATTERN,
+        description="The model of every call the job makes, as for POST /jobs: only a model the "
+        "operator allows",
+    )
+    models: dict[str, Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None, max_length=20, description="Role -> model, as for POST /jobs"
+    )
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[BatchItem] = Field(
+        min_length=1,
+        max_length=MAX_BATCH_ITEMS,
+        description=f"1 to {MAX_BATCH_ITEMS:,} jobs, each of any kind",
+    )
+
+
+class BatchCounts(BaseModel):
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    canceled: int
+
+
+class BatchProgress(BaseModel):
+    finished: int = Field(description="jobs that succeeded, failed or were canceled")
+    total: int = Field(description="jobs in the batch (a deleted job leaves it)")
+    percent: float = Field(
+        ge=0, le=100, description="mean progress of the jobs, a finished job counting as 100"
+    )
+
+
+class BatchLinks(BaseModel):
+    self: str
+    results: str
+    cancel: str
+
+
+class BatchOut(BaseModel):
+    id: uuid.UUID
+    item_count: int = Field(description="items the batch was created with")
+    done: bool = Field(description="every job has finished")
+    counts: BatchCounts
+    progress: BatchProgress
+    usage: Usage = Field(description="the jobs' tokens and cost so far")
+    created_at: datetime
+    canceled_at: datetime | None = Field(description="when the batch was first canceled")
+    links: BatchLinks
+
+    @classmethod
+    def of(cls, batch: Batch, summary: BatchSummary, prefix: str) -> BatchOut:
+        base = f"{prefix}/batches/{batch.id}"
+        return cls(
+            id=batch.id,
+            item_count=batch.item_count,
+            done=summary.finished == summary.total,
+            counts=BatchCounts(**{status.value: n for status, n in summary.counts.items()}),
+            progress=BatchProgress(
+                finished=summary.finished, total=summary.total, percent=summary.percent
+            ),
+            usage=Usage(
+                tokens_in=summary.tokens_in,
+                tokens_out=summary.tokens_out,
+                cost_usd=summary.cost_usd,
+            ),
+            created_at=batch.created_at,
+            canceled_at=batch.canceled_at,
+            links=BatchLinks(self=base, results=f"{base}/results", cancel=f"{base}/cancel"),
+        )
+
+
+class BatchPage(BaseModel):
+    items: list[BatchOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page")
+
+
+class BatchListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(20, ge=1, le=100)
+    cursor: str | None = Field(None, max_length=200)
+
+
+class BatchResultLine(BaseModel):
+    """One line of a batch's results download: one job, in the order of the batch's items."""
+
+    item: int = Field(description="the job's position in the batch, from 0")
+    id: uuid.UUID
+    status: JobStatus
+    output: dict[str, Any] | None = Field(description="once succeeded; partial when canceled")
+    error: JobError | None = Field(description="once failed")
+
+
 class RealtimeTokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_id: uuid.UUID | None = Field(None, description="Limit the token to this one job")
+    batch_id: uuid.UUID | None = Field(
+        None, description="Limit the token to this one batch (not with `job_id`)"
+    )
+
+    @field_validator("batch_id")
+    @classmethod
+    def _one_scope(cls, batch_id: uuid.UUID | None, info: ValidationInfo) -> uuid.UUID | None:
+        if batch_id is not None and info.data.get("job_id") is not None:
+            raise PydanticCustomError("one_scope", "give job_id or batch_id, not both")
+        return batch_id
 
 
 class RealtimeToken(BaseModel):
     token: str = Field(description="Send as `auth: {token}` when connecting to Socket.IO")
     expires_in: int = Field(description="Seconds during which a connection may be opened with it")
     job_id: uuid.UUID | None
+    batch_id: uuid.UUID | None = None

@@ -37,6 +37,8 @@ from app.api.problems import (
 )
 
 JSON = "application/json"
+# JSON Lines (one JSON value per line) goes by both names.
+JSON_LINES_TYPES = ("application/jsonl", "application/x-ndjson")
 _RULE_PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")
 # Where `operation` leaves its declaration on the view it returns, for the document to find.
 _OPERATION_ATTRIBUTE = "api_operation"
@@ -59,6 +61,8 @@ class Operation:
     # A body the view reads itself, by media type: a model (its schema) or a literal schema.
     content: dict[str, type[BaseModel] | dict[str, Any]] = field(default_factory=dict)
     produces: dict[int, list[str]] = field(default_factory=dict)
+    body_lines: type[BaseModel] | None = None
+    response_lines: dict[int, tuple[type[BaseModel], str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ def operation(
     headers: list[dict[str, Any]] | None = None,
     content: dict[str, type[BaseModel] | dict[str, Any]] | None = None,
     produces: dict[int, list[str]] | None = None,
+    body_parser: Callable[[type[BaseModel]], Any] | None = None,
+    body_lines: type[BaseModel] | None = None,
+    response_lines: dict[int, tuple[type[BaseModel], str]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declares a view an API operation. Goes under the blueprint's route decorator: the route
     must register the validating wrapper this returns, not the bare view. The view's docstring,
@@ -88,7 +95,11 @@ def operation(
     declares a body the view reads itself, in each media type it accepts (a model, or a
     literal schema for a non-JSON one such as an image), for the document only. `produces`
     names the media types, other than the response model's JSON, that a status may answer
-    with (as text: a YAML or CSV export)."""
+    with (as text: a YAML or CSV export).
+
+    A body that may come in another shape than `body` (JSON Lines, one `body_lines` per line)
+    is parsed by `body_parser(body)` instead of `parse_body`. `response_lines` are responses
+    streamed as JSON Lines, one model per line."""
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(view)
@@ -98,7 +109,7 @@ def operation(
             if query is not None:
                 path_args["query"] = parse_query(query)
             if body is not None:
-                path_args["body"] = parse_body(body)
+                path_args["body"] = (body_parser or parse_body)(body)
             return view(**path_args)
 
         declared = Operation(
@@ -113,6 +124,8 @@ def operation(
             headers=headers or [],
             content=content or {},
             produces=produces or {},
+            body_lines=body_lines,
+            response_lines=response_lines or {},
         )
         setattr(endpoint, _OPERATION_ATTRIBUTE, declared)
         return endpoint
@@ -150,6 +163,9 @@ def document(
             models.append((op.query, "validation"))
         models.extend((m, "validation") for m in op.content.values() if _is_model(m))
         models.extend((m, "serialization") for m, _ in op.responses.values() if m)
+        if op.body_lines is not None:
+            models.append((op.body_lines, "validation"))
+        models.extend((m, "serialization") for m, _ in op.response_lines.values())
     models.extend((m, "validation") for m in extra_schemas)
     refs, definitions = models_json_schema(
         list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}"
@@ -184,10 +200,10 @@ def _operation_doc(rule: str, op: Operation, refs: dict[Any, Any]) -> dict[str, 
     if op.query is not None:
         doc["parameters"] += _query_parameters(op.query)
     if op.body is not None:
-        doc["requestBody"] = {
-            "required": True,
-            "content": {JSON: {"schema": refs[(op.body, "validation")]}},
-        }
+        content = {JSON: {"schema": refs[(op.body, "validation")]}}
+        if op.body_lines is not None:
+            content |= _json_lines(refs[(op.body_lines, "validation")])
+        doc["requestBody"] = {"required": True, "content": content}
     if op.content:
         content = {}
         for media_type, schema in op.content.items():
@@ -203,6 +219,12 @@ def _operation_doc(rule: str, op: Operation, refs: dict[Any, Any]) -> dict[str, 
         for media_type in op.produces.get(status, []):
             entry.setdefault("content", {})[media_type] = {"schema": {"type": "string"}}
         doc["responses"][str(status)] = entry
+    for status, (model, description) in sorted(op.response_lines.items()):
+        doc["responses"][str(status)] = {
+            "description": description,
+            # The one media type the API sends; a request may use either name.
+            "content": _json_lines(refs[(model, "serialization")], JSON_LINES_TYPES[:1]),
+        }
     for status, description in _common_problems(rule, op):
         doc["responses"].setdefault(
             str(status),
@@ -216,6 +238,23 @@ def _operation_doc(rule: str, op: Operation, refs: dict[Any, Any]) -> dict[str, 
 
 def _is_model(schema: type[BaseModel] | dict[str, Any]) -> bool:
     return isinstance(schema, type) and issubclass(schema, BaseModel)
+
+
+def _json_lines(
+    line_ref: dict[str, str], media_types: tuple[str, ...] = JSON_LINES_TYPES
+) -> dict[str, Any]:
+    """Media types of a JSON Lines body: OpenAPI 3.1 can only call it a string, so the
+    description names the schema of one line."""
+    return {
+        media: {
+            "schema": {
+                "type": "string",
+                "contentMediaType": media,
+                "description": f"JSON Lines: one {line_ref['$ref']} per line",
+            }
+        }
+        for media in media_types
+    }
 
 
 def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
@@ -237,13 +276,19 @@ def _common_problems(rule: str, op: Operation) -> list[tuple[int, str]]:
     problems = []
     if op.auth:
         problems.append((401, "Missing, unknown or revoked API key"))
-    if "<" in rule:
-        problems.append((404, "No such job for this caller"))
+    if names := [name for _converter, name in _RULE_PARAM.findall(rule)]:
+        # `job_id` -> "job": the resource the path names.
+        problems.append((404, f"No such {names[0].removesuffix('_id')} for this caller"))
     if op.body is not None:
         problems += [
             (400, "Malformed JSON"),
             (413, "Body too large"),
-            (415, "Body is not application/json"),
+            (
+                415,
+                "Body is not JSON or JSON Lines"
+                if op.body_lines
+                else "Body is not application/json",
+            ),
         ]
     if op.content:
         if JSON in op.content:
@@ -283,7 +328,7 @@ def parse_body(model: type[BaseModel]) -> BaseModel:
         raise validation_problem(exc) from None
     # PostgreSQL stores no NUL character in text or jsonb: refuse it here, naming the field,
     # rather than fail at the INSERT. (A raw NUL byte is already invalid JSON.)
-    if b"\\u0000" in raw and (field := _field_with_nul(json.loads(raw))) is not None:
+    if b"\\u0000" in raw and (field := field_with_nul(json.loads(raw))) is not None:
         raise field_problem(
             field,
             "must not contain the NUL character (\\u0000)",
@@ -292,7 +337,8 @@ def parse_body(model: type[BaseModel]) -> BaseModel:
     return parsed
 
 
-def _field_with_nul(value: Any, path: str = "") -> str | None:
+def field_with_nul(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) in `value` that holds a NUL character."""
     if isinstance(value, str):
         return (path or "body") if "\x00" in value else None
     if isinstance(value, dict):
@@ -300,11 +346,11 @@ def _field_with_nul(value: Any, path: str = "") -> str | None:
             inner = f"{path}.{key}" if path else str(key)
             if "\x00" in key:
                 return inner
-            if (found := _field_with_nul(item, inner)) is not None:
+            if (found := field_with_nul(item, inner)) is not None:
                 return found
     if isinstance(value, list):
         for index, item in enumerate(value):
-            if (found := _field_with_nul(item, f"{path}.{index}")) is not None:
+            if (found := field_with_nul(item, f"{path}.{index}")) is not None:
                 return found
     return None
 

@@ -52,6 +52,10 @@ def owner_room(owner: str) -> str:
     return f"user:{owner}"
 
 
+def batch_room(batch_id: uuid.UUID | str) -> str:
+    return f"batch:{batch_id}"
+
+
 @dataclass(frozen=True)
 class Event:
     """One event of one job. Its `data` comes from its payload model (payloads.py), which also
@@ -62,6 +66,8 @@ class Event:
     seq: int
     payload: EventPayload
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # The job's batch, if any: its room gets the job's state changes (not its token deltas).
+    batch_id: uuid.UUID | None = None
 
     @property
     def type(self) -> EventType:
@@ -157,6 +163,11 @@ class EventBus:
     def publish(self, events: list[Event]) -> bool:
         """Returns once the events are published: False when the stream refused one (a stale
         seq) or Redis failed."""
+        if len(events) > MAX_BATCH:
+            # A batch's thousands of events as several script calls: one call with them all
+            # would hold Redis (which runs a script alone) for tens of milliseconds.
+            chunks = [events[i : i + MAX_BATCH] for i in range(0, len(events), MAX_BATCH)]
+            return all([self.publish(chunk) for chunk in chunks])
         if not events:
             return True
         try:
@@ -197,6 +208,8 @@ class EventBus:
             rooms = [job_room(event.job_id)]
             if durable:
                 rooms.append(owner_room(event.owner))
+                if event.batch_id is not None:
+                    rooms.append(batch_room(event.batch_id))
             keys.append(stream_key(event.job_id))
             # The TTL is refreshed by durable events only; a job's deltas sit between them.
             args += [
@@ -284,6 +297,18 @@ class EventBus:
             self._redis.publish(CANCEL_CHANNEL, str(job_id))
         except redis.RedisError as exc:
             logger.warning("cancel signal failed: %s", exc, extra={"job_id": job_id})
+
+    def signal_cancels(self, job_ids: list[uuid.UUID]) -> None:
+        """`signal_cancel` for many jobs (a batch), in one pipeline."""
+        if not job_ids:
+            return
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.publish(CANCEL_CHANNEL, str(job_id))
+            pipe.execute()
+        except redis.RedisError as exc:
+            logger.warning("cancel signal of %d jobs failed: %s", len(job_ids), exc)
 
 
 def replay(

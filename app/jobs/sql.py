@@ -52,7 +52,8 @@ WITH claimed AS (
         updated_at = now(), last_seq = last_seq + 1
     WHERE id = :id AND status = 'queued' AND (retry_at IS NULL OR retry_at <= now())
       AND attempt < max_attempts
-    RETURNING id, owner, kind, input, attempt, max_attempts, priority, model, models, last_seq
+    RETURNING id, owner, kind, input, attempt, max_attempts, priority, model, models, last_seq,
+              batch_id
 ), started AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
     SELECT id, last_seq, :type, :at, jsonb_set(CAST(:data AS jsonb), '{attempt}', to_jsonb(attempt))
@@ -138,4 +139,64 @@ UPDATE jobs
 SET tokens_in = tokens_in + :tokens_in, tokens_out = tokens_out + :tokens_out,
     cost_usd = cost_usd + :cost_usd
 WHERE id = :job_id
+""")
+
+
+# A batch and all its jobs with their job.queued events, in one statement: the jobs travel as
+# one JSON array; the batch row's owner, time and id are theirs. An Idempotency-Key the owner
+# already used for a batch inserts nothing and returns no row.
+CREATE_BATCH = text("""
+WITH batch AS (
+    INSERT INTO batches (id, owner, item_count, idempotency_key, request_hash, created_at)
+    VALUES (:id, :owner, :item_count, :idempotency_key, :request_hash, :at)
+    ON CONFLICT (owner, idempotency_key) DO NOTHING
+    RETURNING *
+), new AS (
+    SELECT * FROM jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(
+        id uuid, kind text, input jsonb, priority int, max_attempts int, model text,
+        models jsonb, event jsonb, batch_item int)
+), job AS (
+    INSERT INTO jobs (id, owner, kind, status, input, priority, max_attempts, model, models,
+                      batch_id, batch_item, last_seq, created_at, updated_at, dispatched_at)
+    SELECT new.id, batch.owner, new.kind, 'queued', new.input, new.priority, new.max_attempts,
+           new.model, new.models, batch.id, new.batch_item, 1, batch.created_at,
+           batch.created_at, batch.created_at
+    FROM new CROSS JOIN batch ORDER BY new.batch_item
+    RETURNING id
+), queued AS (
+    INSERT INTO job_events (job_id, seq, type, at, data)
+    SELECT new.id, 1, :event_type, :at, new.event FROM job JOIN new ON new.id = job.id
+)
+SELECT * FROM batch
+""")
+
+# Cancels a batch in one statement: its queued jobs end `canceled` with their event, its
+# running ones get `cancel_requested_at` (their workers are then told, as for one job). One
+# UPDATE decides per row from the row as it is when locked, so a job a worker claims meanwhile
+# is asked to stop rather than skipped. No row: no such batch of this owner; one row with a
+# NULL id: nothing left to cancel.
+CANCEL_BATCH = text("""
+WITH batch AS (
+    UPDATE batches SET canceled_at = coalesce(canceled_at, :at)
+    WHERE id = :batch_id AND owner = :owner
+    RETURNING id
+), changed AS (
+    UPDATE jobs SET
+        status = CASE WHEN status = 'queued' THEN 'canceled' ELSE status END,
+        finished_at = CASE WHEN status = 'queued' THEN :at ELSE finished_at END,
+        last_seq = CASE WHEN status = 'queued' THEN last_seq + 1 ELSE last_seq END,
+        lease_expires_at = CASE WHEN status = 'queued' THEN NULL ELSE lease_expires_at END,
+        cancel_requested_at = CASE WHEN status = 'running'
+                                   THEN coalesce(cancel_requested_at, :at)
+                                   ELSE cancel_requested_at END,
+        updated_at = :at
+    WHERE batch_id = (SELECT id FROM batch) AND status IN ('queued', 'running')
+    RETURNING id, owner, status, last_seq
+), canceled AS (
+    INSERT INTO job_events (job_id, seq, type, at, data)
+    SELECT id, last_seq, :event_type, :at, CAST(:data AS jsonb)
+    FROM changed WHERE status = 'canceled'
+)
+SELECT changed.id, changed.owner, changed.status, changed.last_seq
+FROM batch LEFT JOIN changed ON true
 """)

@@ -130,7 +130,9 @@ def _transition_unleased(session: Session, job: Job, payload: EventPayload, **va
     for name, value in values.items():
         setattr(job, name, value)
     session.flush()
-    return record_event(session, Event(job.id, job.owner, job.last_seq, payload))
+    return record_event(
+        session, Event(job.id, job.owner, job.last_seq, payload, batch_id=job.batch_id)
+    )
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ class Claim:
     seq: int  # the seq of this attempt's job.started event
     models: dict[str, str] = field(default_factory=dict)  # role -> model, pinned at creation
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)  # finished steps by name
+    batch_id: uuid.UUID | None = None
 
 
 def _retry_transition(
@@ -475,9 +478,10 @@ class Jobs:
             row.last_seq,
             models=dict(row.models or {}),
             checkpoints={step["name"]: Checkpoint.of(step) for step in row.steps or ()},
+            batch_id=row.batch_id,
         )
         started = StartedPayload(attempt=claim.attempt, worker=worker)
-        self.bus.publish([Event(job_id, claim.owner, claim.seq, started, at)])
+        self.bus.publish([Event(job_id, claim.owner, claim.seq, started, at, claim.batch_id)])
         return claim
 
     def fenced_update(
@@ -495,7 +499,7 @@ class Jobs:
         tokens_in, tokens_out, cost_usd, started_at), a finished step, in one statement;
         LeaseLost if its attempt no longer holds the job. `finished_at` and `lease_expires_at`
         are set to now() and NULL whatever value is given."""
-        event = Event(claim.job_id, claim.owner, seq, payload)
+        event = Event(claim.job_id, claim.owner, seq, payload, batch_id=claim.batch_id)
         params = {
             "job_id": claim.job_id,
             "attempt": claim.attempt,

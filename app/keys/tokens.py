@@ -1,6 +1,7 @@
 """Short-lived signed subscription tokens, so that a browser never holds the API key.
 
-A token names its owner and, optionally, the one job it may watch; it is signed with
+A token names its owner and, optionally, the one job or the one batch it may watch; it is
+signed with
 `CONVEYOR_SECRET_KEY` (itsdangerous, as Flask's own sessions are) and expires after
 `CONVEYOR_REALTIME_TOKEN_TTL` seconds. Expiry only matters at connect: an open connection
 stays open.
@@ -36,6 +37,7 @@ class TokenError(Exception):
 class TokenClaims:
     principal: Principal
     job_id: uuid.UUID | None
+    batch_id: uuid.UUID | None = None
 
 
 def _serializer(settings: Settings) -> URLSafeTimedSerializer:
@@ -45,15 +47,22 @@ def _serializer(settings: Settings) -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(secret, salt=SALT)
 
 
-def mint_token(settings: Settings, principal: Principal, job_id: uuid.UUID | None = None) -> str:
-    return _serializer(settings).dumps(
-        {
-            "owner": principal.owner,
-            "role": principal.role,
-            "key": str(principal.key_id),
-            "job": str(job_id) if job_id else None,
-        }
-    )
+def mint_token(
+    settings: Settings,
+    principal: Principal,
+    job_id: uuid.UUID | None = None,
+    batch_id: uuid.UUID | None = None,
+) -> str:
+    claims = {
+        "owner": principal.owner,
+        "role": principal.role,
+        "key": str(principal.key_id),
+        "job": str(job_id) if job_id else None,
+    }
+    if batch_id is not None:
+        # Only when set: a token without it reads as before, in servers old and new.
+        claims["batch"] = str(batch_id)
+    return _serializer(settings).dumps(claims)
 
 
 def read_token(settings: Settings, db: Database, token: str) -> TokenClaims:
@@ -61,10 +70,11 @@ def read_token(settings: Settings, db: Database, token: str) -> TokenClaims:
         claims = _serializer(settings).loads(token, max_age=settings.realtime_token_ttl)
         principal = Principal(claims["owner"], claims["role"], uuid.UUID(claims["key"]))
         job = uuid.UUID(claims["job"]) if claims.get("job") else None
+        batch = uuid.UUID(claims["batch"]) if claims.get("batch") else None
     except SignatureExpired:
         raise TokenError("the token has expired") from None
     except (BadSignature, KeyError, TypeError, ValueError):
         raise TokenError("the token is not valid") from None
     if not key_is_active(db, principal.key_id):
         raise TokenError("the API key that minted the token has been revoked")
-    return TokenClaims(principal, job)
+    return TokenClaims(principal, job, batch)

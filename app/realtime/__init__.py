@@ -14,8 +14,11 @@ Protocol (docs/events.md):
   or `auth={"api_key": …}`; anything else is refused;
 - `subscribe {job_id, after_seq}` joins the job's room, then replays what is newer than
   `after_seq`; live events follow. The client drops duplicates by `seq`;
-- a connection that is not scoped to one job is also in its owner's room and sees every one of
-  its jobs change state (all events but token deltas);
+- a connection that is not scoped to one job or batch is also in its owner's room and sees
+  every one of its jobs change state (all events but token deltas);
+- `subscribe {batch_id}` joins the batch's room, which gets every state change of the batch's
+  jobs (all their events but token deltas); the ack carries the batch's counts by status at
+  the moment of joining, so that a client counting the events that follow misses none;
 - when the API key behind a connection (directly, or as the minter of its token) is revoked,
   the server disconnects it within seconds (app/keys/watch.py).
 """
@@ -34,8 +37,16 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.config import Settings
 from app.db import Database
-from app.jobs import transitions
-from app.jobs.events import MAX_SEQ, SOCKET_EVENT, SOCKETIO_CHANNEL, job_room, owner_room, replay
+from app.jobs import batches, transitions
+from app.jobs.events import (
+    MAX_SEQ,
+    SOCKET_EVENT,
+    SOCKETIO_CHANNEL,
+    batch_room,
+    job_room,
+    owner_room,
+    replay,
+)
 from app.keys import watch
 from app.keys.api_keys import Principal, principal_for_key
 from app.keys.tokens import TokenError, read_token
@@ -71,25 +82,25 @@ def init_app(app: Flask, settings: Settings, db: Database) -> None:
     watch.init_app(app, db, socketio.start_background_task, socketio.sleep)
 
 
-def _principal(auth: Any) -> tuple[Principal, uuid.UUID | None]:
-    """Who connects, and the one job a job-scoped token limits them to."""
+def _principal(auth: Any) -> tuple[Principal, uuid.UUID | None, uuid.UUID | None]:
+    """Who connects, and the one job or batch a scoped token limits them to."""
     auth = auth if isinstance(auth, dict) else {}
     if isinstance(token := auth.get("token"), str):
         claims = read_token(runtime().settings, runtime().db, token)
-        return claims.principal, claims.job_id
+        return claims.principal, claims.job_id, claims.batch_id
     key = auth.get("api_key")
     if not isinstance(key, str):
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         key = key if scheme.lower() == "bearer" else None
     if key and (principal := principal_for_key(runtime().db, key.strip())) is not None:
-        return principal, None
+        return principal, None, None
     raise ConnectionRefusedError("unauthorized: send a subscription token or an API key")
 
 
 @socketio.on("connect")
 def on_connect(auth: Any = None) -> None:
     try:
-        principal, only_job = _principal(auth)
+        principal, only_job, only_batch = _principal(auth)
     except TokenError as exc:
         raise ConnectionRefusedError(f"unauthorized: {exc}") from None
     except (OperationalError, PoolTimeout) as exc:
@@ -98,8 +109,9 @@ def on_connect(auth: Any = None) -> None:
         logger.warning("connect refused, database unavailable: %s", exc)
         raise ConnectionRefusedError("unavailable: try again shortly") from None
     sid = request.sid  # type: ignore[attr-defined]
-    socketio.server.save_session(sid, {"owner": principal.owner, "only_job": only_job})
-    if only_job is None:
+    session = {"owner": principal.owner, "only_job": only_job, "only_batch": only_batch}
+    socketio.server.save_session(sid, session)
+    if only_job is None and only_batch is None:
         join_room(owner_room(principal.owner))
     key_watch = watch.key_watch()
     _grants[sid] = key_watch.watch(principal.key_id, partial(_disconnect_revoked, sid))
@@ -122,6 +134,8 @@ def on_subscribe(data: Any = None) -> dict[str, Any]:
     """Joins the job's room, then replays what the client missed; the ack says how it went."""
     session = socketio.server.get_session(request.sid)  # type: ignore[attr-defined]
     data = data if isinstance(data, dict) else {}
+    if "batch_id" in data:
+        return _subscribe_batch(session, data["batch_id"])
     try:
         job_id = uuid.UUID(str(data.get("job_id")))
         after = int(data.get("after_seq") or 0)
@@ -133,7 +147,7 @@ def on_subscribe(data: Any = None) -> dict[str, Any]:
             "error": "bad-request",
             "detail": f"after_seq must be from 0 to {MAX_SEQ}",
         }
-    if session["only_job"] not in (None, job_id):
+    if session["only_job"] not in (None, job_id) or session["only_batch"] is not None:
         return _not_found(job_id)
     db, bus = runtime().db, runtime().bus
     try:
@@ -162,16 +176,52 @@ def on_subscribe(data: Any = None) -> dict[str, Any]:
     }
 
 
+def _subscribe_batch(session: dict[str, Any], raw_id: Any) -> dict[str, Any]:
+    """Joins the batch's room; the ack has its counts by status as of the join."""
+    try:
+        batch_id = uuid.UUID(str(raw_id))
+    except ValueError:
+        return {"ok": False, "error": "bad-request", "detail": "send {batch_id}"}
+    if session["only_job"] is not None or session["only_batch"] not in (None, batch_id):
+        # A token limited to one job opens no batch (not even the job's own).
+        return _batch_not_found(batch_id)
+    try:
+        with runtime().db.transaction() as tx:
+            try:
+                batches.get_batch(tx, session["owner"], batch_id)
+            except batches.BatchNotFound:
+                return _batch_not_found(batch_id)
+            # Join first, then count: an event published in between is counted and also
+            # arrives, rather than neither.
+            join_room(batch_room(batch_id))
+            summary = batches.summaries(tx, [batch_id])[batch_id]
+    except OperationalError as exc:
+        logger.warning("subscribe failed, database unavailable: %s", exc)
+        return {"ok": False, "error": "unavailable", "detail": "try again shortly"}
+    return {
+        "ok": True,
+        "batch_id": str(batch_id),
+        "counts": {status.value: count for status, count in summary.counts.items()},
+        "done": summary.finished == summary.total,
+    }
+
+
 @socketio.on("unsubscribe")
 def on_unsubscribe(data: Any = None) -> dict[str, Any]:
+    data = data if isinstance(data, dict) else {}
+    room, name = (batch_room, "batch_id") if "batch_id" in data else (job_room, "job_id")
     try:
-        job_id = uuid.UUID(str((data or {}).get("job_id")))
-    except (AttributeError, ValueError):
-        return {"ok": False, "error": "bad-request", "detail": "send {job_id}"}
-    leave_room(job_room(job_id))
+        resource_id = uuid.UUID(str(data.get(name)))
+    except ValueError:
+        return {"ok": False, "error": "bad-request", "detail": "send {job_id} or {batch_id}"}
+    leave_room(room(resource_id))
     return {"ok": True}
 
 
 def _not_found(job_id: uuid.UUID) -> dict[str, Any]:
     # Another owner's job is refused exactly like a missing one.
     return {"ok": False, "error": "not-found", "detail": f"no job {job_id}"}
+
+
+def _batch_not_found(batch_id: uuid.UUID) -> dict[str, Any]:
+    return {"ok": False, "error": "not-found", "detail": f"no batch {batch_id}"}

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,6 +37,9 @@ from app.jobs.events import (
     EventBus,
     replay,
     stream_key,
+)
+from app.jobs.events import (
+    MAX_BATCH as PUBLISH_MAX_BATCH,
 )
 from app.jobs.presence import SweepRecord, WorkerBeat, WorkerIdentity
 from app.jobs.states import EventType
@@ -374,6 +377,36 @@ def test_durable_events_go_to_the_job_and_owner_rooms_and_deltas_to_the_job_room
     assert later["host_id"] != messages[0]["host_id"]
 
 
+def test_a_batch_jobs_state_changes_also_go_to_its_batch_room_and_deltas_do_not(
+    bus: EventBus, redis_client: redis.Redis
+) -> None:
+    job_id, batch_id = uuid.uuid4(), uuid.uuid4()
+    socketio_channel = Subscriber(redis_client, SOCKETIO_CHANNEL)
+    published = [
+        replace(event(job_id, 1, EventType.STARTED), batch_id=batch_id),
+        replace(event(job_id, 2, EventType.OUTPUT_DELTA, text="to"), batch_id=batch_id),
+        replace(event(job_id, 3, EventType.SUCCEEDED), batch_id=batch_id),
+    ]
+    assert bus.publish(published)
+    rooms = [json.loads(raw)["room"] for raw in socketio_channel.received()]
+    assert rooms == [
+        [f"job:{job_id}", f"user:{OWNER}", f"batch:{batch_id}"],
+        [f"job:{job_id}"],
+        [f"job:{job_id}", f"user:{OWNER}", f"batch:{batch_id}"],
+    ]
+
+
+def test_more_events_than_one_script_call_takes_are_all_published_in_order(
+    bus: EventBus, redis_client: redis.Redis
+) -> None:
+    job_ids = [uuid.uuid4() for _ in range(PUBLISH_MAX_BATCH * 2 + 7)]
+    socketio_channel = Subscriber(redis_client, SOCKETIO_CHANNEL)
+    assert bus.publish([event(job_id, 1, EventType.QUEUED) for job_id in job_ids])
+    published = [json.loads(raw)["data"][0]["job_id"] for raw in socketio_channel.received()]
+    assert published == [str(job_id) for job_id in job_ids]
+    assert all(seqs_in_stream(redis_client, job_id) == [1] for job_id in job_ids)
+
+
 # A Redis outage: the feed is best effort and says so ------------------------------------------
 
 
@@ -444,6 +477,16 @@ def test_signal_cancel_publishes_the_job_id_on_the_cancel_channel(
     channel = Subscriber(redis_client, CANCEL_CHANNEL)
     bus.signal_cancel(job_id)
     assert channel.received() == [str(job_id).encode()]
+
+
+def test_signal_cancels_publishes_each_job_id_once(
+    bus: EventBus, redis_client: redis.Redis
+) -> None:
+    job_ids = [uuid.uuid4() for _ in range(3)]
+    channel = Subscriber(redis_client, CANCEL_CHANNEL)
+    bus.signal_cancels(job_ids)
+    bus.signal_cancels([])
+    assert channel.received() == [str(job_id).encode() for job_id in job_ids]
 
 
 def test_a_cancel_signal_stops_only_the_job_it_names(
