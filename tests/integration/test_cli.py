@@ -18,6 +18,7 @@ import yaml
 from click.testing import CliRunner
 from werkzeug.serving import make_server
 
+from app.cards import card_from_value, read_png_card
 from app.cli.client import main
 from tests.conftest import Tenant
 from tests.integration.test_exports import AWKWARD, crafted_job
@@ -206,3 +207,110 @@ def test_export_of_an_unknown_job_fails_with_the_problem(
     assert not target.exists() and not list(tmp_path.iterdir())
     result = run(api_url, tenant, "jobs", "export", "--created-after", "someday")
     assert result.exit_code == 1 and "created_after" in result.output
+
+
+def test_a_card_submitted_with_flags_is_followed_through_its_steps_and_downloaded(
+    api_url: str, tenant: Tenant, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    concept = f"A lighthouse keeper who collects storms [[sim tag=cli{uuid.uuid4().hex[:8]}]]"
+    result = run(
+        api_url, tenant, "submit", "character_card", "--concept", concept,
+        "--name", "Mira Holloway", "--genre", "gothic", "--point-of-view", "second",
+        "--lorebook-entries", "2", "--alternate-greetings", "1", "--content-rating", "sfw",
+        "--tag", "sea", "--tag", "mystery", "--creator", "conveyor-cli", "--set", "tone=wistful",
+        "--follow",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert " succeeded in " in lines[-1]
+    for step, role in [
+        ("profile", "creative"),
+        ("greetings", "creative"),
+        ("lorebook", "analysis"),
+        ("review", "analysis"),
+    ]:
+        [line] = [line for line in lines if re.match(rf"\s*✓ {step}\s+{role}\s+finished", line)]
+        assert re.search(r"\d+ tokens · \$\d", line), line
+    job_id = tenant.get("/api/v1/jobs").get_json()["items"][0]["id"]
+    job = tenant.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert job["input"]["tone"] == "wistful" and job["input"]["tags"] == ["sea", "mystery"]
+    assert job["input"]["point_of_view"] == "second" and job["input"]["lorebook_entries"] == 2
+    output = tenant.get(f"/api/v1/jobs/{job_id}/result").get_json()["output"]
+
+    target = tmp_path / "mira.png"
+    result = run(api_url, tenant, "download", job_id, "--format", "png", "-o", str(target))
+    assert result.exit_code == 0, result.output
+    card = read_png_card(target.read_bytes())
+    assert card == card_from_value(output) and card.data.creator == "conveyor-cli"
+    assert not list(tmp_path.glob("*.part"))
+
+    monkeypatch.chdir(tmp_path)  # without -o: the server's file name, here
+    result = run(api_url, tenant, "download", job_id, "--format", "card_v2")
+    assert result.exit_code == 0, result.output
+    named = tmp_path / "Mira Holloway.card.json"
+    assert card_from_value(json.loads(named.read_text(encoding="utf-8"))) == card
+
+
+def test_card_flags_out_of_bounds_show_the_field_and_the_flag(api_url: str, tenant: Tenant) -> None:
+    result = run(
+        api_url, tenant, "submit", "character_card", "--concept", "a baker",
+        "--lorebook-entries", "51",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "(HTTP 422)" in result.output
+    assert "input.lorebook_entries (--lorebook-entries): " in result.output
+
+
+def test_download_of_an_unfinished_job_is_a_409_and_writes_nothing(
+    api_url: str, tenant: Tenant, tmp_path: Path
+) -> None:
+    job_id = tenant.submit("chat", {"prompt": "slow [[sim ttft=30]]"})["id"]
+    target = tmp_path / "out.json"
+    result = run(api_url, tenant, "download", job_id, "-o", str(target))
+    assert result.exit_code == 1 and "(HTTP 409)" in result.output, result.output
+    assert not list(tmp_path.iterdir())
+    result = run(api_url, tenant, "download", job_id, "--format", "png", "-o", str(target))
+    assert result.exit_code == 1 and "(HTTP 404)" in result.output, result.output
+    tenant.post(f"/api/v1/jobs/{job_id}/cancel")
+
+
+def test_a_batch_from_a_jsonl_file_is_followed_and_its_results_downloaded(
+    api_url: str, tenant: Tenant, tmp_path: Path
+) -> None:
+    items = tmp_path / "items.jsonl"
+    prompts = ["first", "second", "third"]
+    lines = [json.dumps({"kind": "chat", "input": {"prompt": p}}) for p in prompts]
+    items.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = run(api_url, tenant, "batch", "submit", str(items), "--follow", "--interval", "0.2")
+    assert result.exit_code == 0, result.output
+    assert "3/3 finished · 100.0%" in result.output and "succeeded 3" in result.output
+    batch_id = re.search(r"batch ([0-9a-f-]{36}) \(done\)", result.output).group(1)  # type: ignore[union-attr]
+
+    shown = run(api_url, tenant, "batch", "show", batch_id)
+    assert shown.exit_code == 0 and "succeeded 3" in shown.output
+
+    target = tmp_path / "results.jsonl"
+    result = run(api_url, tenant, "batch", "results", batch_id, "-o", str(target))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
+    assert [row["item"] for row in rows] == [0, 1, 2]
+    assert all(row["status"] == "succeeded" and row["output"]["text"] for row in rows)
+
+
+def test_a_batch_is_canceled_and_a_bad_line_is_named(
+    api_url: str, tenant: Tenant, tmp_path: Path
+) -> None:
+    items = tmp_path / "slow.jsonl"
+    slow = json.dumps({"kind": "chat", "input": {"prompt": "slow [[sim ttft=30]]"}})
+    items.write_text(f"{slow}\n{slow}\n", encoding="utf-8")
+    submitted = run(api_url, tenant, "batch", "submit", str(items))
+    assert submitted.exit_code == 0, submitted.output
+    batch_id = submitted.stdout.strip()
+    canceled = run(api_url, tenant, "batch", "cancel", batch_id)
+    assert canceled.exit_code == 0 and "cancel requested" in canceled.output
+    for job in tenant.get("/api/v1/jobs?limit=2").get_json()["items"]:
+        assert tenant.wait_for(job["id"])["status"] == "canceled"
+
+    items.write_text(f'{slow}\n{{"kind": "chat", "input": {{"prompt": 5}}}}\n', encoding="utf-8")
+    bad = run(api_url, tenant, "batch", "submit", str(items))
+    assert bad.exit_code == 1 and "lines[2].input.prompt" in bad.output, bad.output
