@@ -78,6 +78,10 @@ class JobView:
             self.status = TERMINAL_STATUSES[kind].value
 
     def apply_step(self, data: dict[str, Any]) -> None:
+        if data["status"] == "started":
+            # A step streams its own answer (a structured step's JSON): the live view shows
+            # the current step's, not every step's run together.
+            self.text = Text()
         self.status = f"{data['step']}: {data['status']}"
         self.progress = data["progress"]
         step = StepLine(data["step"], data["role"], data["status"], data["attempt"])
@@ -96,7 +100,9 @@ def follow_job(api: Api, job_id: str) -> dict[str, Any]:
             view.apply(event)
             live.update(view.frame())
     job = api.request("GET", f"/jobs/{job_id}")
-    console.print(view.text)
+    if not view.steps:
+        # A multi-step kind's result is a document to download; a single answer is shown.
+        console.print(view.text)
     if not view.text.plain and job["status"] == JobStatus.SUCCEEDED and not view.steps:
         # The stream had expired: the stored result stands in for the deltas.
         output = api.request("GET", f"/jobs/{job_id}/result")["output"]
