@@ -2,17 +2,31 @@
 
     conveyor submit chat --prompt "Write a haiku" --follow
     conveyor submit structured --prompt "A cat" --schema schema.json --follow
+    conveyor submit character_card --concept "A lighthouse keeper" --name "Mira" \
+        --lorebook-entries 4 --tag sea --tag mystery --follow
+    conveyor submit KIND --input @input.json --set max_tokens=512
+    conveyor download JOB_ID --format png [-o card.png]
     conveyor jobs list [--status running] [--kind chat]
     conveyor jobs show JOB_ID
     conveyor jobs cancel JOB_ID
     conveyor export JOB_ID --format yaml -o job.yaml
     conveyor jobs export --format csv --status failed -o failed.csv
+    conveyor batch submit items.jsonl --follow
+    conveyor batch show|cancel BATCH_ID
+    conveyor batch results BATCH_ID -o results.jsonl
 
 The API address and key come from --url/--key or CONVEYOR_URL/CONVEYOR_API_KEY.
 
-`submit` always sends an Idempotency-Key (a random one unless --idempotency-key is given) and
-retries with that same key when the answer is lost (a dropped connection, a 502/503/504), so a
-retry never creates a second job.
+A job's input is built from --input (JSON or @file), then each --set key=value, then the named
+flags of the kinds (app/cli/inputs.py); the API validates it, and a 422 names the flag beside
+the field. `--follow` shows a multi-step kind's steps as they start, finish or are reused,
+and ends with each step's tokens and cost.
+
+`submit` and `batch submit` always send an Idempotency-Key (a random one unless
+--idempotency-key is given) and retry with that same key when the answer is lost (a dropped
+connection, a 502/503/504), so a retry never creates a second job or batch. Downloads are
+written beside their file and renamed once whole; without -o, `download` uses the file name
+the server gives, in the current directory.
 """
 
 from __future__ import annotations
