@@ -3,6 +3,7 @@ web process, worker, PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -317,3 +318,109 @@ def test_a_form_error_is_shown_next_to_its_field(page: Page) -> None:
     # Now the server's 422 (the root must be an object), placed on its field.
     expect(schema_error).to_contain_text("object")
     expect(page.locator("#home")).to_be_visible()
+
+
+CARD_STEPS = ["profile", "greetings", "lorebook", "review"]
+USD = re.compile(r"^\$\d+\.\d{8}$")
+
+
+def test_a_card_job_from_the_form_shows_its_card_steps_costs_and_png(
+    page: Page, tenant: Tenant
+) -> None:
+    from app.cards import read_png_card
+
+    page.select_option("#kind", "character_card")
+    page.fill("#kind-fields textarea[name=concept]", "A lighthouse keeper who collects storms")
+    page.fill("#kind-fields input[name=lorebook_entries]", "2")
+    page.fill("#kind-fields input[name=alternate_greetings]", "2")
+    page.click("#new-job button[type=submit]")
+    page.wait_for_url(JOB_PAGE)
+    job_id = JOB_PAGE.search(page.url).group(1)  # type: ignore[union-attr]
+    expect(page.locator("#card-view")).to_be_visible()
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=45_000)
+
+    steps = page.locator("#card-steps tr")
+    expect(steps).to_have_count(4)
+    assert [steps.nth(i).get_attribute("data-step") for i in range(4)] == CARD_STEPS
+    for i in range(4):
+        expect(steps.nth(i).locator("td").nth(1)).to_have_text("finished")
+        expect(steps.nth(i).locator("td").nth(3)).to_have_text(USD)
+
+    card = tenant.get(f"/api/v1/jobs/{job_id}/result").get_json()["output"]["data"]
+    expect(page.locator("#card-result")).to_be_visible()
+    expect(page.locator("#card-name")).to_have_text(card["name"])
+    expect(page.locator("#card-description")).to_have_text(card["description"])
+    expect(page.locator("#card-first-mes")).to_have_text(card["first_mes"])
+    expect(page.locator("#card-greetings li")).to_have_count(2)
+    expect(page.locator("#card-lorebook li")).to_have_count(2)
+    first_entry = card["character_book"]["entries"][0]
+    expect(page.locator("#card-lorebook li").first.locator(".content")).to_have_text(
+        first_entry["content"]
+    )
+
+    with page.expect_download() as download_info:
+        page.click("#card-downloads button[data-format=png]")
+    download = download_info.value
+    assert download.suggested_filename.endswith(".png")
+    with open(download.path(), "rb") as downloaded:
+        png_card = read_png_card(downloaded.read())
+    assert png_card.data.name == card["name"]
+    assert len(png_card.data.alternate_greetings) == 2
+
+
+def test_the_card_view_never_renders_model_text_as_html(page: Page, tenant: Tenant) -> None:
+    # The card's name is the caller's when given, and every step's text is model output: both
+    # must reach the page as text.
+    name = "<img src=x onerror=\"document.body.dataset.pwned='1'\">Mira"
+    job_id = tenant.submit(
+        "character_card",
+        {"concept": "A storm collector", "name": name, "lorebook_entries": 0},
+    )["id"]
+    page.goto(f"/#/jobs/{job_id}")
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=45_000)
+    card = tenant.get(f"/api/v1/jobs/{job_id}/result").get_json()["output"]["data"]
+    expect(page.locator("#card-name")).to_have_text(card["name"])
+    assert page.locator("#card-view img").count() == 0
+    assert page.evaluate("document.body.dataset.pwned") is None
+
+
+def create_batch(tenant: Tenant, prompts: list[str]) -> dict:
+    items = [{"kind": "chat", "input": {"prompt": prompt}} for prompt in prompts]
+    response = tenant.post("/api/v1/batches", json={"items": items})
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()
+
+
+def test_a_batch_appears_on_the_batch_page_and_runs_to_all_succeeded(
+    page: Page, tenant: Tenant
+) -> None:
+    batch = create_batch(tenant, [f"[[sim tokens=30 tps=30]] item {i}" for i in range(3)])
+    page.click("#batches-link")
+    link = page.locator(f"tr[data-batch-id='{batch['id']}'] a")
+    expect(link).to_be_visible(timeout=10_000)
+    link.click()
+    expect(page.locator("#batch-id")).to_have_text(batch["id"])
+    expect(page.locator("#batch-count-succeeded")).to_have_text("3", timeout=30_000)
+    expect(page.locator("#batch-state")).to_have_text("done")
+    expect(page.locator("#batch-progress-text")).to_contain_text("3 of 3 finished")
+    expect(page.locator("#batch-cost")).to_have_text(USD)
+    expect(page.locator("#cancel-batch")).to_be_disabled()
+
+    with page.expect_download() as download_info:
+        page.click("#download-batch")
+    download = download_info.value
+    assert download.suggested_filename == f"batch-{batch['id']}.jsonl"
+    with open(download.path(), encoding="utf-8") as downloaded:
+        lines = [json.loads(line) for line in downloaded if line.strip()]
+    assert [line["item"] for line in lines] == [0, 1, 2]
+    assert {line["status"] for line in lines} == {"succeeded"}
+
+
+def test_a_batch_of_slow_jobs_is_canceled_from_its_page(page: Page, tenant: Tenant) -> None:
+    batch = create_batch(tenant, [f"[[sim ttft=30]] slow item {i}" for i in range(3)])
+    page.goto(f"/#/batches/{batch['id']}")
+    expect(page.locator("#batch-state")).to_have_text("running", timeout=10_000)
+    page.click("#cancel-batch")
+    expect(page.locator("#batch-count-canceled")).to_have_text("3", timeout=30_000)
+    expect(page.locator("#batch-state")).to_have_text("canceled")
+    assert tenant.get(f"/api/v1/batches/{batch['id']}").get_json()["counts"]["canceled"] == 3

@@ -1,6 +1,9 @@
 // The dashboard: sign in with an API key, submit jobs from forms generated from each kind's
 // schema, watch the job list and a job's page live. No framework and no build step.
+import { BatchPages } from "./batches.js";
+import { CardView } from "./card-view.js";
 import { EventType } from "./events.js";
+import { dispositionFilename } from "./files.js";
 import { Live } from "./live.js";
 import { FieldError, renderForm, showFieldErrors } from "./schema-form.js";
 
@@ -48,7 +51,8 @@ class Api {
         ...(body === undefined ? {} : { "Content-Type": "application/json" }),
         ...headers,
       },
-      body: body === undefined ? undefined : JSON.stringify(body),
+      // A string is sent as it is, with the Content-Type its caller names (JSON Lines).
+      body: body === undefined || typeof body === "string" ? body : JSON.stringify(body),
     });
     if (response.status === 204) return null;
     const data = await response.json().catch(() => ({}));
@@ -57,6 +61,19 @@ class Api {
       throw new ApiError(response.status, data, retryAfter);
     }
     return data;
+  }
+
+  /** A file the API sends (a download): its bytes and the name its Content-Disposition gives. */
+  async download(path, fallbackName) {
+    const response = await fetch(`/api/v1${path}`, {
+      headers: { Authorization: `Bearer ${this.key}` },
+    });
+    if (!response.ok) {
+      const problem = await response.json().catch(() => ({}));
+      throw new ApiError(response.status, problem);
+    }
+    const filename = dispositionFilename(response.headers.get("Content-Disposition"), fallbackName);
+    return { blob: await response.blob(), filename };
   }
 
   get(path) {
@@ -102,6 +119,8 @@ const state = {
   listRequest: 0, // the newest list request: an older answer arriving later is dropped
   rows: new Map(), // job id -> its table row
   job: null, // the job page's job
+  card: null, // the job page's card view (character_card jobs)
+  batches: null, // the batch pages
 };
 
 // --- sign in -------------------------------------------------------------------------------
@@ -113,6 +132,8 @@ async function signIn(key) {
   localStorage.setItem(KEY_STORAGE, key);
   state.api = api;
   state.kinds = kinds;
+  state.card = new CardView(api);
+  state.batches = new BatchPages(api, randomKey);
   state.live = new Live(api, {
     onState: showConnection,
     onOwnerEvent,
@@ -280,7 +301,9 @@ async function showJob(jobId) {
   $("job-output").textContent = "";
   $("job-timeline").replaceChildren();
   $("job-logs").replaceChildren();
+  state.card.reset(job);
   renderJob(job);
+  state.card.showResult(job).catch(showSyncError);
   state.live.follow(jobId, (event) => applyEvent(jobId, event).catch(showSyncError));
   await loadLogs(jobId).catch(showSyncError);
 }
@@ -330,6 +353,7 @@ async function applyEvent(jobId, event) {
   item.textContent = `#${event.seq} ${new Date(event.at).toLocaleTimeString()} ${event.type}`;
   if (data.error) item.textContent += ` — ${data.error.code}: ${data.error.message}`;
   $("job-timeline").append(item);
+  if (event.type === EventType.STEP) state.card.onStep(data);
   if (event.type === EventType.PROGRESS) setProgress(data.progress);
   if (event.type === EventType.STARTED) $("job-output").textContent = ""; // a new attempt's text
   if (event.type === EventType.LOG) loadLogs(jobId).catch(showSyncError);
@@ -339,6 +363,7 @@ async function applyEvent(jobId, event) {
     state.job = job;
     renderJob(job);
     $("job-sync-error").textContent = "";
+    await state.card.showResult(job);
     if (event.type === EventType.SUCCEEDED && !$("job-output").textContent) {
       // Replayed from PostgreSQL after the stream expired: the stored output stands in.
       const output = data.output ?? (await state.api.get(`/jobs/${jobId}/result`)).output;
@@ -381,13 +406,23 @@ async function jobAction(action) {
 // --- routing -------------------------------------------------------------------------------
 
 function show(section) {
-  for (const id of ["sign-in", "home", "job"]) $(id).hidden = id !== section;
+  for (const id of ["sign-in", "home", "job", "batches", "batch"]) $(id).hidden = id !== section;
 }
 
 async function route() {
   if (!state.api) return show("sign-in");
   const match = window.location.hash.match(/^#\/jobs\/([0-9a-f-]{36})$/);
-  if (match) {
+  const batch = window.location.hash.match(/^#\/batches(?:\/([0-9a-f-]{36}))?$/);
+  if (!match) {
+    state.live.unfollow();
+    state.job = null;
+  }
+  if (!batch) state.batches.leave();
+  if (batch) {
+    state.live.watchRows([]);
+    show(batch[1] ? "batch" : "batches");
+    await (batch[1] ? state.batches.showBatch(batch[1]) : state.batches.showList());
+  } else if (match) {
     show("job");
     state.live.watchRows([]); // the list is hidden: its rows' deltas are not wanted
     try {
@@ -397,8 +432,6 @@ async function route() {
       $("job-error").textContent = error.message;
     }
   } else {
-    state.live.unfollow();
-    state.job = null;
     show("home");
     await refreshJobs(0);
   }
