@@ -12,7 +12,13 @@ from flask import Blueprint, Response, request
 from pydantic import BaseModel, ValidationError
 
 from app.api.auth import current_principal
-from app.api.jobs import PREFIX, idempotency_key, model_choice, model_choice_errors
+from app.api.jobs import (
+    PREFIX,
+    idempotency_key,
+    idempotency_key_reused,
+    model_choice,
+    model_choice_errors,
+)
 from app.api.problems import ApiProblem, FieldError, field_errors, field_problem
 from app.api.schemas import (
     MAX_BATCH_ITEMS,
@@ -219,13 +225,7 @@ def create_batch(body: BatchBody) -> Response:
             fingerprint=fingerprint,
         )
     except transitions.IdempotencyConflict as exc:
-        raise ApiProblem(
-            422,
-            "idempotency-key-reused",
-            "Idempotency-Key reused",
-            str(exc),
-            [FieldError(field="Idempotency-Key", message=str(exc))],
-        ) from None
+        raise idempotency_key_reused(exc) from None
     out = BatchOut.of(stored.batch, stored.summary, PREFIX)
     headers = {"Location": out.links.self}
     if stored.replayed:

@@ -108,13 +108,7 @@ def create_job(body: JobCreate) -> Response:
             models=models,
         )
     except transitions.IdempotencyConflict as exc:
-        raise ApiProblem(
-            422,
-            "idempotency-key-reused",
-            "Idempotency-Key reused",
-            str(exc),
-            [FieldError(field="Idempotency-Key", message=str(exc))],
-        ) from None
+        raise idempotency_key_reused(exc) from None
     job = JobOut.of(created.job, PREFIX)
     headers = {"Location": job.links.self}
     if created.replayed:
@@ -135,6 +129,8 @@ def model_choice_errors(
 ) -> list[FieldError]:
     """What is wrong with a request's choice of models: a model the operator does not allow,
     a role the kind does not have (each named by its field, `model` or `models.<role>`)."""
+    if model is None and not models:
+        return []  # the request chose nothing: the configuration's models
     allowed = runtime().settings.requestable_models()
     refused = "not a model this deployment allows; allowed: " + ", ".join(sorted(allowed))
     errors = []
@@ -407,6 +403,17 @@ def list_kinds() -> Response:
                 for kind in KINDS.values()
             ]
         )
+    )
+
+
+def idempotency_key_reused(exc: transitions.IdempotencyConflict) -> ApiProblem:
+    """The 422 for an Idempotency-Key used before with a different request (a job or a batch)."""
+    return ApiProblem(
+        422,
+        "idempotency-key-reused",
+        "Idempotency-Key reused",
+        str(exc),
+        [FieldError(field="Idempotency-Key", message=str(exc))],
     )
 
 

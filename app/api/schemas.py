@@ -493,28 +493,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 # Batches -----------------------------------------------------------------------------------------
 
 MAX_BATCH_ITEMS = 10_000
-# A model name as providers spell them ("gpt-4o-mini", "meta-llama/Llama-3.1-8B-Instruct").
-MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$"
 
 
-class BatchItem(BaseModel):
-    """One job of a batch: what POST /jobs takes, plus the model to run it with."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: str = Field(pattern=KIND_PATTERN, examples=["chat"])
-    input: dict[str, Any] = Field(description="The kind's input; see GET /kinds for its schema.")
-    priority: int = Field(0, ge=0, le=9, description="0 (default) to 9 (most urgent)")
-    max_attempts: int | None = Field(None, ge=1, le=10)
-    model: str | None = Field(
-        None,
-        pattern=MODEL_PATTERN,
-        description="The model of every call the job makes, as for POST /jobs: only a model the "
-        "operator allows",
-    )
-    models: dict[str, Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
-        None, max_length=20, description="Role -> model, as for POST /jobs"
-    )
+class BatchItem(JobCreate):
+    """One job of a batch: exactly what POST /jobs takes."""
 
 
 class BatchCreate(BaseModel):
