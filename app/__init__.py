@@ -14,6 +14,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     from app import api, cli, logs, realtime, web
     from app.db import db
     from app.execution.leases import worker_heartbeat_step
+    from app.jobs.artifacts import Artifacts
     from app.jobs.batches import Batches
     from app.jobs.events import EventBus
     from app.jobs.intake import JobIntake
@@ -21,6 +22,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     from app.llm.client import ModelClient
     from app.queue import make_celery
     from app.runtime import Runtime, build_redis
+    from app.storage import build_store
 
     settings = config if isinstance(config, Settings) else Settings(**(config or {}))
     app = Flask(__name__)
@@ -37,6 +39,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     celery = make_celery(app, settings)
     celery.steps["worker"].add(worker_heartbeat_step(app))
     intake = JobIntake(db, bus, celery)
+    artifacts = Artifacts(settings, db, build_store(settings))
     Runtime(
         settings,
         db,
@@ -44,9 +47,10 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         bus,
         celery,
         intake,
-        Jobs(settings, db, redis_client, bus, celery, intake),
+        Jobs(settings, db, redis_client, bus, celery, intake, artifacts),
         Batches(settings, db, bus, intake),
         ModelClient(settings),
+        artifacts,
     ).init_app(app)
     api.init_app(app, settings)
     realtime.init_app(app, settings, db)

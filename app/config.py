@@ -6,7 +6,7 @@ Every setting is documented in docs/configuration.md; keep the two in step.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -117,6 +117,27 @@ class Settings(BaseSettings):
         ge=1,
         description="seconds before Redis redelivers an unacknowledged task; "
         "default: twice the hard time limit, at least an hour",
+    )
+
+    # Artifacts (binary outputs: images); docs/artifacts.md
+    artifact_store: Literal["filesystem", "s3"] = "filesystem"
+    artifact_dir: Path = Field(
+        Path(".conveyor/artifacts"),
+        description="the filesystem store's root; every web and worker process must see it",
+    )
+    s3_bucket: str | None = Field(None, description="the S3 store's bucket (must exist)")
+    s3_prefix: str = Field("", description="a key prefix inside the bucket, e.g. `conveyor/`")
+    s3_endpoint_url: str | None = Field(
+        None, description="an S3-compatible endpoint (MinIO, R2, moto); AWS when unset"
+    )
+    s3_region: str | None = None
+    s3_access_key_id: str | None = Field(None, validation_alias=_alias("AWS_ACCESS_KEY_ID"))
+    s3_secret_access_key: str | None = Field(None, validation_alias=_alias("AWS_SECRET_ACCESS_KEY"))
+    artifact_url_ttl: int = Field(
+        300, ge=10, le=7 * 86_400, description="seconds a signed artifact URL stays valid"
+    )
+    artifact_orphan_grace: float = Field(
+        60.0, ge=0, description="seconds before an unpublished artifact of a finished job is swept"
     )
 
     # Testing switches a test config may set; never set in production.

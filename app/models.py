@@ -203,3 +203,39 @@ class JobStep(Base):
     )
     started_at: Mapped[datetime]
     finished_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Artifact(Base):
+    """A binary output of a job (an image), its bytes in the artifact store under
+    `storage_key`. Written by a running attempt before its blob, and visible to users only once
+    `published_at` is set, which the attempt's successful finish does in its own statement:
+    an artifact of a stale or failed attempt is never published, and the sweeper removes it.
+    Deleting the job sets `job_id` NULL: the row and its blob are then swept too."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (
+        CheckConstraint("size >= 0", name="artifacts_size_nonnegative"),
+        Index("artifacts_job", "job_id", "position"),
+        Index(
+            "artifacts_unpublished",
+            "created_at",
+            postgresql_where=text("published_at IS NULL OR job_id IS NULL"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="SET NULL")
+    )
+    owner: Mapped[str] = mapped_column(String(200))
+    attempt: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)  # its order among the job's artifacts
+    name: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    storage_key: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    published_at: Mapped[datetime | None]

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from app.config import Settings
     from app.db import Database
+    from app.jobs.artifacts import Artifacts
     from app.jobs.batches import Batches
     from app.jobs.events import EventBus
     from app.jobs.intake import JobIntake
@@ -42,6 +43,8 @@ class Runtime:
     batches: Batches
     # Lazy: no network until the first call; one connection pool shared by every slot.
     model_client: ModelClient
+    # Binary outputs: rows in PostgreSQL, bytes in the configured store (app/jobs/artifacts.py).
+    artifacts: Artifacts
 
     def init_app(self, app: Flask) -> None:
         app.extensions[EXTENSION_KEY] = self

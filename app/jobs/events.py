@@ -220,10 +220,20 @@ class EventBus:
             ]
         return keys, args
 
-    def _socketio_message(self, envelope: str, rooms: list[str]) -> str:
+    def broadcast(self, rooms: list[str], event: str, data: dict[str, Any]) -> None:
+        """A Socket.IO message outside any job's timeline (no seq, no stream, no replay): for
+        rooms that follow something other than a job, such as a canvas. Best effort, like
+        every live message; the resource itself (GET) is the durable truth."""
+        message = self._socketio_message(json.dumps(data, separators=(",", ":")), rooms, event)
+        try:
+            self._redis.publish(SOCKETIO_CHANNEL, message)
+        except redis.RedisError as exc:
+            logger.warning("broadcast of %s failed: %s", event, exc)
+
+    def _socketio_message(self, envelope: str, rooms: list[str], event: str = SOCKET_EVENT) -> str:
         # The envelope is already JSON: spliced in rather than encoded a second time.
         return (
-            f'{{"method":"emit","event":"{SOCKET_EVENT}","data":[{envelope}],"binary":false,'
+            f'{{"method":"emit","event":{json.dumps(event)},"data":[{envelope}],"binary":false,'
             f'"namespace":"/","room":{json.dumps(rooms)},"skip_sid":null,"callback":null,'
             f'"host_id":"{self._host_id}"}}'
         )

@@ -9,7 +9,9 @@ worker process has one core's worth of CPU (the GIL) for hundreds of concurrent 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from sqlalchemy import TextClause, text
 
@@ -98,16 +100,31 @@ checkpoint AS (
     ON CONFLICT (job_id, name) DO NOTHING
 ),"""
 
+
+@dataclass(frozen=True)
+class Effect:
+    """A write that must happen exactly when a fenced write wins, in its statement: `cte` is one
+    data-modifying CTE, `name AS (...)`, that reads the `changed` CTE (one row, the job's id,
+    when the write won; none when the attempt no longer holds the job) and its own `params`,
+    named with a prefix of its own. Publishing an attempt's artifacts and saving a canvas job's
+    objects are effects of the job's successful finish."""
+
+    cte: str
+    params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
 JSON_COLUMNS = frozenset({"output"})
 TIMESTAMP_EXPRESSIONS = {"finished_at": "now()", "lease_expires_at": "NULL"}
 
 
 @lru_cache(maxsize=64)
-def fenced(columns: tuple[str, ...], checkpoint: bool = False) -> TextClause:
+def fenced(
+    columns: tuple[str, ...], checkpoint: bool = False, effects: tuple[str, ...] = ()
+) -> TextClause:
     """The lease holder's write: set `columns` (plus seq, usage totals and updated_at) only
     while its attempt still holds the job, append the event, record model calls and, with
-    `checkpoint`, a finished step. Returns one row with `changed` = 1 when the write won, 0
-    when the lease was lost."""
+    `checkpoint`, a finished step, plus any `effects` (Effect.cte). Returns one row with
+    `changed` = 1 when the write won, 0 when the lease was lost."""
     assignments = []
     for column in columns:
         if column in TIMESTAMP_EXPRESSIONS:
@@ -128,7 +145,7 @@ WITH changed AS (
 ), event AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
     SELECT id, :seq, :type, :at, CAST(:data AS jsonb) FROM changed
-),{_CHECKPOINT if checkpoint else ""} {_CALLS.strip()}
+),{_CHECKPOINT if checkpoint else ""}{"".join(f" {cte}," for cte in effects)} {_CALLS.strip()}
 SELECT count(*) AS changed FROM changed
 """)
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from app.config import Settings
     from app.db import Database
+    from app.jobs.artifacts import Artifacts
     from app.jobs.events import EventBus
     from app.jobs.intake import JobIntake
 
@@ -241,6 +242,7 @@ class SweepReport:
     recovered: int = 0
     failed: int = 0
     canceled: int = 0
+    artifacts_swept: int = 0
 
 
 # Statistics -----------------------------------------------------------------------------------
@@ -318,6 +320,7 @@ class Jobs:
         bus: EventBus,
         celery: Celery,
         intake: JobIntake,
+        artifacts: Artifacts,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -325,6 +328,7 @@ class Jobs:
         self.bus = bus
         self.celery = celery
         self.intake = intake
+        self.artifacts = artifacts
 
     # Creating and dispatching ---------------------------------------------------------------------
 
@@ -442,6 +446,9 @@ class Jobs:
                 raise JobStateConflict(job, "only finished jobs can be deleted; cancel it first")
             session.execute(delete(Job).where(Job.id == job_id, Job.status.in_(list(TERMINAL))))
         self.bus.delete_stream(job_id)
+        # Its artifacts are unreachable already (their job_id went NULL with it); their bytes
+        # go now, or at the next sweep if the store fails.
+        self.artifacts.sweep_orphans()
 
     # The worker's side ----------------------------------------------------------------------------
 
@@ -492,11 +499,13 @@ class Jobs:
         *,
         calls: list[dict[str, Any]] | None = None,
         checkpoint: dict[str, Any] | None = None,
+        effects: tuple[sql.Effect, ...] = (),
         **values: Any,
     ) -> Event:
         """One write of the lease holder: its state change, its event (of the payload's type),
         the model calls made since its last write and, given a `checkpoint` (name, output,
-        tokens_in, tokens_out, cost_usd, started_at), a finished step, in one statement;
+        tokens_in, tokens_out, cost_usd, started_at), a finished step, and its `effects`
+        (sql.Effect), in one statement;
         LeaseLost if its attempt no longer holds the job. `finished_at` and `lease_expires_at`
         are set to now() and NULL whatever value is given."""
         event = Event(claim.job_id, claim.owner, seq, payload, batch_id=claim.batch_id)
@@ -511,11 +520,17 @@ class Jobs:
         }
         if checkpoint is not None:
             params["checkpoint"] = _json(checkpoint)
+        for effect in effects:
+            params.update(effect.params)
         for column, value in values.items():
             if column not in sql.TIMESTAMP_EXPRESSIONS:
                 params[column] = _json(value) if column in sql.JSON_COLUMNS else value
         with self.db.engine.begin() as connection:
-            statement = sql.fenced(tuple(sorted(values)), checkpoint is not None)
+            statement = sql.fenced(
+                tuple(sorted(values)),
+                checkpoint is not None,
+                tuple(effect.cte for effect in effects),
+            )
             changed = connection.execute(statement, params).scalar_one()
         if not changed:
             if calls:
@@ -593,7 +608,8 @@ class Jobs:
         report = SweepReport()
         self._recover_expired_leases(report, batch)
         self._republish_unclaimed(report, batch)
-        if report.republished or report.recovered or report.failed or report.canceled:
+        report.artifacts_swept = self.artifacts.sweep_orphans()
+        if any(asdict(report).values()):
             logger.info("sweep: %s", report)
         try:
             presence.record_sweep(self.redis, self.settings.sweeper_interval, asdict(report))

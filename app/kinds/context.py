@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from app.config import Settings
+from app.jobs.artifacts import SavedArtifact, publish_effect
 from app.jobs.events import Event
 from app.jobs.payloads import (
     EventPayload,
@@ -28,8 +29,10 @@ from app.jobs.payloads import (
     OutputDeltaPayload,
     ProgressPayload,
     StepPayload,
+    SucceededPayload,
     TerminalPayload,
 )
+from app.jobs.sql import Effect
 from app.jobs.transitions import Checkpoint, Claim, Jobs, LeaseLost, call_cost
 from app.kinds.base import Step
 from app.llm.client import CallRecord, Completion, Interrupted, ModelClient
@@ -103,6 +106,9 @@ class JobContext:
         self.steps: tuple[Step, ...] = ()
         self.step: RunningStep | None = None
         self._steps_run: set[str] = set()
+        # Writes that happen in the statement of a successful finish, and only then.
+        self.success_effects: dict[str, Effect] = {}
+        self._after_finish: list[Callable[[TerminalPayload], None]] = []
 
     # Signals from other threads (lease keeper, cancel listener) --------------------------------
 
@@ -203,6 +209,42 @@ class JobContext:
         adds its type to `EventType` and its model to app/jobs/payloads.py."""
         self.flush()
         self._jobs.fenced_update(self.claim, self.next_seq(), payload, calls=self.take_calls())
+
+    def save_artifact(
+        self,
+        name: str,
+        data: bytes,
+        content_type: str,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> SavedArtifact:
+        """Stores a binary output (an image). Users see it once the job succeeds, in the same
+        statement that writes its output; an attempt that does not succeed never publishes it
+        (app/jobs/artifacts.py)."""
+        self.check()
+        saved = self._jobs.artifacts.save(
+            self.job_id, self.attempt, name, data, content_type, width=width, height=height
+        )
+        if saved is None:
+            raise LeaseLost(f"job {self.job_id} attempt {self.attempt} lost its lease")
+        self.success_effects.setdefault("artifacts", publish_effect())
+        return saved
+
+    def on_success(self, name: str, effect: Effect) -> None:
+        """`effect` is written by the statement that finishes the job successfully, and only
+        if the attempt still holds it (e.g. a canvas job's objects); one effect per name."""
+        self.success_effects[name] = effect
+
+    def after_finish(self, callback: Callable[[TerminalPayload], None]) -> None:
+        """`callback(payload)` runs once this attempt's outcome (succeeded, failed or canceled)
+        is written; for notices outside the job's own events. It must not raise: the outcome
+        is already committed (an exception is logged)."""
+        self._after_finish.append(callback)
+
+    def broadcast(self, rooms: list[str], event: str, data: dict[str, Any]) -> None:
+        """A live Socket.IO message to `rooms`, outside the job's timeline (not replayed)."""
+        self._jobs.bus.broadcast(rooms, event, data)
 
     # Steps ----------------------------------------------------------------------------------
 
@@ -308,10 +350,21 @@ class JobContext:
 
     def finish(self, payload: TerminalPayload, **values: Any) -> None:
         self.flush()
+        effects = self.success_effects if isinstance(payload, SucceededPayload) else {}
         self._jobs.finish_job(
-            self.claim, self.next_seq(), payload, calls=self.take_calls(), **values
+            self.claim,
+            self.next_seq(),
+            payload,
+            calls=self.take_calls(),
+            effects=tuple(effects.values()),
+            **values,
         )
         self.done = True
+        for callback in self._after_finish:
+            try:
+                callback(payload)
+            except Exception:
+                logger.exception("after-finish callback failed", extra={"job_id": self.job_id})
 
     def schedule_retry(self, delay: float, code: str, message: str) -> None:
         self.flush()
