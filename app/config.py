@@ -53,6 +53,22 @@ class Settings(BaseSettings):
     )
     pricing_file: Path | None = None
 
+    # Images (the `image` kind; docs/images.md)
+    image_provider: Literal["openai", "comfyui"] = Field(
+        "openai", description="where an image job goes when its input names no provider"
+    )
+    image_model: str = Field(
+        "gpt-image-1", description="the `image` kind's model (OpenAI provider) unless configured"
+    )
+    comfyui_url: str | None = Field(None, description="ComfyUI's base URL, e.g. http://gpu:8188")
+    comfyui_workflows_dir: Path | None = Field(
+        None, description="workflow files, searched before the packaged ones"
+    )
+    comfyui_default_workflow: str = "txt2img"
+    comfyui_usd_per_gpu_second: float = Field(
+        0.0004, ge=0, description="what a second of ComfyUI's execution costs (GPU rental)"
+    )
+
     # Job lifecycle
     job_max_attempts: int = Field(3, ge=1, le=20)
     lease_seconds: float = Field(30.0, gt=0)
@@ -155,13 +171,14 @@ class Settings(BaseSettings):
         if isinstance(entry, str):
             return entry
         if entry is None:
-            return self.default_model
+            # Image jobs need an image model, not the chat default.
+            return self.image_model if kind == "image" else self.default_model
         return entry.get(role or "default") or entry.get("default") or self.default_model
 
     def requestable_models(self) -> frozenset[str]:
         """What a request may name: `CONVEYOR_ALLOWED_MODELS`, and every model the
         configuration already uses (naming the model a job would get anyway is no choice)."""
-        configured = {self.default_model}
+        configured = {self.default_model, self.image_model}
         for entry in self.models.values():
             configured.update([entry] if isinstance(entry, str) else entry.values())
         return frozenset(self.allowed_models) | configured
@@ -186,6 +203,7 @@ def testing_settings(**overrides: object) -> Settings:
         "worker_concurrency": 8,
         "job_soft_time_limit": 10.0,
         "job_time_limit": 20.0,
+        "artifact_orphan_grace": 0.5,
     }
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]

@@ -74,12 +74,20 @@ def simulator() -> Iterator[SimulatorProcess]:
 
 @pytest.fixture(scope="session")
 def settings(
-    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorProcess
+    postgres: PostgresServer,
+    redis_server: RedisServer,
+    simulator: SimulatorProcess,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Settings:
     url = postgres.create_database("conveyor_test")
     upgrade(url)
     return testing_settings(
-        database_url=url, redis_url=redis_server.url, openai_base_url=simulator.base_url
+        database_url=url,
+        redis_url=redis_server.url,
+        openai_base_url=simulator.base_url,
+        # The simulator serves ComfyUI's API at its root too.
+        comfyui_url=simulator.base_url.removesuffix("/v1"),
+        artifact_dir=tmp_path_factory.mktemp("artifacts"),
     )
 
 

@@ -6,6 +6,7 @@ from flask import Flask
 from flask_cors import CORS
 
 from app.api import (
+    artifacts,
     batches,
     cards,
     downloads,
@@ -26,6 +27,7 @@ BLUEPRINTS = (
     batches.bp,
     exports.bp,
     downloads.bp,
+    artifacts.bp,
     cards.bp,
     system.bp,
     realtime.bp,

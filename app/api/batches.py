@@ -175,6 +175,12 @@ def _validated_jobs(body: BatchBody) -> list[batches.BatchJob]:
             ]
             continue
         model, models = model_choice(kind, item.model, item.models)
+        if admission := kind.admission_errors(job_input, runtime().settings, model):
+            errors += [
+                FieldError(field=f"{label}.input.{field}", message=message)
+                for field, message in admission
+            ]
+            continue
         max_attempts = item.max_attempts or default_attempts
         jobs.append(batches.BatchJob(item.kind, dumped, item.priority, max_attempts, model, models))
     if errors:

@@ -64,7 +64,7 @@ def download(job_id: uuid.UUID, fmt: str) -> Response:
         )
     body = _render(job, fmt)
     name = _stem(job)
-    return Response(body, mimetype=media_type, headers=_attachment(f"{name}.{extension}"))
+    return Response(body, mimetype=media_type, headers=attachment_header(f"{name}.{extension}"))
 
 
 def _render(job: Job, fmt: str) -> bytes:
@@ -84,11 +84,11 @@ def _stem(job: Job) -> str:
     return name.strip() if isinstance(name, str) and name.strip() else str(job.id)
 
 
-def _attachment(filename: str) -> dict[str, str]:
+def attachment_header(filename: str, disposition: str = "attachment") -> dict[str, str]:
     """Content-Disposition with an ASCII fallback and the UTF-8 name (RFC 6266 / 8187)."""
     ascii_name = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode()
     ascii_name = re.sub(r"[^A-Za-z0-9._ -]", "_", ascii_name).strip() or "download"
     return {
-        "Content-Disposition": f'attachment; filename="{ascii_name}"; '
+        "Content-Disposition": f'{disposition}; filename="{ascii_name}"; '
         f"filename*=UTF-8''{quote(filename, safe='')}"
     }

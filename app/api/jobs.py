@@ -81,6 +81,10 @@ def create_job(body: JobCreate) -> Response:
     except ValidationError as exc:
         raise validation_problem(exc, prefix="input") from None
     model, models = _chosen_models(kind, body)
+    admission = kind.admission_errors(job_input, runtime().settings, model)
+    if admission:
+        field, message = admission[0]
+        raise field_problem(f"input.{field}", message)
     key = idempotency_key()
     max_attempts = body.max_attempts or runtime().settings.job_max_attempts
     fingerprint = None

@@ -430,7 +430,8 @@ class SweeperHealth(Component):
     last_sweep_at: datetime | None
     last_sweep_age_s: float | None
     last_sweep: dict[str, int] | None = Field(
-        description="what the last sweep did: republished, recovered, failed, canceled"
+        description="what the last sweep did: republished, recovered, failed, canceled, "
+        "artifacts_swept"
     )
 
 
@@ -607,3 +608,41 @@ class RealtimeToken(BaseModel):
     expires_in: int = Field(description="Seconds during which a connection may be opened with it")
     job_id: uuid.UUID | None
     batch_id: uuid.UUID | None = None
+
+
+# Artifacts --------------------------------------------------------------------------------------
+
+
+class ArtifactLinks(BaseModel):
+    self: str = Field(description="the bytes, with the API key")
+    job: str
+
+
+class ArtifactOut(BaseModel):
+    id: uuid.UUID
+    job_id: uuid.UUID
+    name: str
+    content_type: str
+    size: int = Field(description="bytes")
+    sha256: str = Field(description="hex digest of the bytes; also the ETag")
+    width: int | None = Field(description="pixels, for an image")
+    height: int | None
+    created_at: datetime
+    url: str = Field(
+        description="the bytes without an API key (for an <img>), until `url_expires_at`"
+    )
+    url_expires_at: datetime
+    links: ArtifactLinks
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactOut]
+
+
+class SignedUrlQuery(BaseModel):
+    """A signed URL's parameters; without them the request needs an API key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    expires: int | None = Field(None, ge=0, le=2**40, description="unix time the URL expires")
+    signature: str | None = Field(None, max_length=200)

@@ -67,6 +67,8 @@ class SweepRecord:
     recovered: int
     failed: int
     canceled: int
+    # Absent from a record an older version wrote.
+    artifacts_swept: int = 0
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.at)

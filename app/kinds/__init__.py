@@ -6,7 +6,7 @@ Adding a kind is adding a module and a line here; the API, events and docs pick 
 
 from __future__ import annotations
 
-from app.kinds import article, character_card, chat, structured
+from app.kinds import article, character_card, chat, image, structured
 from app.kinds.base import Kind, KindError, Step
 
 KINDS: dict[str, Kind] = {
@@ -17,8 +17,9 @@ KINDS: dict[str, Kind] = {
         module.Output,
         module.run,
         getattr(module, "STEPS", ()),
+        getattr(module, "admit", None),
     )
-    for module in (chat, structured, article, character_card)
+    for module in (chat, structured, article, character_card, image)
 }
 
 

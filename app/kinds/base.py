@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
+    from app.config import Settings
     from app.kinds.context import JobContext
 
 MAX_PROMPT_CHARS = 100_000
@@ -51,6 +52,14 @@ class Kind:
     Output: type[BaseModel]
     run: Callable[[JobContext, Any], BaseModel]
     steps: tuple[Step, ...] = ()
+    # Checks of a valid input against the deployment (settings) and the job's model, made at
+    # submit: (field under `input`, message) for each problem. A module's `admit`, if any.
+    admit: Callable[[Any, Settings, str], list[tuple[str, str]]] | None = None
+
+    def admission_errors(
+        self, job_input: Any, settings: Settings, model: str
+    ) -> list[tuple[str, str]]:
+        return [] if self.admit is None else self.admit(job_input, settings, model)
 
     def __post_init__(self) -> None:
         names = [step.name for step in self.steps]

@@ -390,6 +390,20 @@ class JobLLM:
         self._ctx = ctx
         self._models = models
 
+    @property
+    def client(self) -> ModelClient:
+        """The process's model client, for calls other than chat (images); record each with
+        `record`."""
+        return self._models
+
+    def record(self, record: CallRecord) -> None:
+        """A call made outside `chat` (an image request): written with the attempt's next
+        write, its cost counted in the job's (and the step's) usage."""
+        row = record.as_row(self._models.prices)
+        self._ctx.pending_calls.append(row)
+        if self._ctx.step is not None:
+            self._ctx.step.calls.append(row)
+
     def model_for_job(self) -> str:
         return self._ctx.claim.model or self._ctx.settings.model_for(self._ctx.claim.kind)
 
@@ -447,10 +461,7 @@ class JobLLM:
             raise
         finally:
             if record is not None:
-                row = record.as_row(self._models.prices)
-                ctx.pending_calls.append(row)
-                if step is not None:
-                    step.calls.append(row)
+                self.record(record)
 
 
 def token_progress(expected_tokens: int | None) -> Callable[[int], float]:

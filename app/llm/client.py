@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import openai
@@ -28,6 +28,9 @@ import openai
 from app.config import Settings
 from app.llm.errors import ModelError, classify_status_error, classify_transport_error
 from app.llm.pricing import PriceTable
+
+if TYPE_CHECKING:
+    from app.llm.comfyui import ComfyUIClient
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class CallRecord:
     role: str | None = None
     # The provider answered with an error status: the request was refused, nothing was billed.
     refused: bool = False
+    # A call priced otherwise than by tokens (an image by its size, ComfyUI by GPU time).
+    fixed_cost: Decimal | None = None
     ttft_ms: float | None = None
     latency_ms: float = 0.0
     outcome: str = "ok"
@@ -66,7 +71,9 @@ class CallRecord:
             "role": self.role,
             "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out,
-            "cost_usd": prices.cost(self.model, self.tokens_in, self.tokens_out),
+            "cost_usd": self.fixed_cost
+            if self.fixed_cost is not None
+            else prices.cost(self.model, self.tokens_in, self.tokens_out),
             "reported_cost_usd": self.reported_cost,
             "latency_ms": round(self.latency_ms, 2),
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
@@ -91,6 +98,7 @@ class ModelClient:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._client: openai.OpenAI | None = None
+        self._comfyui: ComfyUIClient | None = None
         self._lock = threading.Lock()
         self.prices = PriceTable.load(settings.pricing_file)
         self.provider = (
@@ -98,6 +106,27 @@ class ModelClient:
             if settings.openai_base_url
             else DEFAULT_PROVIDER
         )
+
+    @property
+    def comfyui(self) -> ComfyUIClient:
+        """ComfyUI's client (CONVEYOR_COMFYUI_URL), made at first use and shared."""
+        if self._comfyui is None:
+            from app.llm.comfyui import ComfyUIClient
+
+            if not self._settings.comfyui_url:
+                raise ModelError(
+                    "model_not_configured",
+                    "CONVEYOR_COMFYUI_URL is not set: no ComfyUI to send the workflow to",
+                    retryable=False,
+                )
+            with self._lock:
+                if self._comfyui is None:
+                    self._comfyui = ComfyUIClient(
+                        self._settings.comfyui_url,
+                        timeout=self._settings.llm_timeout,
+                        connect_timeout=self._settings.llm_connect_timeout,
+                    )
+        return self._comfyui
 
     @property
     def client(self) -> openai.OpenAI:

@@ -4,7 +4,11 @@ The defaults are list prices of common models, under OpenAI's names (`gpt-4o-min
 OpenRouter's (`anthropic/claude-sonnet-4`, `google/gemini-2.5-flash`); a name with a vendor
 prefix that is not in the table is priced as the name after the prefix (`openai/gpt-4o` as
 `gpt-4o`). A JSON file named by `CONVEYOR_PRICING_FILE`
-(`{"model-name": {"input": 0.15, "output": 0.60}}`) adds models or overrides them. A model with
+(`{"model-name": {"input": 0.15, "output": 0.60}}`) adds models or overrides them.
+
+Image models are priced per image by size (`{"gpt-image-1": {"per_image": {"1024x1024": 0.042,
+"*": 0.063}}}` in the same file; `*` is any other size). ComfyUI images are priced by the GPU
+time they took (`CONVEYOR_COMFYUI_USD_PER_GPU_SECOND`), not here. A model with
 no price costs 0 and is logged once, so an operator notices instead of a job failing.
 
 A provider that reports each call's cost itself (OpenRouter's `usage.cost`) is believed over
@@ -60,22 +64,63 @@ DEFAULT_PRICES: dict[str, Price] = {
     "sim-large": _price("2.50", "10.00"),
 }
 
+# USD per image by size (OpenAI's list prices; gpt-image-1 at medium quality).
+DEFAULT_IMAGE_PRICES: dict[str, dict[str, Decimal]] = {
+    "gpt-image-1": {
+        "1024x1024": Decimal("0.042"),
+        "1024x1536": Decimal("0.063"),
+        "1536x1024": Decimal("0.063"),
+        "*": Decimal("0.063"),
+    },
+    "dall-e-3": {
+        "1024x1024": Decimal("0.04"),
+        "1024x1792": Decimal("0.08"),
+        "1792x1024": Decimal("0.08"),
+        "*": Decimal("0.08"),
+    },
+    "dall-e-2": {
+        "256x256": Decimal("0.016"),
+        "512x512": Decimal("0.018"),
+        "1024x1024": Decimal("0.02"),
+        "*": Decimal("0.02"),
+    },
+}
+
 
 class PricingError(ValueError):
     pass
 
 
 class PriceTable:
-    def __init__(self, prices: dict[str, Price]) -> None:
+    def __init__(
+        self, prices: dict[str, Price], image_prices: dict[str, dict[str, Decimal]] | None = None
+    ) -> None:
         self._prices = prices
+        self._image_prices = image_prices or {}
         self._warned: set[str] = set()
 
     @classmethod
     def load(cls, path: Path | None) -> PriceTable:
         prices = dict(DEFAULT_PRICES)
+        image_prices = dict(DEFAULT_IMAGE_PRICES)
         if path is not None:
-            prices.update(read_price_file(path))
-        return cls(prices)
+            token_prices, per_image = read_price_file(path)
+            prices.update(token_prices)
+            image_prices.update(per_image)
+        return cls(prices, image_prices)
+
+    def image_cost(self, model: str, size: str, count: int) -> Decimal:
+        """`count` images of `size` ("WxH") from `model`; 0 (logged once) when unpriced."""
+        table = self._image_prices.get(model)
+        if table is None and "/" in model:
+            table = self._image_prices.get(model.split("/", 1)[1])
+        price = None if table is None else table.get(size, table.get("*"))
+        if price is None:
+            if model not in self._warned:
+                self._warned.add(model)
+                logger.warning("no image price for model %r: its images are recorded at $0", model)
+            return Decimal(0)
+        return price * count
 
     def price_of(self, model: str) -> Price | None:
         price = self._prices.get(model)
@@ -93,17 +138,24 @@ class PriceTable:
         return price.cost(tokens_in, tokens_out)
 
 
-def read_price_file(path: Path) -> dict[str, Price]:
+def read_price_file(path: Path) -> tuple[dict[str, Price], dict[str, dict[str, Decimal]]]:
+    """The file's token prices and its per-image prices."""
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise PricingError(f"cannot read pricing file {path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise PricingError(f"{path}: expected an object of model -> {{input, output}}")
-    prices = {}
+    prices: dict[str, Price] = {}
+    image_prices: dict[str, dict[str, Decimal]] = {}
     for model, entry in raw.items():
         try:
-            prices[model] = Price(Decimal(str(entry["input"])), Decimal(str(entry["output"])))
-        except (KeyError, TypeError, ArithmeticError) as exc:
+            if isinstance(entry, dict) and "per_image" in entry:
+                image_prices[model] = {
+                    size: Decimal(str(usd)) for size, usd in entry["per_image"].items()
+                }
+            else:
+                prices[model] = Price(Decimal(str(entry["input"])), Decimal(str(entry["output"])))
+        except (KeyError, TypeError, AttributeError, ArithmeticError) as exc:
             raise PricingError(f"{path}: bad price for {model!r}: {exc}") from exc
-    return prices
+    return prices, image_prices
