@@ -377,10 +377,29 @@ def retry_job(job_id: uuid.UUID) -> Response:
 @bp.delete("/jobs/<uuid:job_id>")
 @operation(
     summary="Delete a finished job",
-    responses={204: (None, "Deleted"), 409: (None, "The job has not finished")},
+    responses={
+        204: (None, "Deleted, with its events and artifacts"),
+        409: (None, "The job has not finished: cancel it with POST /jobs/{id}/cancel"),
+    },
 )
 def delete_job(job_id: uuid.UUID) -> Response:
-    _request_of_owner(runtime().jobs.delete_job, job_id)
+    """Deletes a finished job. DELETE never cancels: a queued or running job is a 409 whose
+    `cancel` member is the URL that does (clients written for systems where DELETE cancels
+    get told where to go, rather than a job silently left running)."""
+    try:
+        runtime().jobs.delete_job(current_principal().owner, job_id)
+    except transitions.JobNotFound:
+        raise _not_found(job_id) from None
+    except transitions.JobStateConflict as exc:
+        cancel = f"{PREFIX}/jobs/{job_id}/cancel"
+        raise ApiProblem(
+            409,
+            "job-state-conflict",
+            "Not allowed in the job's state",
+            f"{exc}: POST {cancel} cancels it",
+            headers={"Link": f'<{cancel}>; rel="cancel"'},
+            extra={"cancel": cancel},
+        ) from None
     return Response(status=204)
 
 

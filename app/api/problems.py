@@ -46,11 +46,14 @@ class ApiProblem(Exception):
         detail: str | None = None,
         errors: list[FieldError] | None = None,
         headers: dict[str, str] | None = None,
+        extra: dict[str, str] | None = None,
     ) -> None:
         super().__init__(detail or title)
         self.status, self.slug, self.title, self.detail = status, slug, title, detail
         self.errors = errors
         self.headers = headers or {}
+        # Members of the problem's own (RFC 9457 extension members), e.g. a URL to go to.
+        self.extra = extra or {}
 
 
 def problem_response(
@@ -60,6 +63,7 @@ def problem_response(
     detail: str | None = None,
     errors: list[FieldError] | None = None,
     headers: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
 ) -> Response:
     body = Problem(
         type=f"/problems/{slug}",
@@ -69,6 +73,7 @@ def problem_response(
         instance=request.path,
         errors=errors,
     ).model_dump(exclude_none=True)
+    body.update(extra or {})
     response = Response(json.dumps(body), status=status, mimetype=PROBLEM_JSON)
     response.headers.update(headers or {})
     return response
@@ -105,7 +110,7 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(ApiProblem)
     def _api_problem(exc: ApiProblem) -> Response:
         return problem_response(
-            exc.status, exc.slug, exc.title, exc.detail, exc.errors, exc.headers
+            exc.status, exc.slug, exc.title, exc.detail, exc.errors, exc.headers, exc.extra
         )
 
     @app.errorhandler(HTTPException)

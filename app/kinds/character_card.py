@@ -17,6 +17,7 @@ there, without paying for the profile and the greetings again.
 from __future__ import annotations
 
 from typing import Any, Literal
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -61,6 +62,10 @@ class CharacterCardInput(BaseModel):
     creator: str = Field("", max_length=SHORT)
     max_tokens: int | None = Field(
         None, ge=64, le=32_768, description="limit of each step's answer"
+    )
+    avatar_job_id: UUID | None = Field(
+        None,
+        description="an `image` job whose first image is the card PNG's portrait (download)",
     )
 
     def brief(self) -> str:
