@@ -102,9 +102,14 @@ def test_comfyui_images_follow_the_workflow_and_report_progress(tenant: Tenant) 
     assert cost == (rate * Decimal(str(output["gpu_seconds"]))).quantize(Decimal("1e-8"))
 
     again = tenant.wait_for(tenant.submit("image", job_input)["id"], timeout=30)
-    first = [i["sha256"] for i in tenant.get(f"/api/v1/jobs/{job['id']}/artifacts").get_json()["items"]]
-    second = [i["sha256"] for i in tenant.get(f"/api/v1/jobs/{again['id']}/artifacts").get_json()["items"]]
-    assert first == second, "the same prompt and seed must render the same images"
+    assert _digests(tenant, job["id"]) == _digests(tenant, again["id"]), (
+        "the same prompt and seed must render the same images"
+    )
+
+
+def _digests(tenant: Tenant, job_id: str) -> list[str]:
+    items = tenant.get(f"/api/v1/jobs/{job_id}/artifacts").get_json()["items"]
+    return [item["sha256"] for item in items]
 
 
 def test_cancel_mid_generation_reaches_comfyui_and_leaves_no_image(tenant: Tenant) -> None:
