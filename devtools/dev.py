@@ -111,6 +111,8 @@ def services(env: dict[str, str]) -> Iterator[None]:
             sim = stack.enter_context(SimulatorProcess(ttft=0.4, tps=30))
             env["OPENAI_BASE_URL"] = sim.base_url
             env["OPENAI_API_KEY"] = "simulator"
+            # The simulator also speaks ComfyUI's API, at its root.
+            env.setdefault("CONVEYOR_COMFYUI_URL", sim.base_url.removesuffix("/v1"))
         yield
 
 
@@ -126,6 +128,7 @@ def main() -> int:
             "FLOWER_BASIC_AUTH": env.get("FLOWER_BASIC_AUTH")
             or f"conveyor:{persistent_secret('flower-password')}",
             "CONVEYOR_BEAT_SCHEDULE": str(STATE / "celerybeat-schedule"),
+            "CONVEYOR_ARTIFACT_DIR": env.get("CONVEYOR_ARTIFACT_DIR") or str(STATE / "artifacts"),
             "PYTHONUNBUFFERED": "1",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         }
