@@ -34,7 +34,7 @@ STARTUP_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 _LISTENING = re.compile(r"simulator listening on http://(?P<host>[^:/\s]+):(?P<port>\d+)/v1")
 # Run knobs that become CLI flags; anything else is a caller's mistake.
-_FLAG_KNOBS = ("ttft", "tps", "faults", "seed", "retry_after")
+_FLAG_KNOBS = ("ttft", "tps", "faults", "seed", "retry_after", "step_time")
 
 
 class SimulatorError(ServiceError):
@@ -122,6 +122,11 @@ class SimulatorProcess(DevServer):
         return f"http://{self.host}:{self.port}/v1"
 
     @property
+    def comfy_url(self) -> str:
+        """ComfyUI's API is at the server's root, as on a ComfyUI server: /prompt, /ws, ..."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
     def admin_url(self) -> str:
         return f"http://{self.host}:{self.port}/_sim"
 
@@ -138,7 +143,8 @@ class SimulatorProcess(DevServer):
         return self._admin("POST", "reset")
 
     def configure(self, **run_knobs: Any) -> dict[str, Any]:
-        """Change run defaults (ttft, tps, faults, retry_after, seed); returns the new config."""
+        """Change run defaults (ttft, tps, faults, retry_after, step_time, seed); returns the new
+        config."""
         return self._admin("POST", "config", run_knobs)
 
     def _admin(self, method: str, path: str, body: Any = None) -> dict[str, Any]:

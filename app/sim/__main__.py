@@ -1,7 +1,7 @@
 """CLI: `python -m app.sim --host 127.0.0.1 --port 8100 [--ttft S] [--tps N] [--faults SPEC]`.
 
-Flags win over the environment (SIM_TTFT, SIM_TPS, SIM_FAULTS, SIM_SEED), which wins over
-the built-in defaults.
+Flags win over the environment (SIM_TTFT, SIM_TPS, SIM_FAULTS, SIM_SEED, SIM_RETRY_AFTER,
+SIM_STEP_TIME), which wins over the built-in defaults.
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ from collections.abc import Mapping, Sequence
 
 from aiohttp import web
 
-from app.sim.config import DEFAULT_RETRY_AFTER, DEFAULT_TPS, DEFAULT_TTFT, SimConfig
+from app.sim.config import (
+    DEFAULT_RETRY_AFTER,
+    DEFAULT_STEP_TIME,
+    DEFAULT_TPS,
+    DEFAULT_TTFT,
+    SimConfig,
+)
 from app.sim.faults import FaultRates, FaultSpecError
 from app.sim.server import make_app
 
@@ -32,7 +38,8 @@ PARENT_POLL_SECONDS = 1.0
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m app.sim", description="OpenAI-compatible model simulator"
+        prog="python -m app.sim",
+        description="OpenAI-compatible model simulator (chat and images) and ComfyUI simulator",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100, help="0 picks a free port")
@@ -46,6 +53,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="seed of the random fault draws")
     parser.add_argument(
         "--retry-after", type=float, help=f"Retry-After of 429 faults, s ({DEFAULT_RETRY_AFTER:g})"
+    )
+    parser.add_argument(
+        "--step-time",
+        type=float,
+        help=f"seconds per sampling step of a ComfyUI prompt ({DEFAULT_STEP_TIME:g})",
     )
     parser.add_argument(
         "--exit-with-parent",
@@ -72,6 +84,7 @@ def config_from(args: argparse.Namespace, env: Mapping[str, str]) -> SimConfig:
         tps=_number(args.tps, env, "SIM_TPS", DEFAULT_TPS),
         faults=FaultRates.parse(faults),
         retry_after=_number(args.retry_after, env, "SIM_RETRY_AFTER", DEFAULT_RETRY_AFTER),
+        step_time=_number(args.step_time, env, "SIM_STEP_TIME", DEFAULT_STEP_TIME),
         seed=int(seed) if seed is not None else None,
     )
 

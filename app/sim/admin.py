@@ -36,24 +36,27 @@ async def get_config(request: web.Request) -> web.Response:
 async def post_config(request: web.Request) -> web.Response:
     """Change run defaults.
 
-    Body: any of {"ttft": s, "tps": n, "faults": "429=0.1", "retry_after": s, "seed": n}.
+    Body: any of {"ttft": s, "tps": n, "faults": "429=0.1", "retry_after": s, "step_time": s,
+    "seed": n}.
     """
     config = request.app[STATE].config
     try:
         changes = await request.json()
         if not isinstance(changes, dict):
             raise ValueError("the body must be a JSON object")
-        unknown = set(changes) - {"ttft", "tps", "faults", "retry_after", "seed"}
+        unknown = set(changes) - {"ttft", "tps", "faults", "retry_after", "step_time", "seed"}
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         # Validate everything before changing anything, so a bad request changes nothing.
         ttft = _seconds(changes, "ttft", config.ttft)
         tps = _seconds(changes, "tps", config.tps)
         retry_after = _seconds(changes, "retry_after", config.retry_after)
+        step_time = _seconds(changes, "step_time", config.step_time)
         faults = _fault_rates(changes.get("faults"), config.faults)
     except (ValueError, FaultSpecError) as error:
         return web.json_response({"error": {"message": str(error)}}, status=400)
     config.ttft, config.tps, config.retry_after, config.faults = ttft, tps, retry_after, faults
+    config.step_time = step_time
     if "seed" in changes:
         config.seed = changes["seed"]
         config.rng = random.Random(config.seed)

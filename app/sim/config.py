@@ -10,6 +10,8 @@ from app.sim.faults import FaultRates
 DEFAULT_TTFT = 0.05
 DEFAULT_TPS = 200.0
 DEFAULT_RETRY_AFTER = 1.0
+# Seconds per sampling step of a ComfyUI prompt: 20 steps take 0.4 s.
+DEFAULT_STEP_TIME = 0.02
 
 
 @dataclass
@@ -20,6 +22,7 @@ class SimConfig:
     tps: float = DEFAULT_TPS
     faults: FaultRates = field(default_factory=FaultRates)
     retry_after: float = DEFAULT_RETRY_AFTER
+    step_time: float = DEFAULT_STEP_TIME
     seed: int | None = None
     # Seeded once so a run with the same seed and request order injects the same faults.
     rng: random.Random = field(init=False, repr=False)
@@ -33,5 +36,6 @@ class SimConfig:
             "tps": self.tps,
             "faults": str(self.faults),
             "retry_after": self.retry_after,
+            "step_time": self.step_time,
             "seed": self.seed,
         }

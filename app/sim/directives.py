@@ -1,4 +1,5 @@
-"""Per-request knobs: `[[sim key=value ...]]` in the last user message, or X-Sim-* headers.
+"""Per-request knobs: `[[sim key=value ...]]` in the last user message (or in an image
+prompt), or X-Sim-* headers.
 
 Tests and benchmarks steer single calls through the real client this way, without any
 side channel: the directive travels inside the prompt the code under test sends anyway.
@@ -45,6 +46,8 @@ class Directives:
     tps: float | None = None
     tokens: int | None = None
     duration: float | None = None
+    # Seconds per sampling step of a ComfyUI prompt.
+    step_time: float | None = None
     # The usage's reported cost: a number of USD, or NO_COST to leave it out.
     cost: float | None = None
     # A label the request log (GET /_sim/requests) keeps, so a test can find its requests.
@@ -100,6 +103,7 @@ _PARSERS: dict[str, Any] = {
     "tps": _parse_seconds,
     "tokens": _parse_count,
     "duration": _parse_seconds,
+    "step_time": _parse_seconds,
     "cost": _parse_cost,
     "tag": _parse_tag,
 }
@@ -161,14 +165,27 @@ def directive_message(messages: Sequence[Any]) -> str:
 
 def request_directives(messages: Sequence[Any], headers: Mapping[str, str]) -> Directives:
     """The knobs of one request: the message directive wins over headers."""
-    from_text, _ = parse_directive_text(directive_message(messages), headers.get(STEP_HEADER))
-    return from_text.over(parse_headers(headers))
+    knobs, _ = text_directives(directive_message(messages), headers)
+    return knobs
+
+
+def text_directives(text: str, headers: Mapping[str, str]) -> tuple[Directives, str]:
+    """The knobs of a request whose directives travel in `text` (a chat message, an image
+    prompt), over those of its headers; and `text` without its directives."""
+    from_text, cleaned = parse_directive_text(text, headers.get(STEP_HEADER))
+    return from_text.over(parse_headers(headers)), cleaned
 
 
 def fault_key(messages: Sequence[Any]) -> int:
     """What `times=N` counts: requests carrying the same directive message, so every turn of
     one conversation draws on the same budget."""
-    return zlib.crc32(directive_message(messages).encode())
+    return text_fault_key(directive_message(messages))
+
+
+def text_fault_key(text: str) -> int:
+    """What `times=N` counts for a request steered by one text (an image prompt): requests
+    carrying the same text."""
+    return zlib.crc32(text.encode())
 
 
 class FaultCounter:

@@ -33,16 +33,20 @@ HTTP_FAULTS: dict[str, tuple[int, str, str | None, str]] = {
 TRANSPORT_FAULTS = frozenset({"hang", "drop", "malformed"})
 # Faults that change the content of structured (JSON) answers.
 CONTENT_FAULTS = frozenset({"invalid_json", "schema_mismatch"})
+# Faults of a ComfyUI prompt that was accepted: its execution fails midway.
+EXECUTION_FAULTS = frozenset({"execution_error"})
 
-FAULT_KINDS = frozenset(HTTP_FAULTS) | TRANSPORT_FAULTS | CONTENT_FAULTS
+FAULT_KINDS = frozenset(HTTP_FAULTS) | TRANSPORT_FAULTS | CONTENT_FAULTS | EXECUTION_FAULTS
 
 
 class FaultSpecError(ValueError):
     """A fault rate list or directive names an unknown fault or an impossible rate."""
 
 
-def error_body(message: str, error_type: str, code: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+def error_body(
+    message: str, error_type: str, code: str | None, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The aiohttp application: OpenAI-compatible endpoints plus the /_sim/ admin API."""
+"""The aiohttp application: OpenAI-compatible endpoints (chat, images), ComfyUI's API, and the
+/_sim/ admin API."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import uuid
 
 from aiohttp import web
 
-from app.sim import admin, chunks
+from app.sim import admin, chunks, comfy
 from app.sim.answer import ChatRequest, InvalidRequest, compose_answer
 from app.sim.config import SimConfig
 from app.sim.directives import (
@@ -19,7 +20,9 @@ from app.sim.directives import (
     fault_key,
     request_directives,
 )
-from app.sim.faults import HTTP_FAULTS, error_body
+from app.sim.faults import HTTP_FAULTS
+from app.sim.http_errors import fault_response, invalid_request
+from app.sim.images import generate_images
 from app.sim.pacing import schedule
 from app.sim.state import STATE, SimState
 from app.sim.streaming import Reply, send_stream, send_whole
@@ -39,6 +42,8 @@ def make_app(config: SimConfig | None = None) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/images/generations", generate_images)
+    comfy.add_routes(app)
     admin.add_routes(app)
     return app
 
@@ -56,30 +61,6 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(_model(request.match_info["model"]))
 
 
-def _error(
-    status: int,
-    message: str,
-    error_type: str,
-    code: str | None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    return web.json_response(error_body(message, error_type, code), status=status, headers=headers)
-
-
-def _invalid(message: str) -> web.Response:
-    return _error(400, message, "invalid_request_error", None)
-
-
-def _fault_response(fault: str, knobs: Directives, state: SimState) -> web.Response:
-    status, error_type, code, message = HTTP_FAULTS[fault]
-    if status == 429:
-        retry_after = (
-            knobs.retry_after if knobs.retry_after is not None else state.config.retry_after
-        )
-        return _error(status, message, error_type, code, {"Retry-After": f"{retry_after:g}"})
-    return _error(status, message, error_type, code)
-
-
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     arrived = asyncio.get_running_loop().time()
     state = request.app[STATE]
@@ -93,7 +74,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         message = str(error)
         if not isinstance(error, InvalidRequest | DirectiveError):
             message = "We could not parse the JSON body of your request."
-        return _invalid(message)
+        return invalid_request(message)
 
     messages_hash = seed_for(chat.messages)
     fault = state.choose_fault(knobs, fault_key(chat.messages))
@@ -102,11 +83,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if fault is not None:
         log.debug("injecting fault %s (knobs %s)", fault, knobs)
     if fault in HTTP_FAULTS:
-        return _fault_response(fault, knobs, state)
+        return fault_response(fault, knobs, state)
     try:
         answer = compose_answer(chat, messages_hash, knobs.tokens, fault)
     except InvalidRequest as error:
-        return _invalid(str(error))
+        return invalid_request(str(error))
 
     config = state.config
     reply = Reply(

@@ -33,6 +33,10 @@ class SimState:
             )
         return self.config.faults.pick(self.config.rng)
 
+    def retry_after(self, knobs: Directives) -> float:
+        """The Retry-After of a 429 fault: the request's knob, else the run's."""
+        return knobs.retry_after if knobs.retry_after is not None else self.config.retry_after
+
     def reset(self) -> None:
         self.stats.reset()
         self.fault_counter.reset()
