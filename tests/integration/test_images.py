@@ -4,6 +4,7 @@ API), run by the real Celery worker; images read back as artifacts and decoded."
 from __future__ import annotations
 
 import io
+import uuid
 from decimal import Decimal
 from typing import Any
 
@@ -30,18 +31,18 @@ def _images(tenant: Tenant, job_id: str) -> list[Image.Image]:
     return pictures
 
 
-def _sim_requests(path: str) -> list[dict[str, Any]]:
+def _sim_calls(endpoint: str, tag: str) -> list[dict[str, Any]]:
+    """The simulator's log of calls to a ComfyUI endpoint about the prompt tagged `tag`."""
     base = runtime().settings.comfyui_url
-    answer = httpx.get(f"{base}/_sim/requests", timeout=5).json()
-    items = answer["requests"] if isinstance(answer, dict) else answer
-    return [item for item in items if item.get("path") == path]
+    items = httpx.get(f"{base}/_sim/requests", params={"tag": tag}, timeout=5).json()["items"]
+    return [item for item in items if item.get("endpoint") == endpoint]
 
 
 def test_openai_images_are_stored_and_priced(tenant: Tenant) -> None:
     job = tenant.submit("image", {"prompt": "a lighthouse at dusk", "count": 2})
     done = tenant.wait_for(job["id"], timeout=30)
     assert done["status"] == "succeeded", done
-    output = done["output"]
+    output = tenant.get(f"/api/v1/jobs/{job['id']}/result").get_json()["output"]
     assert output["provider"] == "openai" and output["model"] == "gpt-image-1"
     pictures = _images(tenant, job["id"])
     assert len(pictures) == 2
@@ -88,7 +89,7 @@ def test_comfyui_images_follow_the_workflow_and_report_progress(tenant: Tenant) 
     job = tenant.submit("image", job_input)
     done = tenant.wait_for(job["id"], timeout=30)
     assert done["status"] == "succeeded", done
-    output = done["output"]
+    output = tenant.get(f"/api/v1/jobs/{job['id']}/result").get_json()["output"]
     assert (output["provider"], output["workflow"], output["seed"]) == ("comfyui", "txt2img", 42)
     assert output["gpu_seconds"] > 0
     pictures = _images(tenant, job["id"])
@@ -113,10 +114,14 @@ def _digests(tenant: Tenant, job_id: str) -> list[str]:
 
 
 def test_cancel_mid_generation_reaches_comfyui_and_leaves_no_image(tenant: Tenant) -> None:
-    before = len(_sim_requests("/interrupt"))
+    tag = f"cancel-{uuid.uuid4().hex[:8]}"
     job = tenant.submit(
         "image",
-        {"prompt": "slow one [[sim step_time=0.2]]", "workflow": "txt2img", "steps": 100},
+        {
+            "prompt": f"slow one [[sim step_time=0.2 tag={tag}]]",
+            "workflow": "txt2img",
+            "steps": 100,
+        },
     )
     wait_until(
         lambda: any(
@@ -128,7 +133,7 @@ def test_cancel_mid_generation_reaches_comfyui_and_leaves_no_image(tenant: Tenan
     assert tenant.post(f"/api/v1/jobs/{job['id']}/cancel").status_code in (200, 202)
     done = tenant.wait_for(job["id"], timeout=20)
     assert done["status"] == "canceled"
-    wait_until(lambda: len(_sim_requests("/interrupt")) > before, timeout=10)
+    wait_until(lambda: _sim_calls("/interrupt", tag), timeout=10)
     assert tenant.get(f"/api/v1/jobs/{job['id']}/artifacts").get_json()["items"] == []
 
 
