@@ -36,6 +36,8 @@ from app.jobs.sql import Effect
 from app.jobs.transitions import Checkpoint, Claim, Jobs, LeaseLost, call_cost
 from app.kinds.base import Step
 from app.llm.client import CallRecord, Completion, Interrupted, ModelClient
+from app.llm.errors import ModelError
+from app.storage import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -223,9 +225,14 @@ class JobContext:
         statement that writes its output; an attempt that does not succeed never publishes it
         (app/jobs/artifacts.py)."""
         self.check()
-        saved = self._jobs.artifacts.save(
-            self.job_id, self.attempt, name, data, content_type, width=width, height=height
-        )
+        try:
+            saved = self._jobs.artifacts.save(
+                self.job_id, self.attempt, name, data, content_type, width=width, height=height
+            )
+        except StoreError as exc:
+            # Retried like a model outage: the store may be back for the next attempt, and
+            # what this attempt stored is never published.
+            raise ModelError("artifact_store_unavailable", str(exc), retryable=True) from exc
         if saved is None:
             raise LeaseLost(f"job {self.job_id} attempt {self.attempt} lost its lease")
         self.success_effects.setdefault("artifacts", publish_effect())
