@@ -413,6 +413,10 @@ class StoreHealth(Component):
     latency_ms: float | None = None
 
 
+class ArtifactStoreHealth(StoreHealth):
+    store: str = Field(description="which store: `filesystem` or `s3` (CONVEYOR_ARTIFACT_STORE)")
+
+
 class WorkersHealth(Component):
     count: int | None = Field(
         description="worker processes whose heartbeat is younger than 3 of their intervals"
@@ -438,6 +442,9 @@ class SweeperHealth(Component):
 class Components(BaseModel):
     database: StoreHealth
     redis: StoreHealth
+    artifacts: ArtifactStoreHealth = Field(
+        description="the artifact store answers (the directory is writable, the bucket exists)"
+    )
     workers: WorkersHealth
     sweeper: SweeperHealth
 
@@ -461,8 +468,8 @@ class Failures(BaseModel):
 
 class Health(BaseModel):
     status: Condition = Field(
-        description="down: PostgreSQL or Redis unreachable; degraded: no live worker, or sweeps "
-        "overdue; ok otherwise"
+        description="down: PostgreSQL or Redis unreachable; degraded: the artifact store "
+        "unreachable, no live worker, or sweeps overdue; ok otherwise"
     )
     checked_at: datetime = Field(description="when the oldest figure here was gathered")
     components: Components

@@ -544,7 +544,7 @@ def test_a_worker_beat_is_one_hash_field_per_process_rewritten_each_beat(
 
 
 def test_the_sweep_record_holds_its_counts_and_interval(redis_client: redis.Redis) -> None:
-    counts = {"republished": 2, "recovered": 1, "failed": 0, "canceled": 3}
+    counts = {"republished": 2, "recovered": 1, "failed": 0, "canceled": 3, "artifacts_swept": 4}
     before = time.time()
     presence.record_sweep(redis_client, 5.0, counts)
     record = presence.read_sweep(redis_client.get(presence.SWEEP_KEY))
