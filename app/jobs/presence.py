@@ -67,6 +67,8 @@ class SweepRecord:
     recovered: int
     failed: int
     canceled: int
+    # Defaulted: a record written before artifacts existed still reads.
+    artifacts_swept: int = 0
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.at)
