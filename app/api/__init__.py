@@ -7,6 +7,7 @@ from flask_cors import CORS
 
 from app.api import (
     batches,
+    canvases,
     cards,
     downloads,
     exports,
@@ -24,6 +25,7 @@ PREFIX = jobs.PREFIX
 BLUEPRINTS = (
     jobs.bp,
     batches.bp,
+    canvases.bp,
     exports.bp,
     downloads.bp,
     cards.bp,

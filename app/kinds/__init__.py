@@ -6,7 +6,7 @@ Adding a kind is adding a module and a line here; the API, events and docs pick 
 
 from __future__ import annotations
 
-from app.kinds import article, character_card, chat, structured
+from app.kinds import article, canvas, character_card, chat, structured
 from app.kinds.base import Kind, KindError, Step
 
 KINDS: dict[str, Kind] = {
@@ -18,7 +18,7 @@ KINDS: dict[str, Kind] = {
         module.run,
         getattr(module, "STEPS", ()),
     )
-    for module in (chat, structured, article, character_card)
+    for module in (chat, structured, article, character_card, canvas)
 }
 
 
