@@ -34,7 +34,9 @@ def upgrade() -> None:
         sa.CheckConstraint("object_count >= 0", name="canvases_object_count_nonnegative"),
     )
     op.create_index(
-        "canvases_owner_created", "canvases", ["owner", sa.text("created_at DESC"), sa.text("id DESC")]
+        "canvases_owner_created",
+        "canvases",
+        ["owner", sa.text("created_at DESC"), sa.text("id DESC")],
     )
     op.create_table(
         "canvas_objects",

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 import socketio
-from sqlalchemy import func, select, update
+from flask import current_app
+from sqlalchemy import delete, func, select, text, update
 
 from app.jobs import canvases
 from app.jobs.canvas_shapes import MAX_OBJECTS, Rectangle
@@ -463,3 +464,72 @@ def test_a_canvas_deleted_while_its_job_runs(
     assert completed["object_ids"] == [] and completed["generated"] >= 1
     assert "objects_added" not in room.names(job_id)
     assert objects_in_db(canvas["id"]) == []
+
+
+def finishes_waiting_on_the_canvas(canvas_id: str, claims: list[Any], count: int) -> Any:
+    """Starts each claim's finish in a thread while another transaction holds the canvas row,
+    so every finish has taken its snapshot before any of them saves; yields that transaction,
+    then joins the threads. What they raised is in the returned list."""
+    errors: list[BaseException] = []
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+
+    def finish(claim: Any) -> None:
+        with app.app_context():
+            try:
+                finish_with_objects(claim, claim.seq + 1, count=count)
+            except BaseException as exc:
+                errors.append(exc)
+
+    session = runtime().db.new_session()
+    session.begin()
+    session.execute(select(Canvas).where(Canvas.id == uuid.UUID(canvas_id)).with_for_update())
+    threads = [threading.Thread(target=finish, args=(claim,)) for claim in claims]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: waiting_on_locks() >= len(claims))
+    return session, threads, errors
+
+
+def waiting_on_locks() -> int:
+    """Statements waiting for a lock (the test's finishes: nothing else here takes locks
+    long enough to be seen waiting)."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND query LIKE '%WITH changed AS%'"
+    )
+    with runtime().db.transaction() as session:
+        return int(session.scalar(query) or 0)
+
+
+def test_concurrent_finishes_on_one_canvas_stay_within_its_bound(tenant: Tenant) -> None:
+    canvas = create_canvas(tenant, objects=[NOTE] * (MAX_OBJECTS - 4))
+    claims = [claimed_canvas_job(tenant, canvas["id"]) for _ in range(2)]
+    session, threads, errors = finishes_waiting_on_the_canvas(canvas["id"], claims, count=3)
+    session.commit()  # both finishes go, one after the other
+    session.close()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert errors == []
+    with runtime().db.transaction() as check:
+        stored = check.get_one(Canvas, uuid.UUID(canvas["id"]))
+        count = check.scalar(
+            select(func.count()).where(CanvasObject.canvas_id == uuid.UUID(canvas["id"]))
+        )
+    assert stored.object_count == count == MAX_OBJECTS
+    zs = [o.z for o in objects_in_db(canvas["id"])]
+    assert len(set(zs)) == len(zs)  # the second job stacked above the first
+
+
+def test_a_canvas_deleted_under_a_waiting_finish_fails_nothing(tenant: Tenant) -> None:
+    canvas = create_canvas(tenant)
+    claim = claimed_canvas_job(tenant, canvas["id"])
+    session, threads, errors = finishes_waiting_on_the_canvas(canvas["id"], [claim], count=2)
+    session.execute(delete(Canvas).where(Canvas.id == uuid.UUID(canvas["id"])))
+    session.commit()
+    session.close()
+    threads[0].join(timeout=10)
+    assert errors == []  # no foreign key violation
+    assert tenant.get(f"/api/v1/jobs/{claim.job_id}").get_json()["status"] == "succeeded"
+    with runtime().db.transaction() as check:
+        found = check.scalars(select(CanvasObject).where(CanvasObject.job_id == claim.job_id))
+        assert found.all() == []
