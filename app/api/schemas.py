@@ -436,7 +436,8 @@ class SweeperHealth(Component):
     last_sweep_at: datetime | None
     last_sweep_age_s: float | None
     last_sweep: dict[str, int] | None = Field(
-        description="what the last sweep did: republished, recovered, failed, canceled"
+        description="what the last sweep did: republished, recovered, failed, canceled, "
+        "artifacts_swept"
     )
 
 

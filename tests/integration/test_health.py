@@ -221,7 +221,13 @@ def test_health_reports_the_last_sweep(tenant: Tenant, worker) -> None:
     assert sweeper["status"] == "ok"
     assert sweeper["interval_s"] == runtime().settings.sweeper_interval
     assert 0 <= sweeper["last_sweep_age_s"] < 10
-    assert set(sweeper["last_sweep"]) == {"republished", "recovered", "failed", "canceled"}
+    assert set(sweeper["last_sweep"]) == {
+        "republished",
+        "recovered",
+        "failed",
+        "canceled",
+        "artifacts_swept",
+    }
 
 
 def queued_in_database() -> int:
