@@ -12,7 +12,6 @@ begins and, once the job has ended, the saved objects and `ai_generation_complet
 
 from __future__ import annotations
 
-import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +33,6 @@ from app.kinds.base import MAX_PROMPT_CHARS, KindError
 from app.kinds.context import JobContext, token_progress
 from app.kinds.structured import ask_for_json
 from app.llm.errors import ModelError
-
-logger = logging.getLogger(__name__)
 
 NAME = "canvas"
 DESCRIPTION = (
@@ -96,7 +93,7 @@ class CanvasOutput(BaseModel):
 
 
 @dataclass(frozen=True)
-class CanvasRoom:
+class OpenedCanvas:
     """What the kind read of the canvas before asking the model."""
 
     width: int
@@ -139,7 +136,7 @@ def run(ctx: JobContext, job_input: CanvasInput) -> CanvasOutput:
     )
 
 
-def _open_canvas(ctx: JobContext, job_input: CanvasInput) -> CanvasRoom:
+def _open_canvas(ctx: JobContext, job_input: CanvasInput) -> OpenedCanvas:
     """The owner's canvas and its room; KindError (invalid_input) when it is not theirs or an
     image they offer is not a published artifact of theirs. Checked again when saving."""
     with ctx.db.transaction() as session:
@@ -148,7 +145,7 @@ def _open_canvas(ctx: JobContext, job_input: CanvasInput) -> CanvasRoom:
         except canvases.CanvasNotFound:
             raise KindError(f"input.canvas_id: no canvas {job_input.canvas_id}") from None
         usable = canvases.usable_artifacts(session, ctx.claim.owner, job_input.artifact_ids)
-        found = CanvasRoom(canvas.width, canvas.height, MAX_OBJECTS - canvas.object_count)
+        found = OpenedCanvas(canvas.width, canvas.height, MAX_OBJECTS - canvas.object_count)
     if unusable := [str(a) for a in job_input.artifact_ids if a not in usable]:
         raise KindError(f"input.artifact_ids: no published artifact {', '.join(unusable)}")
     return found
