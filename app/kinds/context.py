@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from app.config import Settings
+from app.db import Database
 from app.jobs.artifacts import SavedArtifact, publish_effect
 from app.jobs.events import Event
 from app.jobs.payloads import (
@@ -248,6 +249,12 @@ class JobContext:
         is written; for notices outside the job's own events. It must not raise: the outcome
         is already committed (an exception is logged)."""
         self._after_finish.append(callback)
+
+    @property
+    def db(self) -> Database:
+        """The database, for a kind's own short reads outside the job's row (a canvas, say):
+        one `with ctx.db.transaction()` each, never held across a model call."""
+        return self._jobs.db
 
     def broadcast(self, rooms: list[str], event: str, data: dict[str, Any]) -> None:
         """A live Socket.IO message to `rooms`, outside the job's timeline (not replayed)."""
