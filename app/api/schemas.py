@@ -659,6 +659,8 @@ class SignedUrlQuery(BaseModel):
 
     expires: int | None = Field(None, ge=0, le=2**40, description="unix time the URL expires")
     signature: str | None = Field(None, max_length=200)
+
+
 # Canvases ----------------------------------------------------------------------------------------
 
 
