@@ -20,10 +20,10 @@ from app.api.jobs import (
     model_choice,
     model_choice_errors,
 )
+from app.api.pages import keyset_page
 from app.api.problems import ApiProblem, FieldError, field_errors, field_problem
 from app.api.schemas import (
     MAX_BATCH_ITEMS,
-    BadCursor,
     BatchCreate,
     BatchItem,
     BatchListQuery,
@@ -31,8 +31,6 @@ from app.api.schemas import (
     BatchPage,
     BatchResultLine,
     JobError,
-    decode_cursor,
-    encode_cursor,
 )
 from app.api.spec import JSON_LINES_TYPES, field_with_nul, json_response, operation
 from app.jobs import batches, transitions
@@ -249,20 +247,17 @@ def create_batch(body: BatchBody) -> Response:
     responses={200: (BatchPage, "Newest first, keyset-paginated")},
 )
 def list_batches(query: BatchListQuery) -> Response:
-    before = None
-    if query.cursor is not None:
-        try:
-            before = decode_cursor(query.cursor)
-        except BadCursor as exc:
-            raise field_problem("cursor", str(exc), str(exc)) from None
-    session = runtime().db.request_session
-    found = batches.list_batches(session, current_principal().owner, query.limit + 1, before)
-    page, more = found[: query.limit], len(found) > query.limit
+    session, owner = runtime().db.request_session, current_principal().owner
+    page, next_cursor = keyset_page(
+        query.cursor,
+        query.limit,
+        lambda n, before: batches.list_batches(session, owner, n, before),
+    )
     summaries = batches.summaries(session, [batch.id for batch in page])
     return json_response(
         BatchPage(
             items=[BatchOut.of(batch, summaries[batch.id], PREFIX) for batch in page],
-            next_cursor=encode_cursor(page[-1].created_at, page[-1].id) if more else None,
+            next_cursor=next_cursor,
         )
     )
 

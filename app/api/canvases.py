@@ -10,16 +10,14 @@ from pydantic import BaseModel, ValidationError
 
 from app.api.auth import current_principal
 from app.api.jobs import PREFIX
-from app.api.problems import ApiProblem, FieldError, field_problem
+from app.api.pages import keyset_page
+from app.api.problems import ApiProblem, FieldError
 from app.api.schemas import (
-    BadCursor,
     CanvasCreate,
     CanvasDetail,
     CanvasListQuery,
     CanvasOut,
     CanvasPage,
-    decode_cursor,
-    encode_cursor,
 )
 from app.api.spec import json_response, operation, parse_body
 from app.jobs import canvases
@@ -102,20 +100,14 @@ def create_canvas(body: CanvasCreate) -> Response:
     responses={200: (CanvasPage, "Newest first, keyset-paginated")},
 )
 def list_canvases(query: CanvasListQuery) -> Response:
-    before = None
-    if query.cursor is not None:
-        try:
-            before = decode_cursor(query.cursor)
-        except BadCursor as exc:
-            raise field_problem("cursor", str(exc), str(exc)) from None
-    session = runtime().db.request_session
-    found = canvases.list_canvases(session, current_principal().owner, query.limit + 1, before)
-    page, more = found[: query.limit], len(found) > query.limit
+    session, owner = runtime().db.request_session, current_principal().owner
+    page, next_cursor = keyset_page(
+        query.cursor,
+        query.limit,
+        lambda n, before: canvases.list_canvases(session, owner, n, before),
+    )
     return json_response(
-        CanvasPage(
-            items=[CanvasOut.of(canvas, PREFIX) for canvas in page],
-            next_cursor=encode_cursor(page[-1].created_at, page[-1].id) if more else None,
-        )
+        CanvasPage(items=[CanvasOut.of(c, PREFIX) for c in page], next_cursor=next_cursor)
     )
 
 
