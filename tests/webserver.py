@@ -39,6 +39,11 @@ class WebServer:
             "CONVEYOR_OPENAI_API_KEY": s.openai_api_key or "",
             "CONVEYOR_REALTIME_TOKEN_TTL": str(s.realtime_token_ttl),
             "CONVEYOR_ALLOWED_ORIGINS": ",".join(s.allowed_origins),
+            "CONVEYOR_COMFYUI_URL": s.comfyui_url or "",
+            # The worker's artifacts, which the web process reads (a browser's <img src>).
+            "CONVEYOR_ARTIFACT_STORE": s.artifact_store,
+            "CONVEYOR_ARTIFACT_DIR": str(s.artifact_dir),
+            "CONVEYOR_ARTIFACT_URL_TTL": str(s.artifact_url_ttl),
         }
         return {**os.environ, **values, "PYTHONPATH": str(ROOT)}
 

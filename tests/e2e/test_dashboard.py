@@ -3,6 +3,7 @@ web process, worker, PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -424,3 +425,100 @@ def test_a_batch_of_slow_jobs_is_canceled_from_its_page(page: Page, tenant: Tena
     expect(page.locator("#batch-count-canceled")).to_have_text("3", timeout=30_000)
     expect(page.locator("#batch-state")).to_have_text("canceled")
     assert tenant.get(f"/api/v1/batches/{batch['id']}").get_json()["counts"]["canceled"] == 3
+
+
+# Every thumbnail on the page, whether it loaded and decoded, and its pixels.
+THUMBNAILS = """() => [...document.querySelectorAll("#image-list img")].map((img) => ({
+    src: img.getAttribute("src"),
+    loaded: img.complete && img.naturalWidth > 0,
+    width: img.naturalWidth,
+    height: img.naturalHeight,
+}))"""
+
+
+def decoded_thumbnails(page: Page, count: int) -> list[dict]:
+    """Waits (by the images' own load state) for `count` thumbnails that have decoded."""
+    page.wait_for_function(
+        """(count) => {
+            const images = [...document.querySelectorAll("#image-list img")];
+            const decoded = images.filter((img) => img.complete && img.naturalWidth > 0);
+            return images.length === count && decoded.length === count;
+        }""",
+        arg=count,
+        timeout=30_000,
+    )
+    return page.evaluate(THUMBNAILS)
+
+
+def artifacts(tenant: Tenant, job_id: str) -> list[dict]:
+    return tenant.get(f"/api/v1/jobs/{job_id}/artifacts").get_json()["items"]
+
+
+def test_an_image_job_from_the_form_shows_its_images_and_downloads_them(
+    page: Page, tenant: Tenant
+) -> None:
+    # A size no OpenAI model makes: the workflow sends it to ComfyUI (the simulator's).
+    width, height = 320, 192
+    page.select_option("#kind", "image")
+    page.fill("#kind-fields [name=prompt]", "a paper crane over a harbour <b>at dusk</b>")
+    page.fill("#kind-fields [name=width]", str(width))
+    page.fill("#kind-fields [name=height]", str(height))
+    page.fill("#kind-fields [name=count]", "2")
+    page.fill("#kind-fields [name=workflow]", "txt2img")
+    page.click("#new-job button[type=submit]")
+    page.wait_for_url(JOB_PAGE)
+    job_id = JOB_PAGE.search(page.url).group(1)  # type: ignore[union-attr]
+    expect(page.locator("#image-view")).to_be_visible()
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=30_000)
+
+    thumbnails = decoded_thumbnails(page, 2)
+    assert [(t["loaded"], t["width"], t["height"]) for t in thumbnails] == [
+        (True, width, height)
+    ] * 2
+    listed = artifacts(tenant, job_id)
+    assert [(a["width"], a["height"]) for a in listed] == [(width, height)] * 2
+    # Each by its signed URL: the artifact's own path, with no API key in it.
+    for thumbnail, artifact in zip(thumbnails, listed, strict=True):
+        assert thumbnail["src"].startswith(f"{artifact['links']['self']}?expires=")
+        assert "signature=" in thumbnail["src"] and tenant.key not in thumbnail["src"]
+
+    links = page.locator("#image-list a.download")
+    expect(links).to_have_count(2)
+    assert [links.nth(i).get_attribute("download") for i in range(2)] == [a["name"] for a in listed]
+    with page.expect_download() as download_info:
+        links.nth(1).click()
+    download = download_info.value
+    assert download.suggested_filename == listed[1]["name"]
+    with open(download.path(), "rb") as downloaded:
+        assert hashlib.sha256(downloaded.read()).hexdigest() == listed[1]["sha256"]
+    assert page.locator("#images-error").inner_text() == ""
+
+
+def test_an_expired_image_url_is_renewed_from_a_fresh_list(page: Page, tenant: Tenant) -> None:
+    job_id = tenant.submit(
+        "image", {"prompt": "a lantern", "workflow": "txt2img", "width": 128, "height": 96}
+    )["id"]
+    assert tenant.wait_for(job_id, timeout=30)["status"] == "succeeded"
+    listings: list[int] = []
+
+    def expire_the_first_listing(route: Route) -> None:
+        # The first list the page gets has URLs that already expired, as after a tab slept
+        # past CONVEYOR_ARTIFACT_URL_TTL: the server refuses them with a 403.
+        response = route.fetch()
+        listing = response.json()
+        listings.append(len(listing["items"]))
+        if len(listings) == 1:
+            for item in listing["items"]:
+                path = item["url"].split("?")[0]
+                item["url"] = f"{path}?expires=1&signature=stale"
+                item["url_expires_at"] = "2000-01-01T00:00:00Z"
+        route.fulfill(response=response, json=listing)
+
+    page.route(f"**/api/v1/jobs/{job_id}/artifacts", expire_the_first_listing)
+    page.goto(f"/#/jobs/{job_id}")
+    expect(page.locator("#job-status")).to_have_text("succeeded")
+    thumbnail = decoded_thumbnails(page, 1)[0]
+    assert (thumbnail["width"], thumbnail["height"]) == (128, 96)
+    assert "signature=stale" not in thumbnail["src"]
+    assert listings == [1, 1]
+    assert page.locator("#images-error").inner_text() == ""
