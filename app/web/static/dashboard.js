@@ -1,6 +1,7 @@
 // The dashboard: sign in with an API key, submit jobs from forms generated from each kind's
 // schema, watch the job list and a job's page live. No framework and no build step.
 import { BatchPages } from "./batches.js";
+import { CanvasView } from "./canvas-view.js";
 import { CardView } from "./card-view.js";
 import { EventType } from "./events.js";
 import { dispositionFilename } from "./files.js";
@@ -122,6 +123,7 @@ const state = {
   job: null, // the job page's job
   card: null, // the job page's card view (character_card jobs)
   images: null, // the job page's images (image jobs)
+  canvas: null, // the job page's canvas (canvas jobs)
   batches: null, // the batch pages
 };
 
@@ -146,6 +148,7 @@ async function signIn(key) {
     },
     refreshList: () => ($("home").hidden ? Promise.resolve(true) : refreshJobs()),
   });
+  state.canvas = new CanvasView(api, state.live);
   state.live.start();
   $("sign-out").hidden = false;
   setUpForm();
@@ -306,6 +309,7 @@ async function showJob(jobId) {
   $("job-logs").replaceChildren();
   state.card.reset(job);
   state.images.reset(job);
+  state.canvas.reset(job);
   renderJob(job);
   state.card.showResult(job).catch(showSyncError);
   state.images.showResult(job);
@@ -370,6 +374,7 @@ async function applyEvent(jobId, event) {
     $("job-sync-error").textContent = "";
     await state.card.showResult(job);
     state.images.showResult(job);
+    state.canvas.showResult(job);
     if (event.type === EventType.SUCCEEDED && !$("job-output").textContent) {
       // Replayed from PostgreSQL after the stream expired: the stored output stands in.
       const output = data.output ?? (await state.api.get(`/jobs/${jobId}/result`)).output;
@@ -422,6 +427,7 @@ async function route() {
   if (!match) {
     state.live.unfollow();
     state.images.leave();
+    state.canvas.leave();
     state.job = null;
   }
   if (!batch) state.batches.leave();

@@ -114,7 +114,8 @@ export class ImageView {
     link.textContent = `Download ${artifact.name}`;
     const facts = document.createElement("span");
     facts.className = "hint";
-    const pixels = artifact.width && artifact.height ? `${artifact.width}×${artifact.height} · ` : "";
+    const { width, height } = artifact;
+    const pixels = width && height ? `${width}×${height} · ` : "";
     facts.textContent = `${pixels}${describeSize(artifact.size)}`;
     item.append(thumbnailLink, link, facts);
     $("image-list").append(item);
