@@ -14,7 +14,10 @@ COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations
 COPY --from=dashboard /web/node_modules ./app/web/node_modules
-RUN pip install -e . && useradd --system --no-create-home conveyor
+# The artifact directory is made here, owned by the user, because a new named volume takes the
+# ownership of the image's directory it is mounted on (root's, were it missing).
+RUN pip install -e . && useradd --system --no-create-home conveyor \
+    && mkdir -p /var/lib/conveyor/artifacts && chown -R conveyor /var/lib/conveyor
 USER conveyor
 EXPOSE 8000
 CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--worker-class", "gevent", "--workers", "2", "--worker-connections", "1000", "app:create_app()"]

@@ -239,3 +239,66 @@ class Artifact(Base):
     storage_key: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     published_at: Mapped[datetime | None]
+
+
+CANVAS_OBJECT_TYPES = ("rectangle", "ellipse", "line", "arrow", "text", "sticky_note", "image")
+
+
+class Canvas(Base):
+    """A tenant's drawing surface. `object_count` and `top_z` are its objects' number and
+    highest z, kept on the row so that a canvas job's save, which locks the row, reads them
+    current (a count of the objects would read the statement's older snapshot)."""
+
+    __tablename__ = "canvases"
+    __table_args__ = (
+        CheckConstraint("object_count >= 0", name="canvases_object_count_nonnegative"),
+        Index("canvases_owner_created", "owner", text("created_at DESC"), text("id DESC")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    object_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    top_z: Mapped[int] = mapped_column(Integer, default=-1, server_default="-1")
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class CanvasObject(Base):
+    """One object of a canvas; `job_id` is the canvas job that made it (NULL: the API did, or
+    the job was deleted since). An image's `artifact_id` goes NULL if its artifact is deleted."""
+
+    __tablename__ = "canvas_objects"
+    __table_args__ = (
+        CheckConstraint(
+            "type IN (" + ", ".join(f"'{t}'" for t in CANVAS_OBJECT_TYPES) + ")",
+            name="canvas_objects_type_valid",
+        ),
+        Index("canvas_objects_canvas_z", "canvas_id", "z", "id"),
+        Index("canvas_objects_job", "job_id", postgresql_where=text("job_id IS NOT NULL")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    canvas_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("canvases.id", ondelete="CASCADE")
+    )
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="SET NULL")
+    )
+    type: Mapped[str] = mapped_column(String(16))
+    x: Mapped[float] = mapped_column(Float)
+    y: Mapped[float] = mapped_column(Float)
+    width: Mapped[float] = mapped_column(Float)
+    height: Mapped[float] = mapped_column(Float)
+    rotation: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    z: Mapped[int] = mapped_column(Integer)
+    fill: Mapped[str | None] = mapped_column(String(9))
+    stroke: Mapped[str | None] = mapped_column(String(9))
+    stroke_width: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    text: Mapped[str | None] = mapped_column(Text)
+    artifact_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("artifacts.id", ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -1,5 +1,6 @@
-"""Fixtures: private PostgreSQL and Redis on free ports, the model simulator over HTTP, the
-app, and a real in-process Celery worker. No eager mode, no mocked database or broker.
+"""Fixtures: private PostgreSQL and Redis on free ports, the model simulator over HTTP, moto's
+S3 server, the app, and a real in-process Celery worker. No eager mode, no mocked database or
+broker.
 
 Tests isolate themselves by owner (each gets a fresh API key and tenant), not by truncating
 tables, so the session-wide worker never sees rows vanish under it.
@@ -32,6 +33,7 @@ from app.runtime import runtime
 from devtools.postgres import PostgresServer
 from devtools.redis_server import RedisServer
 from devtools.simprocess import SimulatorProcess
+from tests.s3server import MotoS3Server
 from tests.webserver import WebServer
 
 
@@ -70,6 +72,20 @@ def redis_server() -> Iterator[RedisServer]:
 def simulator() -> Iterator[SimulatorProcess]:
     with SimulatorProcess(ttft=0.01, tps=400) as sim:
         yield sim
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoS3Server]:
+    with MotoS3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_server: MotoS3Server) -> str:
+    """A bucket on the moto server, made as an operator makes one (the store never does)."""
+    name = "conveyor-artifacts"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture(scope="session")

@@ -39,12 +39,21 @@ class WebServer:
             "CONVEYOR_OPENAI_API_KEY": s.openai_api_key or "",
             "CONVEYOR_REALTIME_TOKEN_TTL": str(s.realtime_token_ttl),
             "CONVEYOR_ALLOWED_ORIGINS": ",".join(s.allowed_origins),
-            "CONVEYOR_COMFYUI_URL": s.comfyui_url or "",
-            # The worker's artifacts, which the web process reads (a browser's <img src>).
+            # The same artifact store as the tests' in-process app and worker.
             "CONVEYOR_ARTIFACT_STORE": s.artifact_store,
-            "CONVEYOR_ARTIFACT_DIR": str(s.artifact_dir),
+            "CONVEYOR_ARTIFACT_DIR": str(s.artifact_dir.absolute()),
+            "CONVEYOR_S3_PREFIX": s.s3_prefix,
             "CONVEYOR_ARTIFACT_URL_TTL": str(s.artifact_url_ttl),
         }
+        optional = {
+            "CONVEYOR_COMFYUI_URL": s.comfyui_url,
+            "CONVEYOR_S3_BUCKET": s.s3_bucket,
+            "CONVEYOR_S3_ENDPOINT_URL": s.s3_endpoint_url,
+            "CONVEYOR_S3_REGION": s.s3_region,
+            "CONVEYOR_AWS_ACCESS_KEY_ID": s.s3_access_key_id,
+            "CONVEYOR_AWS_SECRET_ACCESS_KEY": s.s3_secret_access_key,
+        }
+        values |= {name: value for name, value in optional.items() if value is not None}
         return {**os.environ, **values, "PYTHONPATH": str(ROOT)}
 
     def start(self) -> WebServer:

@@ -8,6 +8,7 @@ from flask_cors import CORS
 from app.api import (
     artifacts,
     batches,
+    canvases,
     cards,
     downloads,
     exports,
@@ -25,6 +26,7 @@ PREFIX = jobs.PREFIX
 BLUEPRINTS = (
     jobs.bp,
     batches.bp,
+    canvases.bp,
     exports.bp,
     downloads.bp,
     artifacts.bp,

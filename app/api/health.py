@@ -6,9 +6,15 @@ most `CONVEYOR_READY_TIMEOUT` seconds. So both endpoints answer in milliseconds 
 number of callers, and in bounded time when a dependency stalls.
 
 Readiness is whether this process can serve: PostgreSQL and Redis answer. The health view adds
-what the rest of the system is doing, from records the system keeps anyway: worker heartbeats
-and the last sweep (app/jobs/presence.py), queued and running jobs and the last hour's failures
-(PostgreSQL), the broker's waiting messages. It asks nothing of the workers.
+the artifact store and what the rest of the system is doing, from records the system keeps
+anyway: worker heartbeats and the last sweep (app/jobs/presence.py), queued and running jobs and
+the last hour's failures (PostgreSQL), the broker's waiting messages. It asks nothing of the
+workers.
+
+The artifact store is not part of readiness: without it this process still accepts jobs and
+serves everything but artifacts' bytes, and taking every web process out of a load balancer
+because a bucket is unreachable would turn one broken feature into a full outage. /health calls
+the system degraded instead, and says why.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app.api.schemas import (
+    ArtifactStoreHealth,
     Components,
     Condition,
     Failures,
@@ -100,6 +107,7 @@ class HealthMonitor:
         self.redis_ping = shared("redis-ping", runtime.redis.ping)
         self.database_figures = shared("database-figures", self._database_figures)
         self.redis_figures = shared("redis-figures", self._redis_figures)
+        self.artifact_store = shared("artifact-store", self._check_artifact_store)
 
     # The answers ------------------------------------------------------------------------------
 
@@ -116,6 +124,7 @@ class HealthMonitor:
                 "redis": self.redis_ping,
                 "database_figures": self.database_figures,
                 "redis_figures": self.redis_figures,
+                "artifacts": self.artifact_store,
             }
         )
         now = time.time()
@@ -124,13 +133,21 @@ class HealthMonitor:
         components = Components(
             database=self._store(found["database"]),
             redis=self._store(found["redis"]),
+            artifacts=ArtifactStoreHealth(
+                **self._store(found["artifacts"]).model_dump(),
+                store=self._runtime.artifacts.store.name,
+            ),
             workers=self._workers(redis_figures, now),
             sweeper=self._sweeper(redis_figures, now),
         )
         stores = (components.database.status, components.redis.status)
-        others = (components.workers.status, components.sweeper.status)
+        others = (
+            components.artifacts.status,
+            components.workers.status,
+            components.sweeper.status,
+        )
         status: Condition = (
-            "down" if "down" in stores else "degraded" if "degraded" in others else "ok"
+            "down" if "down" in stores else "ok" if set(others) == {"ok"} else "degraded"
         )
         times = [gathered.at for gathered in found.values() if gathered is not None]
         return Health(
@@ -145,6 +162,9 @@ class HealthMonitor:
 
     def _ping_database(self) -> None:
         self._in_transaction(lambda session: session.execute(text("SELECT 1")), self.timeout)
+
+    def _check_artifact_store(self) -> None:
+        self._runtime.artifacts.store.check()
 
     def _database_figures(self) -> DatabaseFigures:
         def read(session: Session) -> DatabaseFigures:

@@ -24,11 +24,17 @@ from pydantic_core import CoreSchema, PydanticCustomError
 from sqlalchemy import Row
 
 from app.jobs.batches import BatchSummary
+from app.jobs.canvas_shapes import (
+    MAX_CANVAS_SIDE,
+    MAX_OBJECTS,
+    CanvasObjectIn,
+    CanvasObjectOut,
+)
 from app.jobs.events import MAX_SEQ
 from app.jobs.listing import JobFilter
 from app.jobs.payloads import EventEnvelope
 from app.jobs.states import JobStatus
-from app.models import Batch, Job
+from app.models import Batch, Canvas, Job
 
 # Kind names as the registry spells them; anything else (a NUL byte, say) is refused here.
 KIND_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
@@ -413,6 +419,10 @@ class StoreHealth(Component):
     latency_ms: float | None = None
 
 
+class ArtifactStoreHealth(StoreHealth):
+    store: str = Field(description="which store: `filesystem` or `s3` (CONVEYOR_ARTIFACT_STORE)")
+
+
 class WorkersHealth(Component):
     count: int | None = Field(
         description="worker processes whose heartbeat is younger than 3 of their intervals"
@@ -438,6 +448,9 @@ class SweeperHealth(Component):
 class Components(BaseModel):
     database: StoreHealth
     redis: StoreHealth
+    artifacts: ArtifactStoreHealth = Field(
+        description="the artifact store answers (the directory is writable, the bucket exists)"
+    )
     workers: WorkersHealth
     sweeper: SweeperHealth
 
@@ -461,8 +474,8 @@ class Failures(BaseModel):
 
 class Health(BaseModel):
     status: Condition = Field(
-        description="down: PostgreSQL or Redis unreachable; degraded: no live worker, or sweeps "
-        "overdue; ok otherwise"
+        description="down: PostgreSQL or Redis unreachable; degraded: the artifact store "
+        "unreachable, no live worker, or sweeps overdue; ok otherwise"
     )
     checked_at: datetime = Field(description="when the oldest figure here was gathered")
     components: Components
@@ -646,3 +659,63 @@ class SignedUrlQuery(BaseModel):
 
     expires: int | None = Field(None, ge=0, le=2**40, description="unix time the URL expires")
     signature: str | None = Field(None, max_length=200)
+
+
+# Canvases ----------------------------------------------------------------------------------------
+
+
+class CanvasCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("Untitled", min_length=1, max_length=200)
+    width: int = Field(1920, ge=1, le=MAX_CANVAS_SIDE, description="pixels")
+    height: int = Field(1080, ge=1, le=MAX_CANVAS_SIDE, description="pixels")
+    objects: list[CanvasObjectIn] = Field(
+        default_factory=list,
+        max_length=MAX_OBJECTS,
+        description=f"Its first objects, bottom to top (a canvas holds {MAX_OBJECTS} at most)",
+    )
+
+
+class CanvasLinks(BaseModel):
+    self: str
+
+
+class CanvasOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    width: int
+    height: int
+    object_count: int = Field(description=f"objects it holds, {MAX_OBJECTS} at most")
+    created_at: datetime
+    updated_at: datetime
+    links: CanvasLinks
+
+    @classmethod
+    def of(cls, canvas: Canvas, prefix: str) -> CanvasOut:
+        return cls(
+            id=canvas.id,
+            name=canvas.name,
+            width=canvas.width,
+            height=canvas.height,
+            object_count=canvas.object_count,
+            created_at=canvas.created_at,
+            updated_at=canvas.updated_at,
+            links=CanvasLinks(self=f"{prefix}/canvases/{canvas.id}"),
+        )
+
+
+class CanvasDetail(CanvasOut):
+    objects: list[CanvasObjectOut] = Field(description="bottom to top (by z, then id)")
+
+
+class CanvasPage(BaseModel):
+    items: list[CanvasOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page")
+
+
+class CanvasListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(20, ge=1, le=100)
+    cursor: str | None = Field(None, max_length=200)

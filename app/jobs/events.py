@@ -56,6 +56,11 @@ def batch_room(batch_id: uuid.UUID | str) -> str:
     return f"batch:{batch_id}"
 
 
+def canvas_room(canvas_id: uuid.UUID | str) -> str:
+    """Everyone allowed on the canvas (its owner's connections) who subscribed to it."""
+    return f"canvas:{canvas_id}"
+
+
 @dataclass(frozen=True)
 class Event:
     """One event of one job. Its `data` comes from its payload model (payloads.py), which also

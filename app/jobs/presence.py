@@ -67,7 +67,7 @@ class SweepRecord:
     recovered: int
     failed: int
     canceled: int
-    # Absent from a record an older version wrote.
+    # A default, so a record written before artifacts existed still reads.
     artifacts_swept: int = 0
 
     def age(self, now: float) -> float:

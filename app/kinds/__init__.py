@@ -6,7 +6,7 @@ Adding a kind is adding a module and a line here; the API, events and docs pick 
 
 from __future__ import annotations
 
-from app.kinds import article, character_card, chat, image, structured
+from app.kinds import article, canvas, character_card, chat, image, structured
 from app.kinds.base import Kind, KindError, Step
 
 KINDS: dict[str, Kind] = {
@@ -19,7 +19,7 @@ KINDS: dict[str, Kind] = {
         getattr(module, "STEPS", ()),
         getattr(module, "admit", None),
     )
-    for module in (chat, structured, article, character_card, image)
+    for module in (chat, structured, article, character_card, image, canvas)
 }
 
 

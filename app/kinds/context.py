@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from app.config import Settings
+from app.db import Database
 from app.jobs.artifacts import SavedArtifact, publish_effect
 from app.jobs.events import Event
 from app.jobs.payloads import (
@@ -36,6 +37,8 @@ from app.jobs.sql import Effect
 from app.jobs.transitions import Checkpoint, Claim, Jobs, LeaseLost, call_cost
 from app.kinds.base import Step
 from app.llm.client import CallRecord, Completion, Interrupted, ModelClient
+from app.llm.errors import ModelError
+from app.storage import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -223,9 +226,14 @@ class JobContext:
         statement that writes its output; an attempt that does not succeed never publishes it
         (app/jobs/artifacts.py)."""
         self.check()
-        saved = self._jobs.artifacts.save(
-            self.job_id, self.attempt, name, data, content_type, width=width, height=height
-        )
+        try:
+            saved = self._jobs.artifacts.save(
+                self.job_id, self.attempt, name, data, content_type, width=width, height=height
+            )
+        except StoreError as exc:
+            # Retried like a model outage: the store may be back for the next attempt, and
+            # what this attempt stored is never published.
+            raise ModelError("artifact_store_unavailable", str(exc), retryable=True) from exc
         if saved is None:
             raise LeaseLost(f"job {self.job_id} attempt {self.attempt} lost its lease")
         self.success_effects.setdefault("artifacts", publish_effect())
@@ -241,6 +249,12 @@ class JobContext:
         is written; for notices outside the job's own events. It must not raise: the outcome
         is already committed (an exception is logged)."""
         self._after_finish.append(callback)
+
+    @property
+    def db(self) -> Database:
+        """The database, for a kind's own short reads outside the job's row (a canvas, say):
+        one `with ctx.db.transaction()` each, never held across a model call."""
+        return self._jobs.db
 
     def broadcast(self, rooms: list[str], event: str, data: dict[str, Any]) -> None:
         """A live Socket.IO message to `rooms`, outside the job's timeline (not replayed)."""

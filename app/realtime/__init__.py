@@ -19,6 +19,9 @@ Protocol (docs/events.md):
 - `subscribe {batch_id}` joins the batch's room, which gets every state change of the batch's
   jobs (all their events but token deltas); the ack carries the batch's counts by status at
   the moment of joining, so that a client counting the events that follow misses none;
+- `subscribe {canvas_id}` joins the canvas's room, which hears its canvas jobs' notices and
+  saved objects (app/jobs/canvases.py); only connections of the canvas's owner that are not
+  limited to one job or batch may open it;
 - when the API key behind a connection (directly, or as the minter of its token) is revoked,
   the server disconnects it within seconds (app/keys/watch.py).
 """
@@ -37,12 +40,13 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.config import Settings
 from app.db import Database
-from app.jobs import batches, transitions
+from app.jobs import batches, canvases, transitions
 from app.jobs.events import (
     MAX_SEQ,
     SOCKET_EVENT,
     SOCKETIO_CHANNEL,
     batch_room,
+    canvas_room,
     job_room,
     owner_room,
     replay,
@@ -136,6 +140,8 @@ def on_subscribe(data: Any = None) -> dict[str, Any]:
     data = data if isinstance(data, dict) else {}
     if "batch_id" in data:
         return _subscribe_batch(session, data["batch_id"])
+    if "canvas_id" in data:
+        return _subscribe_canvas(session, data["canvas_id"])
     try:
         job_id = uuid.UUID(str(data.get("job_id")))
         after = int(data.get("after_seq") or 0)
@@ -206,14 +212,46 @@ def _subscribe_batch(session: dict[str, Any], raw_id: Any) -> dict[str, Any]:
     }
 
 
+def _subscribe_canvas(session: dict[str, Any], raw_id: Any) -> dict[str, Any]:
+    """Joins the canvas's room: its owner's connections only, and none limited to a job or a
+    batch (such a token opens what it names, nothing else)."""
+    try:
+        canvas_id = uuid.UUID(str(raw_id))
+    except ValueError:
+        return {"ok": False, "error": "bad-request", "detail": "send {canvas_id}"}
+    not_found = {"ok": False, "error": "not-found", "detail": f"no canvas {canvas_id}"}
+    if session["only_job"] is not None or session["only_batch"] is not None:
+        return not_found
+    try:
+        with runtime().db.transaction() as tx:
+            try:
+                canvas = canvases.get_canvas(tx, session["owner"], canvas_id)
+            except canvases.CanvasNotFound:
+                return not_found
+            join_room(canvas_room(canvas_id))
+            count = canvas.object_count
+    except OperationalError as exc:
+        logger.warning("subscribe failed, database unavailable: %s", exc)
+        return {"ok": False, "error": "unavailable", "detail": "try again shortly"}
+    return {"ok": True, "canvas_id": str(canvas_id), "object_count": count}
+
+
+_ROOMS = {"batch_id": batch_room, "canvas_id": canvas_room}
+
+
 @socketio.on("unsubscribe")
 def on_unsubscribe(data: Any = None) -> dict[str, Any]:
     data = data if isinstance(data, dict) else {}
-    room, name = (batch_room, "batch_id") if "batch_id" in data else (job_room, "job_id")
+    name = next((name for name in _ROOMS if name in data), "job_id")
+    room = _ROOMS.get(name, job_room)
     try:
         resource_id = uuid.UUID(str(data.get(name)))
     except ValueError:
-        return {"ok": False, "error": "bad-request", "detail": "send {job_id} or {batch_id}"}
+        return {
+            "ok": False,
+            "error": "bad-request",
+            "detail": "send {job_id}, {batch_id} or {canvas_id}",
+        }
     leave_room(room(resource_id))
     return {"ok": True}
 

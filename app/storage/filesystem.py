@@ -31,10 +31,9 @@ class FilesystemStore:
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             # Written beside the target and renamed over it: a reader (or a crash) never sees a
             # half-written file, and fsync makes the rename survive a power cut.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+            fd, tmp = self._partial_file(path.parent)
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
@@ -48,6 +47,19 @@ class FilesystemStore:
         except OSError as exc:
             raise StoreError(f"cannot write artifact {key}: {exc}") from exc
 
+    def _partial_file(self, directory: Path) -> tuple[int, str]:
+        tries = 3
+        while True:
+            tries -= 1
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                return tempfile.mkstemp(dir=directory, prefix=".partial-")
+            except FileNotFoundError:
+                # A delete removed a directory it had emptied (a job's, or `jobs/`) between
+                # our mkdir and mkstemp: make it again.
+                if not tries:
+                    raise
+
     def read(self, key: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
         try:
             handle = self._path(key).open("rb")
@@ -55,7 +67,7 @@ class FilesystemStore:
             raise BlobMissing(key) from None
         except OSError as exc:
             raise StoreError(f"cannot read artifact {key}: {exc}") from exc
-        return _chunks(handle, start, length)
+        return _chunks(key, handle, start, length)
 
     def delete(self, keys: Iterable[str]) -> None:
         for key in keys:
@@ -64,10 +76,11 @@ class FilesystemStore:
                 path.unlink(missing_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot delete artifact {key}: {exc}") from exc
-            # Empty per-job directories go with their last file.
+            # Emptied directories (a job's, an attempt's) go with their last file, up to the
+            # root but never the root itself.
             with contextlib.suppress(OSError):
-                path.parent.rmdir()
-                path.parent.parent.rmdir()
+                for directory in path.relative_to(self.root).parents[:-1]:
+                    (self.root / directory).rmdir()
 
     def check(self) -> None:
         try:
@@ -78,13 +91,16 @@ class FilesystemStore:
             raise StoreError(f"artifact directory {self.root} is not writable")
 
 
-def _chunks(handle: BinaryIO, start: int, length: int | None) -> Iterator[bytes]:
+def _chunks(key: str, handle: BinaryIO, start: int, length: int | None) -> Iterator[bytes]:
     with handle:
         handle.seek(start)
         left = length
         while left is None or left > 0:
             size = CHUNK_BYTES if left is None else min(CHUNK_BYTES, left)
-            chunk = handle.read(size)
+            try:
+                chunk = handle.read(size)
+            except OSError as exc:
+                raise StoreError(f"cannot read artifact {key}: {exc}") from exc
             if not chunk:
                 return
             if left is not None:

@@ -64,20 +64,35 @@ class S3Store:
 
     def read(self, key: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
         options: dict[str, Any] = {}
+        if length == 0:
+            # `bytes=5-4` is no range to S3, which then sends the whole object: ask only
+            # whether the blob exists.
+            self._ask(self._client.head_object, key)
+            return iter(())
         if start or length is not None:
             end = "" if length is None else str(start + length - 1)
             options["Range"] = f"bytes={start}-{end}"
         try:
-            body = self._client.get_object(Bucket=self.bucket, Key=self._key(key), **options)[
-                "Body"
-            ]
+            body = self._ask(self._client.get_object, key, **options)["Body"]
+        except _NothingInRange:
+            # A start at or past the end (any range of an empty blob) is a 416 to S3; the
+            # contract, like a file, reads nothing there.
+            return iter(())
+        return _chunks(key, body)
+
+    def _ask(self, method: Any, key: str, **options: Any) -> Any:
+        """A read request about one object, its errors in the store's terms."""
+        try:
+            return method(Bucket=self.bucket, Key=self._key(key), **options)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in MISSING_CODES:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in MISSING_CODES:
                 raise BlobMissing(key) from None
+            if code == "InvalidRange":
+                raise _NothingInRange from None
             raise StoreError(f"cannot read artifact {key}: {exc}") from exc
         except BotoCoreError as exc:
             raise StoreError(f"cannot read artifact {key}: {exc}") from exc
-        return _chunks(body)
 
     def delete(self, keys: Iterable[str]) -> None:
         names = [self._key(key) for key in keys]
@@ -96,12 +111,23 @@ class S3Store:
     def check(self) -> None:
         try:
             self._client.head_bucket(Bucket=self.bucket)
-        except (BotoCoreError, ClientError) as exc:
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchBucket"}:
+                raise StoreError(f"bucket {self.bucket} does not exist (create it)") from exc
+            raise StoreError(f"bucket {self.bucket}: {exc}") from exc
+        except BotoCoreError as exc:
             raise StoreError(f"bucket {self.bucket}: {exc}") from exc
 
 
-def _chunks(body: Any) -> Iterator[bytes]:
+class _NothingInRange(Exception):
+    pass
+
+
+def _chunks(key: str, body: Any) -> Iterator[bytes]:
     try:
         yield from body.iter_chunks(CHUNK_BYTES)
+    except BotoCoreError as exc:
+        # A connection dropped or timed out mid-body: the store's error, like any other.
+        raise StoreError(f"cannot read artifact {key}: {exc}") from exc
     finally:
         body.close()

@@ -15,7 +15,10 @@ def test_a_hung_call_times_out_and_the_retry_succeeds(cluster: Cluster) -> None:
     job, took = cluster.wait_terminal(job_id, within=20)
     assert job["status"] == "succeeded" and job["attempt"] == 2
     print(f"[chaos] hung model call: job ended after {took:.1f} s (timeout 2 s, then a retry)")
-    assert 2 <= took < 2 + 2 + 5  # the timeout, the backoff, the answer
+    # The timeout, the backoff and the answer, with room for a loaded machine (a full run beside
+    # other work took 9.5 s); what it rules out is the attempt ending only by the job's time
+    # limit (600 s) instead of by the read timeout.
+    assert 2 <= took < 2 + 2 + 15
     assert cluster.sim.stats()["requests"] == 2
     codes = cluster.sql(
         "SELECT outcome FROM model_calls WHERE job_id = %s ORDER BY started_at", job_id

@@ -3,7 +3,9 @@ no longer be published or their job is gone; read by owner, Range and signed URL
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import pathlib
 import time
 import uuid
 from collections.abc import Callable
@@ -14,11 +16,14 @@ from flask import Flask
 from sqlalchemy import select, update
 
 from app.api.artifacts import _signature
-from app.jobs.artifacts import publish_effect
+from app.jobs.artifacts import Artifacts, publish_effect
 from app.jobs.payloads import EventError, FailedPayload, SucceededPayload
 from app.jobs.transitions import Claim, LeaseLost
+from app.kinds.context import JobContext
+from app.llm.errors import ModelError
 from app.models import Artifact, Job
 from app.runtime import runtime
+from app.storage.filesystem import FilesystemStore
 from tests.conftest import Tenant, undispatched_job, wait_until
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40  # not decoded here: bytes are bytes
@@ -219,3 +224,28 @@ def test_signed_urls_work_without_a_key_and_expire(tenant: Tenant, app: Flask) -
 def _status(job_id: uuid.UUID) -> str:
     with runtime().db.transaction() as session:
         return session.get_one(Job, job_id).status
+
+
+def test_a_store_failure_is_a_retryable_error_of_the_attempt(
+    tenant: Tenant, tmp_path: pathlib.Path
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the store's root should be")
+    jobs = copy.copy(runtime().jobs)
+    jobs.artifacts = Artifacts(runtime().settings, runtime().db, FilesystemStore(blocked))
+    claim = _claimed(tenant.owner)
+    ctx = JobContext(claim, jobs, runtime().model_client)
+    with pytest.raises(ModelError) as raised:
+        ctx.save_artifact("image-1.png", PNG_BYTES, "image/png")
+    assert raised.value.code == "artifact_store_unavailable" and raised.value.retryable
+    # Its row was written before the blob failed; it is not published, and once the attempt
+    # is over the sweeper removes it.
+    assert len(_rows(claim.job_id)) == 1
+    assert _listed(tenant, claim.job_id) == []
+    runtime().jobs.finish_job(
+        claim,
+        claim.seq + 1,
+        FailedPayload(attempt=1, error=EventError(code="x", message="x")),
+        error_code="x",
+    )
+    wait_until(lambda: (runtime().jobs.sweep(), not _rows(claim.job_id))[1], timeout=20)

@@ -1,6 +1,7 @@
 """Readiness and the health view: answered in milliseconds under concurrent callers from checks
-each process shares, in bounded time when a store is down, and the system's state taken from the
-records workers and the sweeper keep (heartbeats, the last sweep), not from a broadcast."""
+each process shares, in bounded time when a store is down, the artifact store's state in the
+health view only, and the system's state taken from the records workers and the sweeper keep
+(heartbeats, the last sweep), not from a broadcast."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from app.queue import QUEUE
 from app.runtime import runtime
 from devtools.postgres import PostgresServer
 from devtools.processes import free_port
+from tests import s3server
 from tests.conftest import Tenant, undispatched_job, wait_until
+from tests.s3server import MotoS3Server
 from tests.webserver import WebServer
 
 CALLERS = 20
@@ -221,7 +224,13 @@ def test_health_reports_the_last_sweep(tenant: Tenant, worker) -> None:
     assert sweeper["status"] == "ok"
     assert sweeper["interval_s"] == runtime().settings.sweeper_interval
     assert 0 <= sweeper["last_sweep_age_s"] < 10
-    assert set(sweeper["last_sweep"]) == {"republished", "recovered", "failed", "canceled"}
+    assert set(sweeper["last_sweep"]) == {
+        "republished",
+        "recovered",
+        "failed",
+        "canceled",
+        "artifacts_swept",
+    }
 
 
 def queued_in_database() -> int:
@@ -309,3 +318,99 @@ def test_readiness_is_not_fooled_by_pooled_connections_a_database_restart_closed
         assert check["ok"], check
     finally:
         server.stop()
+
+
+# The artifact store: in the health view, not in readiness ------------------------------------
+
+
+def with_s3_store(settings: Settings, server: MotoS3Server, bucket: str) -> Settings:
+    return settings.model_copy(
+        update={
+            "artifact_store": "s3",
+            "s3_bucket": bucket,
+            "s3_prefix": "health/",
+            "s3_endpoint_url": server.endpoint_url,
+            "s3_region": s3server.REGION,
+            "s3_access_key_id": s3server.ACCESS_KEY_ID,
+            "s3_secret_access_key": s3server.SECRET_ACCESS_KEY,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def web_with_s3(settings: Settings, s3_server: MotoS3Server, s3_bucket: str) -> Iterator[WebServer]:
+    server = WebServer(with_s3_store(settings, s3_server, s3_bucket)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def web_with_missing_bucket(settings: Settings, s3_server: MotoS3Server) -> Iterator[WebServer]:
+    missing = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
+    server = WebServer(with_s3_store(settings, s3_server, missing)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def web_with_impossible_directory(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WebServer]:
+    in_the_way = tmp_path_factory.mktemp("artifacts-broken") / "a-file"
+    in_the_way.write_text("a file where the artifact directory's parent should be")
+    broken = settings.model_copy(update={"artifact_dir": in_the_way / "artifacts"})
+    server = WebServer(broken).start()
+    yield server
+    server.stop()
+
+
+def artifacts_once_checked(server: WebServer) -> dict[str, Any]:
+    """The health view once its artifact check has answered (the first may still be in flight
+    when its caller's wait of CONVEYOR_READY_TIMEOUT ends, on a cold process)."""
+
+    def answered() -> dict[str, Any] | None:
+        body = httpx.get(f"{server.url}/api/v1/health", timeout=30).json()
+        detail = body["components"]["artifacts"]["detail"] or ""
+        return None if detail.startswith("no answer within") else body
+
+    return wait_until(answered, timeout=20, interval=0.2)
+
+
+def test_health_reports_a_working_artifact_store(tenant: Tenant) -> None:
+    artifacts = health(tenant)["components"]["artifacts"]
+    assert artifacts["status"] == "ok", artifacts
+    assert artifacts["store"] == "filesystem"
+    assert artifacts["detail"] is None
+    assert artifacts["latency_ms"] >= 0
+
+
+def test_health_reports_a_working_s3_store(web_with_s3: WebServer) -> None:
+    artifacts = artifacts_once_checked(web_with_s3)["components"]["artifacts"]
+    assert artifacts["status"] == "ok", artifacts
+    assert artifacts["store"] == "s3"
+
+
+@pytest.mark.parametrize(
+    ("server", "says"),
+    [
+        ("web_with_missing_bucket", "no-such-bucket-"),
+        ("web_with_impossible_directory", "artifact directory"),
+    ],
+)
+def test_a_broken_artifact_store_degrades_health_but_not_readiness(
+    request: pytest.FixtureRequest, server: str, says: str
+) -> None:
+    web: WebServer = request.getfixturevalue(server)
+    body = artifacts_once_checked(web)
+    artifacts = body["components"]["artifacts"]
+    assert artifacts["status"] == "down", artifacts
+    assert says in artifacts["detail"], artifacts
+    assert body["components"]["database"]["status"] == "ok"
+    assert body["components"]["redis"]["status"] == "ok"
+    assert body["status"] == "degraded"
+
+    # This process still serves everything but artifacts' bytes: it stays in the rotation.
+    ready = httpx.get(f"{web.url}/api/v1/ready", timeout=30)
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "healthy"
+    assert set(ready.json()["checks"]) == {"database", "redis"}

@@ -49,7 +49,7 @@ def test_status_enum_is_the_single_vocabulary() -> None:
 
 
 def test_registry() -> None:
-    assert set(KINDS) == {"chat", "structured", "article", "character_card"}
+    assert set(KINDS) == {"chat", "structured", "article", "character_card", "image", "canvas"}
     assert KINDS["chat"].steps == () and KINDS["structured"].steps == ()
     assert [step.name for step in KINDS["article"].steps] == ["outline", "draft", "edit"]
     assert KINDS["article"].roles == ("analysis", "creative")

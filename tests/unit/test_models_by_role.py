@@ -61,6 +61,7 @@ def test_a_request_may_name_the_allowed_models_and_the_configured_ones() -> None
         "gpt-4o",
         "anthropic/claude-sonnet-4",
         "gpt-4o-mini",
+        "gpt-image-1",  # CONVEYOR_IMAGE_MODEL, the image kind's configured model
     }
 
 

@@ -43,6 +43,7 @@ from app.jobs.events import (
 )
 from app.jobs.presence import SweepRecord, WorkerBeat, WorkerIdentity
 from app.jobs.states import EventType
+from app.jobs.transitions import SweepReport
 
 OWNER = "owner-a"
 
@@ -544,7 +545,8 @@ def test_a_worker_beat_is_one_hash_field_per_process_rewritten_each_beat(
 
 
 def test_the_sweep_record_holds_its_counts_and_interval(redis_client: redis.Redis) -> None:
-    counts = {"republished": 2, "recovered": 1, "failed": 0, "canceled": 3}
+    # Every count the sweeper reports (a field SweepRecord lacked made every sweep raise).
+    counts = asdict(SweepReport(republished=2, recovered=1, canceled=3, artifacts_swept=4))
     before = time.time()
     presence.record_sweep(redis_client, 5.0, counts)
     record = presence.read_sweep(redis_client.get(presence.SWEEP_KEY))
