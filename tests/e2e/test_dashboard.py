@@ -669,3 +669,22 @@ def test_objects_saved_by_another_job_appear_live_from_the_canvas_room(
     assert [d["id"] for d in drawn] == [o["id"] for o in after]
     expect(page.locator("#canvas-notice")).to_contain_text(f"Job {second['id'][:8]}: saved")
     assert snapshot[0]["object_count"] == len(before)
+
+
+def test_without_websockets_a_canvas_job_draws_its_objects_when_it_ends(
+    context: BrowserContext, tenant: Tenant
+) -> None:
+    # No room to hear: the job's own events (long-polled) say when to read the canvas again.
+    page = context.new_page()
+    without_socketio(page)
+    sign_in(page, tenant, connection="polling")
+    canvas = create_canvas(tenant, name="polled board", width=640, height=480)
+    job_input = {"canvas_id": canvas["id"], "prompt": "[[sim ttft=1]] a chart", "max_objects": 3}
+    job_id = tenant.submit("canvas", job_input)["id"]
+    page.goto(f"/#/jobs/{job_id}")
+    expect(page.locator("#canvas-view")).to_be_visible()
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=30_000)
+    saved = canvas_objects(tenant, canvas["id"])
+    assert saved and all(o["job_id"] == job_id for o in saved)
+    assert [d["id"] for d in wait_for_drawn(page, len(saved))] == [o["id"] for o in saved]
+    assert page.locator("#canvas-view").get_attribute("data-subscribed") is None
