@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from app.api.auth import current_principal
 from app.api.jobs import (
     PREFIX,
+    admission,
     idempotency_key,
     idempotency_key_reused,
     model_choice,
@@ -152,6 +153,7 @@ def _items_problem(errors: list[FieldError]) -> ApiProblem:
 def _validated_jobs(body: BatchBody) -> list[batches.BatchJob]:
     """Each item's input checked by its kind, as POST /jobs checks one job's."""
     default_attempts = runtime().settings.job_max_attempts
+    owner = current_principal().owner
     jobs, errors = [], []
     for label, item in zip(body.labels, body.items, strict=True):
         kind = KINDS.get(item.kind)
@@ -175,10 +177,10 @@ def _validated_jobs(body: BatchBody) -> list[batches.BatchJob]:
             ]
             continue
         model, models = model_choice(kind, item.model, item.models)
-        if admission := kind.admission_errors(job_input, runtime().settings, model):
+        if refused := kind.admission_errors(job_input, admission(owner, model)):
             errors += [
                 FieldError(field=f"{label}.input.{field}", message=message)
-                for field, message in admission
+                for field, message in refused
             ]
             continue
         max_attempts = item.max_attempts or default_attempts

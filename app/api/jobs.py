@@ -42,6 +42,7 @@ from app.jobs.listing import newest_first
 from app.jobs.states import TERMINAL, EventType, JobStatus
 from app.keys.watch import key_watch
 from app.kinds import KINDS, Kind
+from app.kinds.base import Admission
 from app.models import Job, JobEvent, ModelCall
 from app.runtime import runtime
 
@@ -81,9 +82,8 @@ def create_job(body: JobCreate) -> Response:
     except ValidationError as exc:
         raise validation_problem(exc, prefix="input") from None
     model, models = _chosen_models(kind, body)
-    admission = kind.admission_errors(job_input, runtime().settings, model)
-    if admission:
-        field, message = admission[0]
+    if refused := kind.admission_errors(job_input, admission(principal.owner, model)):
+        field, message = refused[0]
         raise field_problem(f"input.{field}", message)
     key = idempotency_key()
     max_attempts = body.max_attempts or runtime().settings.job_max_attempts
@@ -118,6 +118,11 @@ def create_job(body: JobCreate) -> Response:
     if created.replayed:
         headers["Idempotent-Replayed"] = "true"
     return json_response(job, 202 if not created.replayed else 200, headers)
+
+
+def admission(owner: str, model: str) -> Admission:
+    """What a kind's submit-time checks consult (kinds.base.Admission)."""
+    return Admission(runtime().settings, model, owner, runtime().db.request_session)
 
 
 def _chosen_models(kind: Kind, body: JobCreate) -> tuple[str, dict[str, str]]:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from app.config import Settings
     from app.kinds.context import JobContext
 
@@ -45,6 +47,18 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """What a kind's `admit` may consult about a job being submitted: the deployment's
+    settings, the model the job was given, its owner, and a database session to read the
+    owner's own rows (a canvas, an artifact) with."""
+
+    settings: Settings
+    model: str
+    owner: str
+    session: Session
+
+
+@dataclass(frozen=True)
 class Kind:
     name: str
     description: str
@@ -52,14 +66,12 @@ class Kind:
     Output: type[BaseModel]
     run: Callable[[JobContext, Any], BaseModel]
     steps: tuple[Step, ...] = ()
-    # Checks of a valid input against the deployment (settings) and the job's model, made at
-    # submit: (field under `input`, message) for each problem. A module's `admit`, if any.
-    admit: Callable[[Any, Settings, str], list[tuple[str, str]]] | None = None
+    # Checks of a valid input against the deployment and the caller's data, made at submit:
+    # (field under `input`, message) for each problem. A module's `admit`, if any.
+    admit: Callable[[Any, Admission], list[tuple[str, str]]] | None = None
 
-    def admission_errors(
-        self, job_input: Any, settings: Settings, model: str
-    ) -> list[tuple[str, str]]:
-        return [] if self.admit is None else self.admit(job_input, settings, model)
+    def admission_errors(self, job_input: Any, admission: Admission) -> list[tuple[str, str]]:
+        return [] if self.admit is None else self.admit(job_input, admission)
 
     def __post_init__(self) -> None:
         names = [step.name for step in self.steps]

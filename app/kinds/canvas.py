@@ -29,7 +29,7 @@ from app.jobs.canvas_shapes import (
 )
 from app.jobs.events import canvas_room
 from app.jobs.payloads import CanceledPayload, FailedPayload, TerminalPayload
-from app.kinds.base import MAX_PROMPT_CHARS, KindError
+from app.kinds.base import MAX_PROMPT_CHARS, Admission, KindError
 from app.kinds.context import JobContext, token_progress
 from app.kinds.structured import ask_for_json
 from app.llm.errors import ModelError
@@ -99,6 +99,24 @@ class OpenedCanvas:
     width: int
     height: int
     room: int  # objects it can still take
+
+
+def admit(job_input: CanvasInput, admission: Admission) -> list[tuple[str, str]]:
+    """At submit: the canvas is the caller's and has room; each image offered is a published
+    artifact of theirs. Checked again when the job runs and when it saves (either may have
+    changed meanwhile)."""
+    session = admission.session
+    try:
+        canvas = canvases.get_canvas(session, admission.owner, job_input.canvas_id)
+    except canvases.CanvasNotFound:
+        return [("canvas_id", f"no canvas {job_input.canvas_id}")]
+    errors = []
+    if canvas.object_count >= MAX_OBJECTS:
+        errors.append(("canvas_id", f"the canvas is full: it holds {MAX_OBJECTS} objects"))
+    usable = canvases.usable_artifacts(session, admission.owner, job_input.artifact_ids)
+    if unusable := [str(a) for a in job_input.artifact_ids if a not in usable]:
+        errors.append(("artifact_ids", f"no published artifact {', '.join(unusable)}"))
+    return errors
 
 
 def run(ctx: JobContext, job_input: CanvasInput) -> CanvasOutput:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.config import Settings
 from app.jobs.artifacts import SavedArtifact
+from app.kinds.base import Admission
 from app.kinds.context import JobContext
 from app.llm.comfyui import WORKFLOW_NAME, Workflow, WorkflowError, load_workflow
 from app.llm.errors import ModelError
@@ -103,8 +104,9 @@ class ImageOutput(BaseModel):
 Output = ImageOutput
 
 
-def admit(job_input: ImageInput, settings: Settings, model: str) -> list[tuple[str, str]]:
+def admit(job_input: ImageInput, admission: Admission) -> list[tuple[str, str]]:
     """What the provider the job will go to cannot do, found at submit."""
+    settings = admission.settings
     if job_input.provider_for(settings) == "openai":
         refused = {
             "negative_prompt": "OpenAI's Images API takes no negative prompt; use ComfyUI",
@@ -112,7 +114,7 @@ def admit(job_input: ImageInput, settings: Settings, model: str) -> list[tuple[s
             "steps": "OpenAI's Images API takes no steps; use ComfyUI",
         }
         errors = [(name, why) for name, why in refused.items() if getattr(job_input, name)]
-        if (why := size_error(model, job_input.size)) is not None:
+        if (why := size_error(admission.model, job_input.size)) is not None:
             errors.append(("width", why))
         return errors
     try:

@@ -15,7 +15,9 @@ import pytest
 from flask import Flask
 from sqlalchemy import select, update
 
+from app import create_app
 from app.api.artifacts import _signature
+from app.config import Settings
 from app.jobs.artifacts import Artifacts, publish_effect
 from app.jobs.payloads import EventError, FailedPayload, SucceededPayload
 from app.jobs.transitions import Claim, LeaseLost
@@ -249,3 +251,15 @@ def test_a_store_failure_is_a_retryable_error_of_the_attempt(
         error_code="x",
     )
     wait_until(lambda: (runtime().jobs.sweep(), not _rows(claim.job_id))[1], timeout=20)
+
+
+def test_listing_without_a_signing_secret_says_so(tenant: Tenant, settings: Settings) -> None:
+    claim = _claimed(tenant.owner)
+    _save(claim)
+    _succeed(claim)
+    unsigned = create_app(settings.model_copy(update={"secret_key": None}))
+    response = unsigned.test_client().get(
+        f"/api/v1/jobs/{claim.job_id}/artifacts", headers=tenant.headers
+    )
+    assert response.status_code == 503
+    assert "CONVEYOR_SECRET_KEY" in response.get_json()["detail"]

@@ -47,6 +47,15 @@ def canvas_job(tenant: Tenant, canvas_id: str, prompt: str = "a flow chart", **e
     return tenant.submit("canvas", job_input)["id"]
 
 
+def unchecked_canvas_job(owner: str, canvas_id: str, **extra: Any) -> str:
+    """A canvas job stored without the API's submit-time checks, as if the canvas had changed
+    between the submit and the run."""
+    job_input = {"canvas_id": canvas_id, "max_objects": 1, **extra}
+    job_id = undispatched_job(owner, kind="canvas", extra_input=job_input)
+    assert runtime().jobs.dispatch(job_id)
+    return str(job_id)
+
+
 # The API ----------------------------------------------------------------------------------------
 
 
@@ -184,8 +193,15 @@ def test_a_canvas_job_on_another_tenants_canvas_fails_and_tells_its_room_nothing
     room = open_room(web_server, {"api_key": tenant.key}, rooms)
     assert room.subscribe(canvas["id"])["ok"] is True
     thief = new_tenant()
-    job_id = canvas_job(thief, canvas["id"], prompt="mine now")
-    job = thief.wait_for(job_id)
+    refused = thief.post(
+        "/api/v1/jobs",
+        json={"kind": "canvas", "input": {"canvas_id": canvas["id"], "prompt": "mine now"}},
+    )
+    assert refused.status_code == 422
+    assert refused.get_json()["errors"][0]["field"] == "input.canvas_id"
+    # Past the submit check (stored directly), the worker refuses it too.
+    job_id = unchecked_canvas_job(thief.owner, canvas["id"])
+    job = thief.wait_for(job_id, timeout=30)
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_input"
     mine = canvas_job(tenant, canvas["id"], max_objects=1)  # the room's next messages
     wait_until(lambda: "ai_generation_completed" in room.names(mine))
@@ -199,11 +215,26 @@ def test_canvas_input_is_checked_at_submit(tenant: Tenant) -> None:
     assert response.status_code == 422
     fields = {e["field"] for e in response.get_json()["errors"]}
     assert fields == {"input.canvas_id", "input.max_objects"}
+    missing = {"canvas_id": str(uuid.uuid4()), "prompt": "x"}
+    response = tenant.post("/api/v1/jobs", json={"kind": "canvas", "input": missing})
+    assert response.status_code == 422
+    assert response.get_json()["errors"][0]["field"] == "input.canvas_id"
+    canvas = create_canvas(tenant)
+    stranger = {"canvas_id": canvas["id"], "prompt": "x", "artifact_ids": [str(uuid.uuid4())]}
+    response = tenant.post("/api/v1/jobs", json={"kind": "canvas", "input": stranger})
+    assert response.status_code == 422
+    assert response.get_json()["errors"][0]["field"] == "input.artifact_ids"
 
 
-def test_a_full_canvas_fails_the_job(tenant: Tenant) -> None:
+def test_a_full_canvas_refuses_the_job(tenant: Tenant) -> None:
     canvas = create_canvas(tenant, objects=[NOTE] * MAX_OBJECTS)
-    job = tenant.wait_for(canvas_job(tenant, canvas["id"]))
+    body = {"kind": "canvas", "input": {"canvas_id": canvas["id"], "prompt": "more"}}
+    refused = tenant.post("/api/v1/jobs", json=body)
+    assert refused.status_code == 422
+    assert refused.get_json()["errors"][0]["field"] == "input.canvas_id"
+    assert "full" in refused.get_json()["errors"][0]["message"]
+    # Filled between its submit and its run (stored directly): the job fails.
+    job = tenant.wait_for(unchecked_canvas_job(tenant.owner, canvas["id"]), timeout=30)
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_input"
     assert "full" in job["error"]["message"]
 
