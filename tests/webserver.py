@@ -43,8 +43,10 @@ class WebServer:
             "CONVEYOR_ARTIFACT_STORE": s.artifact_store,
             "CONVEYOR_ARTIFACT_DIR": str(s.artifact_dir.absolute()),
             "CONVEYOR_S3_PREFIX": s.s3_prefix,
+            "CONVEYOR_ARTIFACT_URL_TTL": str(s.artifact_url_ttl),
         }
         optional = {
+            "CONVEYOR_COMFYUI_URL": s.comfyui_url,
             "CONVEYOR_S3_BUCKET": s.s3_bucket,
             "CONVEYOR_S3_ENDPOINT_URL": s.s3_endpoint_url,
             "CONVEYOR_S3_REGION": s.s3_region,

@@ -3,6 +3,7 @@ web process, worker, PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -424,3 +425,266 @@ def test_a_batch_of_slow_jobs_is_canceled_from_its_page(page: Page, tenant: Tena
     expect(page.locator("#batch-count-canceled")).to_have_text("3", timeout=30_000)
     expect(page.locator("#batch-state")).to_have_text("canceled")
     assert tenant.get(f"/api/v1/batches/{batch['id']}").get_json()["counts"]["canceled"] == 3
+
+
+# Every thumbnail on the page, whether it loaded and decoded, and its pixels.
+THUMBNAILS = """() => [...document.querySelectorAll("#image-list img")].map((img) => ({
+    src: img.getAttribute("src"),
+    loaded: img.complete && img.naturalWidth > 0,
+    width: img.naturalWidth,
+    height: img.naturalHeight,
+}))"""
+
+
+def decoded_thumbnails(page: Page, count: int) -> list[dict]:
+    """Waits (by the images' own load state) for `count` thumbnails that have decoded."""
+    page.wait_for_function(
+        """(count) => {
+            const images = [...document.querySelectorAll("#image-list img")];
+            const decoded = images.filter((img) => img.complete && img.naturalWidth > 0);
+            return images.length === count && decoded.length === count;
+        }""",
+        arg=count,
+        timeout=30_000,
+    )
+    return page.evaluate(THUMBNAILS)
+
+
+def artifacts(tenant: Tenant, job_id: str) -> list[dict]:
+    return tenant.get(f"/api/v1/jobs/{job_id}/artifacts").get_json()["items"]
+
+
+def test_an_image_job_from_the_form_shows_its_images_and_downloads_them(
+    page: Page, tenant: Tenant
+) -> None:
+    # A size no OpenAI model makes: the workflow sends it to ComfyUI (the simulator's).
+    width, height = 320, 192
+    page.select_option("#kind", "image")
+    page.fill("#kind-fields [name=prompt]", "a paper crane over a harbour <b>at dusk</b>")
+    page.fill("#kind-fields [name=width]", str(width))
+    page.fill("#kind-fields [name=height]", str(height))
+    page.fill("#kind-fields [name=count]", "2")
+    page.fill("#kind-fields [name=workflow]", "txt2img")
+    page.click("#new-job button[type=submit]")
+    page.wait_for_url(JOB_PAGE)
+    job_id = JOB_PAGE.search(page.url).group(1)  # type: ignore[union-attr]
+    expect(page.locator("#image-view")).to_be_visible()
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=30_000)
+
+    thumbnails = decoded_thumbnails(page, 2)
+    assert [(t["loaded"], t["width"], t["height"]) for t in thumbnails] == [
+        (True, width, height)
+    ] * 2
+    listed = artifacts(tenant, job_id)
+    assert [(a["width"], a["height"]) for a in listed] == [(width, height)] * 2
+    # Each by its signed URL: the artifact's own path, with no API key in it.
+    for thumbnail, artifact in zip(thumbnails, listed, strict=True):
+        assert thumbnail["src"].startswith(f"{artifact['links']['self']}?expires=")
+        assert "signature=" in thumbnail["src"] and tenant.key not in thumbnail["src"]
+
+    links = page.locator("#image-list a.download")
+    expect(links).to_have_count(2)
+    assert [links.nth(i).get_attribute("download") for i in range(2)] == [a["name"] for a in listed]
+    with page.expect_download() as download_info:
+        links.nth(1).click()
+    download = download_info.value
+    assert download.suggested_filename == listed[1]["name"]
+    with open(download.path(), "rb") as downloaded:
+        assert hashlib.sha256(downloaded.read()).hexdigest() == listed[1]["sha256"]
+    assert page.locator("#images-error").inner_text() == ""
+
+
+def test_an_expired_image_url_is_renewed_from_a_fresh_list(page: Page, tenant: Tenant) -> None:
+    job_id = tenant.submit(
+        "image", {"prompt": "a lantern", "workflow": "txt2img", "width": 128, "height": 96}
+    )["id"]
+    assert tenant.wait_for(job_id, timeout=30)["status"] == "succeeded"
+    listings: list[int] = []
+
+    def expire_the_first_listing(route: Route) -> None:
+        # The first list the page gets has URLs that already expired, as after a tab slept
+        # past CONVEYOR_ARTIFACT_URL_TTL: the server refuses them with a 403.
+        response = route.fetch()
+        listing = response.json()
+        listings.append(len(listing["items"]))
+        if len(listings) == 1:
+            for item in listing["items"]:
+                path = item["url"].split("?")[0]
+                item["url"] = f"{path}?expires=1&signature=stale"
+                item["url_expires_at"] = "2000-01-01T00:00:00Z"
+        route.fulfill(response=response, json=listing)
+
+    page.route(f"**/api/v1/jobs/{job_id}/artifacts", expire_the_first_listing)
+    page.goto(f"/#/jobs/{job_id}")
+    expect(page.locator("#job-status")).to_have_text("succeeded")
+    thumbnail = decoded_thumbnails(page, 1)[0]
+    assert (thumbnail["width"], thumbnail["height"]) == (128, 96)
+    assert "signature=stale" not in thumbnail["src"]
+    assert listings == [1, 1]
+    assert page.locator("#images-error").inner_text() == ""
+
+
+def create_canvas(tenant: Tenant, **body: object) -> dict:
+    response = tenant.post("/api/v1/canvases", json=body)
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()
+
+
+def canvas_objects(tenant: Tenant, canvas_id: str) -> list[dict]:
+    return tenant.get(f"/api/v1/canvases/{canvas_id}").get_json()["objects"]
+
+
+def drawn_objects(page: Page) -> list[dict]:
+    """The canvas's SVG objects as the page stacks them, bottom to top."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll("#canvas-objects > [data-object-id]")].map(
+            (g) => ({ id: g.dataset.objectId, type: g.dataset.type, state: g.dataset.state })
+        )"""
+    )
+
+
+def wait_for_drawn(page: Page, count: int) -> list[dict]:
+    page.wait_for_function(
+        "(n) => document.querySelectorAll('#canvas-objects > [data-object-id]').length === n",
+        arg=count,
+        timeout=30_000,
+    )
+    return drawn_objects(page)
+
+
+def image_artifact(tenant: Tenant, width: int, height: int) -> dict:
+    job_input = {"prompt": "a pebble", "workflow": "txt2img", "width": width, "height": height}
+    job_id = tenant.submit("image", job_input)["id"]
+    assert tenant.wait_for(job_id, timeout=30)["status"] == "succeeded"
+    return artifacts(tenant, job_id)[0]
+
+
+MARKUP = "<img src=x onerror=\"document.body.dataset.pwned='1'\">"
+
+
+def test_a_canvas_job_from_the_form_draws_every_object_of_its_canvas(
+    page: Page, tenant: Tenant
+) -> None:
+    picture = image_artifact(tenant, 128, 96)
+    first_objects = [
+        {"type": "rectangle", "x": 40, "y": 40, "width": 200, "height": 90, "fill": "#dbeafe",
+         "text": f"{MARKUP}Build"},
+        {"type": "ellipse", "x": 300, "y": 40, "width": 120, "height": 80, "rotation": 30},
+        {"type": "line", "x": 40, "y": 200, "width": 200, "height": 0, "text": "then"},
+        {"type": "arrow", "x": 240, "y": 85, "width": 60, "height": -20},
+        {"type": "text", "x": 40, "y": 260, "width": 300, "height": 40, "text": "Release plan"},
+        {"type": "sticky_note", "x": 480, "y": 30, "width": 160, "height": 160,
+         "text": f"ship {MARKUP} Friday?"},
+        {"type": "image", "x": 660, "y": 40, "width": 128, "height": 96,
+         "artifact_id": picture["id"]},
+    ]  # fmt: skip
+    canvas = create_canvas(
+        tenant, name=f"{MARKUP}board", width=1000, height=600, objects=first_objects
+    )
+
+    page.select_option("#kind", "canvas")
+    page.fill("#kind-fields [name=canvas_id]", canvas["id"])
+    page.fill("#kind-fields [name=prompt]", f"a flow chart of our release {MARKUP}")
+    page.fill("#kind-fields [name=max_objects]", "5")
+    page.click("#new-job button[type=submit]")
+    page.wait_for_url(JOB_PAGE)
+    job_id = JOB_PAGE.search(page.url).group(1)  # type: ignore[union-attr]
+    expect(page.locator("#canvas-view")).to_be_visible()
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=30_000)
+
+    saved = canvas_objects(tenant, canvas["id"])
+    made = [o for o in saved if o["job_id"] == job_id]
+    assert 1 <= len(made) <= 5 and len(saved) == len(first_objects) + len(made)
+    drawn = wait_for_drawn(page, len(saved))
+    # Every object, stacked as the API orders them (bottom to top).
+    assert [(d["id"], d["type"]) for d in drawn] == [(o["id"], o["type"]) for o in saved]
+    expect(page.locator("#canvas-svg")).to_have_attribute("viewBox", "0 0 1000 600")
+    expect(page.locator("#canvas-name")).to_have_text(canvas["name"])
+    expect(page.locator("#canvas-facts")).to_contain_text(f"{len(saved)} objects")
+
+    # Text stays text: the labels read as written, and nothing in them ran or became an element.
+    rectangle = page.locator(f"[data-object-id='{saved[0]['id']}']")
+    expect(rectangle).to_have_text(first_objects[0]["text"])
+    assert page.locator("#canvas-view img").count() == 0
+    assert page.evaluate("document.body.dataset.pwned") is None
+
+    # The image object shows the artifact's pixels, read with the key.
+    image = page.locator(f"[data-object-id='{saved[6]['id']}']")
+    expect(image).to_have_attribute("data-state", "loaded", timeout=15_000)
+    size = page.evaluate(
+        """async (id) => {
+            const image = document.querySelector(`[data-object-id="${id}"] image`);
+            const img = new Image();
+            img.src = image.getAttribute("href");
+            await img.decode();
+            return [img.naturalWidth, img.naturalHeight];
+        }""",
+        saved[6]["id"],
+    )
+    assert size == [128, 96]
+
+    # Opened afresh, the page draws the same canvas from GET alone.
+    page.reload()
+    expect(page.locator("#job-status")).to_have_text("succeeded")
+    assert [d["id"] for d in wait_for_drawn(page, len(saved))] == [o["id"] for o in saved]
+
+
+def test_objects_saved_by_another_job_appear_live_from_the_canvas_room(
+    page: Page, tenant: Tenant
+) -> None:
+    canvas = create_canvas(tenant, name="live board", width=800, height=600)
+    first = tenant.submit(
+        "canvas", {"canvas_id": canvas["id"], "prompt": "boxes", "max_objects": 2}
+    )
+    assert tenant.wait_for(first["id"], timeout=30)["status"] == "succeeded"
+    before = canvas_objects(tenant, canvas["id"])
+
+    # Once the page has joined the room and drawn the canvas, GET /canvases/{id} answers with
+    # what the canvas held then: whatever is drawn after that can only have come from the room.
+    snapshot: list[dict] = []
+    frozen: list[bool] = []
+
+    def freeze_the_canvas(route: Route) -> None:
+        if frozen:
+            route.fulfill(json=snapshot[0])
+            return
+        response = route.fetch()
+        snapshot[:] = [response.json()]
+        route.fulfill(response=response)
+
+    page.route(f"**/api/v1/canvases/{canvas['id']}", freeze_the_canvas)
+    page.goto(f"/#/jobs/{first['id']}")
+    expect(page.locator("#canvas-view")).to_have_attribute("data-subscribed", "true")
+    wait_for_drawn(page, len(before))
+    frozen.append(True)
+
+    second = tenant.submit(
+        "canvas",
+        {"canvas_id": canvas["id"], "prompt": "[[sim ttft=0.5]] circles", "max_objects": 3},
+    )
+    assert tenant.wait_for(second["id"], timeout=30)["status"] == "succeeded"
+    after = canvas_objects(tenant, canvas["id"])
+    assert len(after) > len(before)
+    drawn = wait_for_drawn(page, len(after))
+    assert [d["id"] for d in drawn] == [o["id"] for o in after]
+    expect(page.locator("#canvas-notice")).to_contain_text(f"Job {second['id'][:8]}: saved")
+    assert snapshot[0]["object_count"] == len(before)
+
+
+def test_without_websockets_a_canvas_job_draws_its_objects_when_it_ends(
+    context: BrowserContext, tenant: Tenant
+) -> None:
+    # No room to hear: the job's own events (long-polled) say when to read the canvas again.
+    page = context.new_page()
+    without_socketio(page)
+    sign_in(page, tenant, connection="polling")
+    canvas = create_canvas(tenant, name="polled board", width=640, height=480)
+    job_input = {"canvas_id": canvas["id"], "prompt": "[[sim ttft=1]] a chart", "max_objects": 3}
+    job_id = tenant.submit("canvas", job_input)["id"]
+    page.goto(f"/#/jobs/{job_id}")
+    expect(page.locator("#canvas-view")).to_be_visible()
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=30_000)
+    saved = canvas_objects(tenant, canvas["id"])
+    assert saved and all(o["job_id"] == job_id for o in saved)
+    assert [d["id"] for d in wait_for_drawn(page, len(saved))] == [o["id"] for o in saved]
+    assert page.locator("#canvas-view").get_attribute("data-subscribed") is None

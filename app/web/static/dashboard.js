@@ -1,10 +1,12 @@
 // The dashboard: sign in with an API key, submit jobs from forms generated from each kind's
 // schema, watch the job list and a job's page live. No framework and no build step.
 import { BatchPages } from "./batches.js";
+import { CanvasView } from "./canvas-view.js";
 import { CardView } from "./card-view.js";
 import { EventType } from "./events.js";
 import { dispositionFilename } from "./files.js";
 import { Live } from "./live.js";
+import { ImageView } from "./image-view.js";
 import { FieldError, renderForm, showFieldErrors } from "./schema-form.js";
 
 const KEY_STORAGE = "conveyor.apiKey";
@@ -120,6 +122,8 @@ const state = {
   rows: new Map(), // job id -> its table row
   job: null, // the job page's job
   card: null, // the job page's card view (character_card jobs)
+  images: null, // the job page's images (image jobs)
+  canvas: null, // the job page's canvas (canvas jobs)
   batches: null, // the batch pages
 };
 
@@ -133,6 +137,7 @@ async function signIn(key) {
   state.api = api;
   state.kinds = kinds;
   state.card = new CardView(api);
+  state.images = new ImageView(api);
   state.batches = new BatchPages(api, randomKey);
   state.live = new Live(api, {
     onState: showConnection,
@@ -143,6 +148,7 @@ async function signIn(key) {
     },
     refreshList: () => ($("home").hidden ? Promise.resolve(true) : refreshJobs()),
   });
+  state.canvas = new CanvasView(api, state.live);
   state.live.start();
   $("sign-out").hidden = false;
   setUpForm();
@@ -302,8 +308,11 @@ async function showJob(jobId) {
   $("job-timeline").replaceChildren();
   $("job-logs").replaceChildren();
   state.card.reset(job);
+  state.images.reset(job);
+  state.canvas.reset(job);
   renderJob(job);
   state.card.showResult(job).catch(showSyncError);
+  state.images.showResult(job);
   state.live.follow(jobId, (event) => applyEvent(jobId, event).catch(showSyncError));
   await loadLogs(jobId).catch(showSyncError);
 }
@@ -364,6 +373,8 @@ async function applyEvent(jobId, event) {
     renderJob(job);
     $("job-sync-error").textContent = "";
     await state.card.showResult(job);
+    state.images.showResult(job);
+    state.canvas.showResult(job);
     if (event.type === EventType.SUCCEEDED && !$("job-output").textContent) {
       // Replayed from PostgreSQL after the stream expired: the stored output stands in.
       const output = data.output ?? (await state.api.get(`/jobs/${jobId}/result`)).output;
@@ -415,6 +426,8 @@ async function route() {
   const batch = window.location.hash.match(/^#\/batches(?:\/([0-9a-f-]{36}))?$/);
   if (!match) {
     state.live.unfollow();
+    state.images.leave();
+    state.canvas.leave();
     state.job = null;
   }
   if (!batch) state.batches.leave();

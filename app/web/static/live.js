@@ -51,6 +51,13 @@ export class Feed {
 }
 
 const GAP_TIMEOUT_MS = 3000;
+// What a canvas's room says about its canvas jobs (docs/canvas.md): live notices, not replayed.
+const CANVAS_EVENTS = [
+  "ai_generation_started",
+  "objects_added",
+  "ai_generation_completed",
+  "ai_job_error",
+];
 const POLL_WAIT_SECONDS = 20;
 const LIST_POLL_MS = 3000;
 const LIST_POLL_MAX_MS = 30000;
@@ -119,6 +126,7 @@ export class Live {
     this.onRowProgress = onRowProgress;
     this.refreshList = refreshList;
     this.watch = null; // { jobId, feed }
+    this.canvas = null; // { canvasId, onSubscribed, onEvent }: the canvas room the page follows
     this.rows = new Set(); // ids of the list's unfinished jobs, whose deltas it wants
     this.failures = 0;
     this.polling = false;
@@ -152,6 +160,7 @@ export class Live {
       this.stopPolling();
       this.setState("live");
       this.resubscribe();
+      this.subscribeCanvas();
       this.subscribeRows(this.rows);
       if (missedEvents) this.refreshList();
     });
@@ -168,6 +177,12 @@ export class Live {
       if (!EPHEMERAL_EVENTS.has(event.type)) this.onOwnerEvent(event);
       else if (this.rows.has(event.job_id)) this.onRowProgress(event.job_id, event.data.progress);
     });
+    for (const name of CANVAS_EVENTS) {
+      this.socket.on(name, (data) => {
+        const canvas = this.canvas;
+        if (canvas && data?.canvas_id === canvas.canvasId) canvas.onEvent(name, data);
+      });
+    }
     this.socket.io.on("reconnect_attempt", () => {
       if (!this.polling) this.setState("reconnecting");
     });
@@ -196,6 +211,35 @@ export class Live {
     if (!watch || !this.socket?.connected) return;
     this.socket.emit("subscribe", { job_id: watch.jobId, after_seq: watch.feed.lastSeq }, (ack) => {
       if (!ack?.ok) console.warn("subscribe refused", ack);
+    });
+  }
+
+  /**
+   * Joins a canvas's room, now and at every reconnect. Its notices are not replayed, so
+   * `onSubscribed` runs after each join: the moment to read the canvas, missing nothing that
+   * the room says after it. Without a WebSocket there is no room; the job's own events are
+   * the only news.
+   */
+  followCanvas(canvasId, { onSubscribed, onEvent }) {
+    this.unfollowCanvas();
+    this.canvas = { canvasId, onSubscribed, onEvent };
+    this.subscribeCanvas();
+  }
+
+  unfollowCanvas() {
+    if (this.canvas && this.socket?.connected) {
+      this.socket.emit("unsubscribe", { canvas_id: this.canvas.canvasId });
+    }
+    this.canvas = null;
+  }
+
+  subscribeCanvas() {
+    const canvas = this.canvas;
+    if (!canvas || !this.socket?.connected) return;
+    this.socket.emit("subscribe", { canvas_id: canvas.canvasId }, (ack) => {
+      if (this.canvas !== canvas) return;
+      if (ack?.ok) canvas.onSubscribed(ack);
+      else console.warn("canvas subscribe refused", ack);
     });
   }
 
