@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from app.api.auth import current_principal
 from app.api.jobs import (
     PREFIX,
-    admission,
+    admission_errors,
     idempotency_key,
     idempotency_key_reused,
     model_choice,
@@ -175,7 +175,7 @@ def _validated_jobs(body: BatchBody) -> list[batches.BatchJob]:
             ]
             continue
         model, models = model_choice(kind, item.model, item.models)
-        if refused := kind.admission_errors(job_input, admission(owner, model)):
+        if refused := admission_errors(kind, job_input, owner, model):
             errors += [
                 FieldError(field=f"{label}.input.{field}", message=message)
                 for field, message in refused

@@ -82,7 +82,7 @@ def create_job(body: JobCreate) -> Response:
     except ValidationError as exc:
         raise validation_problem(exc, prefix="input") from None
     model, models = _chosen_models(kind, body)
-    if refused := kind.admission_errors(job_input, admission(principal.owner, model)):
+    if refused := admission_errors(kind, job_input, principal.owner, model):
         field, message = refused[0]
         raise field_problem(f"input.{field}", message)
     key = idempotency_key()
@@ -120,9 +120,13 @@ def create_job(body: JobCreate) -> Response:
     return json_response(job, 202 if not created.replayed else 200, headers)
 
 
-def admission(owner: str, model: str) -> Admission:
-    """What a kind's submit-time checks consult (kinds.base.Admission)."""
-    return Admission(runtime().settings, model, owner, runtime().db.request_session)
+def admission_errors(kind: Kind, job_input: Any, owner: str, model: str) -> list[tuple[str, str]]:
+    """The kind's submit-time checks (its `admit`), if it has any: a kind without them costs
+    the request nothing, not even a database session."""
+    if kind.admit is None:
+        return []
+    session = runtime().db.request_session
+    return kind.admit(job_input, Admission(runtime().settings, model, owner, session))
 
 
 def _chosen_models(kind: Kind, body: JobCreate) -> tuple[str, dict[str, str]]:

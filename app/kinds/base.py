@@ -70,9 +70,6 @@ class Kind:
     # (field under `input`, message) for each problem. A module's `admit`, if any.
     admit: Callable[[Any, Admission], list[tuple[str, str]]] | None = None
 
-    def admission_errors(self, job_input: Any, admission: Admission) -> list[tuple[str, str]]:
-        return [] if self.admit is None else self.admit(job_input, admission)
-
     def __post_init__(self) -> None:
         names = [step.name for step in self.steps]
         if len(set(names)) != len(names):
