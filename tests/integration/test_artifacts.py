@@ -15,9 +15,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import select, update
 
-from app import create_app
 from app.api.artifacts import _signature
-from app.config import Settings
 from app.jobs.artifacts import Artifacts, publish_effect
 from app.jobs.payloads import EventError, FailedPayload, SucceededPayload
 from app.jobs.transitions import Claim, LeaseLost
@@ -253,13 +251,14 @@ def test_a_store_failure_is_a_retryable_error_of_the_attempt(
     wait_until(lambda: (runtime().jobs.sweep(), not _rows(claim.job_id))[1], timeout=20)
 
 
-def test_listing_without_a_signing_secret_says_so(tenant: Tenant, settings: Settings) -> None:
+def test_listing_without_a_signing_secret_says_so(
+    tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
     claim = _claimed(tenant.owner)
     _save(claim)
     _succeed(claim)
-    unsigned = create_app(settings.model_copy(update={"secret_key": None}))
-    response = unsigned.test_client().get(
-        f"/api/v1/jobs/{claim.job_id}/artifacts", headers=tenant.headers
-    )
+    unsigned = runtime().settings.model_copy(update={"secret_key": None})
+    monkeypatch.setattr(runtime(), "settings", unsigned)
+    response = tenant.get(f"/api/v1/jobs/{claim.job_id}/artifacts")
     assert response.status_code == 503
     assert "CONVEYOR_SECRET_KEY" in response.get_json()["detail"]

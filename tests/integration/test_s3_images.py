@@ -1,25 +1,29 @@
 """A deployment whose artifacts are in S3 (moto's S3 server, a real separate process): a real
-Celery worker makes ComfyUI images into the bucket, the real web process (gunicorn) serves them
-by API key, Range and signed URL, and deleting the job deletes the objects.
+Celery worker process makes ComfyUI images into the bucket, the real web process (gunicorn)
+serves them by API key, Range and signed URL, and deleting the job deletes the objects.
 
-Its own Redis database, so the session's worker (filesystem store) never takes these jobs."""
+Its own Redis database, so the session's worker (filesystem store) never takes these jobs; and
+its own processes, because a second app in the tests' process would rebind the process-wide
+Socket.IO server and Celery's current app under the other tests."""
 
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from celery.contrib.testing.worker import start_worker
 from flask import Flask
 from PIL import Image
 
-from app import create_app
 from app.config import Settings
 from app.keys.api_keys import create_api_key
-from app.runtime import runtime_of
+from app.runtime import runtime
 from tests import s3server
 from tests.conftest import wait_until
 from tests.s3server import MotoS3Server
@@ -45,21 +49,25 @@ def s3_deployment(settings: Settings, s3_server: MotoS3Server, s3_bucket: str) -
 
 
 @pytest.fixture(scope="module")
-def s3_app(s3_deployment: Settings) -> Iterator[Flask]:
-    flask_app = create_app(s3_deployment)
-    import workers.tasks  # noqa: F401  the shared tasks, on this app's Celery too
-
-    celery = runtime_of(flask_app).celery
-    with start_worker(
-        celery, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"
-    ):
-        yield flask_app
-
-
-@pytest.fixture(scope="module")
-def s3_web(s3_deployment: Settings, s3_app: Flask) -> Iterator[WebServer]:
+def s3_web(
+    s3_deployment: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WebServer]:
     server = WebServer(s3_deployment).start()
+    log = (tmp_path_factory.mktemp("s3-worker") / "worker.log").open("ab")
+    command = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
+    command += ["--pool", "threads", "--concurrency", "2", "--loglevel", "WARNING"]
+    command += ["--without-mingle", "--without-gossip", "-n", f"s3-{uuid.uuid4().hex[:6]}@%h"]
+    worker = subprocess.Popen(
+        command, env=server.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     yield server
+    os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+    log.close()
     server.stop()
 
 
@@ -69,10 +77,9 @@ def _keys_in_bucket(server: MotoS3Server, bucket: str) -> list[str]:
 
 
 def test_images_in_s3_are_served_and_deleted_with_their_job(
-    s3_app: Flask, s3_web: WebServer, s3_server: MotoS3Server, s3_bucket: str
+    app: Flask, s3_web: WebServer, s3_server: MotoS3Server, s3_bucket: str
 ) -> None:
-    with s3_app.app_context():
-        key = create_api_key(runtime_of(s3_app).db, f"s3-{uuid.uuid4().hex[:8]}")
+    key = create_api_key(runtime().db, f"s3-{uuid.uuid4().hex[:8]}")  # the same PostgreSQL
     api = httpx.Client(
         base_url=f"{s3_web.url}/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=10
     )
@@ -84,7 +91,7 @@ def test_images_in_s3_are_served_and_deleted_with_their_job(
         lambda: (
             (job := api.get(f"/jobs/{job_id}").json())["status"] in ("succeeded", "failed") and job
         ),
-        timeout=60,
+        timeout=90,
     )
     assert done["status"] == "succeeded", done
 
