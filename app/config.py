@@ -107,6 +107,14 @@ class Settings(BaseSettings):
         1.0, ge=0, description="seconds a process reuses a readiness or health check's result"
     )
     secret_key: str | None = Field(None, validation_alias=_alias("SECRET_KEY"))
+    rate_limits_enabled: bool = Field(True, description="per-key request rate limits")
+    rate_limit_create: str = Field(
+        "300/minute", description="requests that create jobs, per key (`limits` notation)"
+    )
+    rate_limit_read: str = Field("1200/minute", description="other requests, per key")
+    rate_limit_stream: str = Field(
+        "3000/minute", description="event feeds (long-polls, SSE) and exports, per key"
+    )
     export_max_streams: int = Field(
         4, ge=1, description="job-list exports one web process streams at once"
     )
@@ -118,6 +126,17 @@ class Settings(BaseSettings):
         "empty: the server's own origin only",
     )
     realtime_token_ttl: int = Field(300, ge=10, le=86_400)
+
+    @field_validator("rate_limit_create", "rate_limit_read", "rate_limit_stream")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a rate limit like '300/minute': {exc}") from None
+        return value
 
     @field_validator("allowed_origins", "allowed_models", mode="before")
     @classmethod
@@ -204,6 +223,10 @@ def testing_settings(**overrides: object) -> Settings:
         "job_soft_time_limit": 10.0,
         "job_time_limit": 20.0,
         "artifact_orphan_grace": 0.5,
+        # Each test's tenant has its own key; the limits' own tests lower them.
+        "rate_limit_create": "100000/minute",
+        "rate_limit_read": "100000/minute",
+        "rate_limit_stream": "100000/minute",
     }
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]

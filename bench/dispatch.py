@@ -3,6 +3,9 @@ peers measured in the same run on the same private PostgreSQL and Redis:
 
   live    peer (a): GET /api/v1/live, same server and settings (HTTP + Flask floor)
   post    POST /api/v1/jobs {"kind":"chat","input":{"prompt":"hello"}} with a Bearer key
+          (per-key rate limits on, set high enough never to refuse: their cost is measured)
+  postoff peer (d): the same POST to a second gunicorn with rate limits off
+          (target: post >= 0.9x postoff)
   raw1    peer (b): INSERT jobs + INSERT job_events in one transaction, then
           send_task("conveyor.run_job") with the app's Celery config; no HTTP; one thread
   rawN    the same in --raw-procs processes x --raw-threads threads (default 2 x 16, the
@@ -69,13 +72,18 @@ from bench.common import (
     wait_until,
 )
 
-PHASES = ("live", "post", "raw1", "rawN", "svc1", "batch")
-DEFAULT_PHASES = ("live", "post", "raw1", "rawN", "batch")
+PHASES = ("live", "post", "postoff", "raw1", "rawN", "svc1", "batch")
+DEFAULT_PHASES = ("live", "post", "postoff", "raw1", "rawN", "batch")
 # Served by gunicorn (their CPU per op is gunicorn's); the others run in the load processes.
-HTTP_PHASES = ("live", "post", "batch")
+HTTP_PHASES = ("live", "post", "postoff", "batch")
 POST_BODY = {"kind": "chat", "input": {"prompt": "hello"}}
 OWNER = "bench"
-TARGETS = {"live": 0.5, "rawN": 0.8}
+TARGETS = {"live": 0.5, "rawN": 0.8, "postoff": 0.9}
+# Limits no bench load reaches: the limiter runs on every request and never refuses one.
+UNREACHED_LIMITS = {
+    f"CONVEYOR_RATE_LIMIT_{tier}": "100000000/minute" for tier in ("CREATE", "READ", "STREAM")
+}
+NO_LIMITS = {"CONVEYOR_RATE_LIMITS_ENABLED": "false"}
 # Jobs per second through batches over jobs per second through single POSTs.
 BATCH_TARGET = 3.0
 
@@ -333,6 +341,8 @@ class Bench:
     server: Child
     url: str
     key: str
+    # The peer server without rate limits (the postoff phase), when that phase runs.
+    url_off: str | None
     pool: ProcessPoolExecutor
     meter: CpuMeter
     celery_conf: dict[str, Any]
@@ -362,7 +372,9 @@ def create_key(settings: Any) -> str:
     return key
 
 
-def start_server(services: Services, args: argparse.Namespace) -> tuple[Child, str]:
+def start_server(
+    services: Services, args: argparse.Namespace, limits: dict[str, str]
+) -> tuple[Child, str]:
     from devtools.processes import free_port
 
     port = free_port()
@@ -376,6 +388,7 @@ def start_server(services: Services, args: argparse.Namespace) -> tuple[Child, s
     target = "bench.variants:web_app()" if args.variants else "app:create_app()"
     cmd += ["--graceful-timeout", "20", target]
     env = services.env(OPENAI_API_KEY="x", **{variants.ENV: ",".join(args.variants)})
+    env.update(limits)
     env.update(kv.split("=", 1) for kv in args.env)
     server = Child("gunicorn", cmd, env, services.workdir).start()
     url = f"http://127.0.0.1:{port}"
@@ -419,9 +432,10 @@ def http_request(bench: Bench, phase: str) -> dict[str, Any]:
             "body": json.dumps({"items": [POST_BODY] * bench.args.batch_size}).encode(),
             "expect": 202,
         }
+    base = bench.url_off if phase == "postoff" else bench.url
     return {
         "method": "POST",
-        "url": f"{bench.url}/api/v1/jobs",
+        "url": f"{base}/api/v1/jobs",
         "headers": headers,
         "body": json.dumps(POST_BODY).encode(),
         "expect": 202,
@@ -492,6 +506,7 @@ def summarize(
 PHASE_LABELS = {
     "live": "(a) GET /live",
     "post": "POST /jobs",
+    "postoff": "(d) POST /jobs, no rate limits",
     "raw1": "(b) raw 1 thread",
     "rawN": "(b) raw {procs}x{threads} threads",
     "svc1": "(c) create_job() 1 thread",
@@ -515,6 +530,8 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> dict[str, fl
         rates[phase] = rps
         cpu = {k: median([r.cpu[k] for r in runs]) for k in runs[0].cpu}
         served_by = "gunicorn" if phase in HTTP_PHASES else "load"
+        if phase == "postoff":
+            served_by = "gunicorn_off"  # the peer server's own processes
         bad = sum(sum(r.bad.values()) for r in runs)
         rows.append(
             [
@@ -572,7 +589,7 @@ def report_ratios(rates: dict[str, float], args: argparse.Namespace) -> None:
     if not post:
         return
     rows = []
-    for peer in ("live", "raw1", "rawN", "svc1"):
+    for peer in ("live", "postoff", "raw1", "rawN", "svc1"):
         if rates.get(peer):
             target = TARGETS.get(peer)
             ratio = post / rates[peer]
@@ -712,8 +729,13 @@ def main() -> int:
         services = stack.enter_context(private_services())
         settings = services.settings(openai_api_key="x")
         key = create_key(settings)
-        server, url = start_server(services, args)
+        server, url = start_server(services, args, UNREACHED_LIMITS)
         stack.callback(server.stop)
+        url_off, off_root = None, {}
+        if "postoff" in args.phases:
+            server_off, url_off = start_server(services, args, NO_LIMITS)
+            stack.callback(server_off.stop)
+            off_root = {"gunicorn_off": server_off.pid}
         procs = max(2, args.raw_procs)
         pool = stack.enter_context(
             ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
@@ -721,8 +743,17 @@ def main() -> int:
         for future in [pool.submit(_prepare_worker) for _ in range(procs)]:
             future.result()
         roots = {"gunicorn": server.pid, "postgres": services.pg.pid, "redis": services.redis.pid}
+        roots |= off_root
         bench = Bench(
-            args, services, server, url, key, pool, CpuMeter(roots), celery_config(settings)
+            args,
+            services,
+            server,
+            url,
+            key,
+            url_off,
+            pool,
+            CpuMeter(roots),
+            celery_config(settings),
         )
         if args.variants or args.env:
             print(f"what-if: variants {args.variants or '-'}, env {args.env or '-'}")

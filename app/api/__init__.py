@@ -16,6 +16,7 @@ from app.api import (
     jobs,
     openapi,
     problems,
+    ratelimits,
     realtime,
     system,
 )
@@ -39,13 +40,22 @@ BLUEPRINTS = (
 # What a browser app on an allowed origin may send and read. Credentials (cookies) are never
 # allowed: the API authenticates with a bearer key the app sends itself.
 CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"]
-CORS_EXPOSED_HEADERS = ["Location", "Retry-After", "Idempotent-Replayed"]
+CORS_EXPOSED_HEADERS = [
+    "Location",
+    "Retry-After",
+    "Idempotent-Replayed",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+    "RateLimit-Policy",
+]
 CORS_MAX_AGE = 600
 
 
 def init_app(app: Flask, settings: Settings) -> None:
     problems.init_app(app)
     health.init_app(app)
+    ratelimits.init_app(app, settings)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint, url_prefix=PREFIX)
     if settings.allowed_origins:

@@ -3,8 +3,9 @@ app/keys/api_keys.py)."""
 
 from __future__ import annotations
 
-from flask import g, request
+from flask import current_app, g, request
 
+from app.api import ratelimits
 from app.api.problems import ApiProblem
 from app.keys.api_keys import Principal, principal_for_key
 from app.runtime import runtime
@@ -19,6 +20,7 @@ def authenticate() -> Principal:
     if principal is None:
         raise _unauthorized("The API key is unknown or revoked.")
     g.principal = principal
+    ratelimits.check_request(current_app, principal)
     return principal
 
 
