@@ -261,7 +261,7 @@ def expiry(at: datetime, run_at: datetime | None, expires_after: float | None) -
     return due + timedelta(seconds=expires_after)
 
 
-def expires_after(job: Job) -> int | None:
+def expires_after_of(job: Job) -> int | None:
     """The `expires_after` a job was created with (its expiry, less the time it became due)."""
     if job.expires_at is None:
         return None
@@ -466,7 +466,7 @@ class Jobs:
                 "max_attempts": old.max_attempts,
                 "model": old.model,
                 "models": old.models,
-                "expires_after": expires_after(old),
+                "expires_after": expires_after_of(old),
                 "timeout_seconds": old.timeout_seconds,
             }
         try:
