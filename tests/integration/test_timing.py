@@ -55,7 +55,7 @@ def field_of(response: Any) -> str:
 def test_a_scheduled_job_is_not_claimed_before_its_run_at_and_runs_after_a_sweep(
     tenant: Tenant,
 ) -> None:
-    run_at = in_seconds(2)
+    run_at = in_seconds(3)
     job = tenant.submit("chat", {"prompt": f"later {uuid.uuid4()}"}, run_at=iso(run_at))
     job_id = uuid.UUID(job["id"])
     assert job["status"] == "queued"
