@@ -66,6 +66,17 @@ class Job(Base):
             unique=True,
             postgresql_where=text("batch_id IS NOT NULL"),
         ),
+        # Scheduled jobs the sweeper has not published yet, by when they are due.
+        Index(
+            "jobs_scheduled_due",
+            "run_at",
+            postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
+        ),
+        Index(
+            "jobs_queued_expiry",
+            "expires_at",
+            postgresql_where=text("status = 'queued' AND expires_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -89,7 +100,13 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None]
     retry_at: Mapped[datetime | None]
     cancel_requested_at: Mapped[datetime | None]
+    # NULL while a scheduled job waits for its run_at: the sweeper publishes it when it is due.
     dispatched_at: Mapped[datetime | None]
+    # Not before (a scheduled job); the deadline to start an attempt (the job fails `expired`
+    # if it is still queued then); the attempt's own time limit, under the deployment's.
+    run_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    timeout_seconds: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None]

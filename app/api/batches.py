@@ -19,6 +19,7 @@ from app.api.jobs import (
     idempotency_key_reused,
     model_choice,
     model_choice_errors,
+    timing_errors,
 )
 from app.api.pages import keyset_page
 from app.api.problems import ApiProblem, FieldError, field_errors, field_problem
@@ -174,6 +175,9 @@ def _validated_jobs(body: BatchBody) -> list[batches.BatchJob]:
                 FieldError(field=f"{label}.{e.field}", message=e.message) for e in choice_errors
             ]
             continue
+        if timing := timing_errors(item):
+            errors += [FieldError(field=f"{label}.{e.field}", message=e.message) for e in timing]
+            continue
         model, models = model_choice(kind, item.model, item.models)
         if refused := admission_errors(kind, job_input, owner, model):
             errors += [
@@ -182,7 +186,10 @@ def _validated_jobs(body: BatchBody) -> list[batches.BatchJob]:
             ]
             continue
         max_attempts = item.max_attempts or default_attempts
-        jobs.append(batches.BatchJob(item.kind, dumped, item.priority, max_attempts, model, models))
+        timing = batches.Timing(item.run_at, item.expires_after, item.timeout_seconds)
+        jobs.append(
+            batches.BatchJob(item.kind, dumped, item.priority, max_attempts, model, models, timing)
+        )
     if errors:
         raise _items_problem(errors)
     return jobs
@@ -219,6 +226,8 @@ def create_batch(body: BatchBody) -> Response:
                     "priority": job.priority,
                     "max_attempts": job.max_attempts,
                     "model": job.model,
+                    # Only when given, so a key used before they existed keeps its fingerprint.
+                    **job.timing.given(),
                 }
                 for job in jobs
             ]

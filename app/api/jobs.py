@@ -82,23 +82,14 @@ def create_job(body: JobCreate) -> Response:
     except ValidationError as exc:
         raise validation_problem(exc, prefix="input") from None
     model, models = _chosen_models(kind, body)
+    if timing := timing_errors(body):
+        raise field_problem(timing[0].field, timing[0].message)
     if refused := admission_errors(kind, job_input, principal.owner, model):
         field, message = refused[0]
         raise field_problem(f"input.{field}", message)
     key = idempotency_key()
     max_attempts = body.max_attempts or runtime().settings.job_max_attempts
-    fingerprint = None
-    if key:
-        request_with_defaults = {
-            "kind": body.kind,
-            "input": job_input.model_dump(mode="json", by_alias=True),
-            "priority": body.priority,
-            "max_attempts": max_attempts,
-        }
-        # Only when given, so a key used before models could be chosen keeps its fingerprint.
-        choice = {"model": body.model, "models": body.models}
-        request_with_defaults.update({name: value for name, value in choice.items() if value})
-        fingerprint = transitions.request_fingerprint(request_with_defaults)
+    fingerprint = _fingerprint(body, job_input, max_attempts) if key else None
     try:
         created = runtime().jobs.create_job(
             owner=principal.owner,
@@ -110,6 +101,9 @@ def create_job(body: JobCreate) -> Response:
             fingerprint=fingerprint,
             model=model,
             models=models,
+            run_at=body.run_at,
+            expires_after=body.expires_after,
+            timeout_seconds=body.timeout_seconds,
         )
     except transitions.IdempotencyConflict as exc:
         raise idempotency_key_reused(exc) from None
@@ -118,6 +112,42 @@ def create_job(body: JobCreate) -> Response:
     if created.replayed:
         headers["Idempotent-Replayed"] = "true"
     return json_response(job, 202 if not created.replayed else 200, headers)
+
+
+def _fingerprint(body: JobCreate, job_input: Any, max_attempts: int) -> str:
+    """Of the request with its defaults applied (see transitions.request_fingerprint)."""
+    request_with_defaults = {
+        "kind": body.kind,
+        "input": job_input.model_dump(mode="json", by_alias=True),
+        "priority": body.priority,
+        "max_attempts": max_attempts,
+    }
+    request_with_defaults.update(optional_fields(body))
+    return transitions.request_fingerprint(request_with_defaults)
+
+
+def optional_fields(body: JobCreate) -> dict[str, Any]:
+    """The fingerprint's share of the fields a request may leave out: only those given, so a
+    key used before a field existed keeps its fingerprint. run_at is compared as the instant
+    it names, whatever the offset it was written with."""
+    given = {
+        "model": body.model,
+        "models": body.models,
+        "run_at": body.run_at.isoformat() if body.run_at is not None else None,
+        "expires_after": body.expires_after,
+        "timeout_seconds": body.timeout_seconds,
+    }
+    return {name: value for name, value in given.items() if value}
+
+
+def timing_errors(body: JobCreate) -> list[FieldError]:
+    """What the deployment refuses of a request's timing (its static bounds are JobCreate's):
+    a timeout_seconds above the deployment's own time limit."""
+    limit = runtime().settings.job_soft_time_limit
+    if body.timeout_seconds is not None and body.timeout_seconds > limit:
+        message = f"must be at most {limit:g}, this deployment's CONVEYOR_JOB_SOFT_TIME_LIMIT"
+        return [FieldError(field="timeout_seconds", message=message)]
+    return []
 
 
 def admission_errors(kind: Kind, job_input: Any, owner: str, model: str) -> list[tuple[str, str]]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -39,6 +40,44 @@ from app.models import Batch, Canvas, Job
 # Kind names as the registry spells them; anything else (a NUL byte, say) is refused here.
 KIND_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 
+# The bounds of a job's timing (docs/api.md, "Scheduling, expiry and timeouts"). A run_at a
+# little in the past is due at once: the client's clock may be behind ours, and a request
+# retried with its Idempotency-Key must still be accepted a little later. Further back it is
+# more likely a mistake (a local time sent as UTC) than a wish to run now.
+RUN_AT_PAST_TOLERANCE = timedelta(minutes=5)
+RUN_AT_MAX_AHEAD = timedelta(days=365)
+MAX_EXPIRES_AFTER = 30 * 86_400  # seconds: 30 days
+
+
+def _rfc3339_text(value: object) -> object:
+    # pydantic would also take a number (Unix time) for a datetime: the API takes text only.
+    if not isinstance(value, str):
+        raise PydanticCustomError(
+            "run_at_type", "must be an RFC 3339 date-time with an offset, as a string"
+        )
+    return value
+
+
+def _within_bounds(value: datetime) -> datetime:
+    now = datetime.now(UTC)
+    if value < now - RUN_AT_PAST_TOLERANCE:
+        raise PydanticCustomError(
+            "run_at_past",
+            "must not be more than 5 minutes in the past (got {value})",
+            {"value": value.isoformat()},
+        )
+    if value > now + RUN_AT_MAX_AHEAD:
+        raise PydanticCustomError(
+            "run_at_too_far",
+            "must be at most 365 days ahead (got {value})",
+            {"value": value.isoformat()},
+        )
+    return value.astimezone(UTC)
+
+
+# When a job may start: RFC 3339 with an offset ("2030-01-01T09:00:00+02:00", "…Z").
+RunAt = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(_within_bounds)]
+
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -62,6 +101,29 @@ class JobCreate(BaseModel):
         description="Role -> model, for a kind whose steps name roles (GET /kinds): the model "
         "of each role named here, over `model`. The same models are allowed as for `model`.",
         examples=[{"creative": "anthropic/claude-sonnet-4"}],
+    )
+    run_at: RunAt | None = Field(
+        None,
+        description="Not before this instant (RFC 3339 with an offset; at most 365 days ahead, "
+        "at most 5 minutes past): the job is stored now and published once due, within one "
+        "sweeper interval (CONVEYOR_SWEEPER_INTERVAL).",
+        examples=["2030-01-01T09:00:00Z"],
+    )
+    expires_after: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_EXPIRES_AFTER,
+        description="Seconds (1 to 2,592,000: 30 days) after the job is due (its run_at, else "
+        "its creation): a job still queued then fails with the error code `expired`.",
+        examples=[600],
+    )
+    timeout_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="The time limit of each attempt, in seconds, from 1 to the deployment's "
+        "CONVEYOR_JOB_SOFT_TIME_LIMIT (the default); past it the job fails with "
+        "`time_limit_exceeded`.",
+        examples=[120],
     )
 
 
@@ -119,6 +181,13 @@ class JobOut(BaseModel):
     retry_of: uuid.UUID | None
     batch_id: uuid.UUID | None = Field(description="The batch the job was created in, if any")
     retry_at: datetime | None
+    run_at: datetime | None = Field(description="A scheduled job's: not before this instant")
+    expires_at: datetime | None = Field(
+        description="Still queued at this instant, the job fails `expired` (from expires_after)"
+    )
+    timeout_seconds: int | None = Field(
+        description="The job's own time limit per attempt; null: the deployment's"
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -148,6 +217,9 @@ class JobOut(BaseModel):
             retry_of=job.retry_of,
             batch_id=job.batch_id,
             retry_at=job.retry_at,
+            run_at=job.run_at,
+            expires_at=job.expires_at,
+            timeout_seconds=job.timeout_seconds,
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,
@@ -441,7 +513,7 @@ class SweeperHealth(Component):
     last_sweep_age_s: float | None
     last_sweep: dict[str, int] | None = Field(
         description="what the last sweep did: republished, recovered, failed, canceled, "
-        "artifacts_swept"
+        "artifacts_swept, scheduled (due scheduled jobs published), expired"
     )
 
 

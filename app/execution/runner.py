@@ -95,10 +95,11 @@ def _run_attempt(ctx: JobContext) -> Outcome:
         _fail(ctx, "invalid_input", str(exc))
         return Outcome.FAILED
     except JobTimedOut:
+        limit = "its timeout_seconds" if ctx.claim.timeout_seconds else "the time limit"
         _fail(
             ctx,
             "time_limit_exceeded",
-            f"the job ran longer than {ctx.settings.job_soft_time_limit:g} s",
+            f"the job ran longer than {limit} ({ctx.time_limit:g} s)",
         )
         return Outcome.FAILED
     except Exception as exc:

@@ -31,7 +31,7 @@ from app.jobs.events import Event
 from app.jobs.intake import NewJob
 from app.jobs.payloads import CanceledPayload, QueuedPayload
 from app.jobs.states import TERMINAL, JobStatus
-from app.jobs.transitions import IdempotencyConflict, JobRequestError, now
+from app.jobs.transitions import IdempotencyConflict, JobRequestError, expiry, now
 from app.models import Batch, Job
 
 if TYPE_CHECKING:
@@ -52,6 +52,24 @@ class BatchNotFound(JobRequestError):
 
 
 @dataclass(frozen=True)
+class Timing:
+    """When a job may start, how long it may stay queued once due, and its time limit."""
+
+    run_at: datetime | None = None
+    expires_after: int | None = None
+    timeout_seconds: int | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The fields a request set, as JSON values (for an Idempotency-Key's fingerprint)."""
+        values = {
+            "run_at": self.run_at.isoformat() if self.run_at is not None else None,
+            "expires_after": self.expires_after,
+            "timeout_seconds": self.timeout_seconds,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
 class BatchJob:
     """One validated item of a batch: what POST /jobs would create, with its defaults."""
 
@@ -61,6 +79,7 @@ class BatchJob:
     max_attempts: int
     model: str
     models: dict[str, str]  # role -> model, pinned as for a single job
+    timing: Timing = field(default_factory=Timing)
 
 
 @dataclass
@@ -216,6 +235,9 @@ class Batches:
                 at=at,
                 batch_id=batch_id,
                 batch_item=position,
+                run_at=item.timing.run_at,
+                expires_at=expiry(at, item.timing.run_at, item.timing.expires_after),
+                timeout_seconds=item.timing.timeout_seconds,
             )
             for position, item in enumerate(items)
         ]
@@ -234,7 +256,7 @@ class Batches:
         if stored is None:
             return self._replay(owner, idempotency_key, fingerprint)
         self.bus.publish([job.queued_event() for job in jobs])
-        self.intake.dispatch(jobs)
+        self.intake.dispatch([job for job in jobs if not job.scheduled])
         summary = BatchSummary()
         summary.counts[JobStatus.QUEUED] = len(jobs)
         batch = Batch(**{column: getattr(stored, column) for column in stored._fields})
@@ -290,10 +312,15 @@ def _jobs_json(jobs: list[NewJob]) -> str:
                 "max_attempts": job.max_attempts,
                 "model": job.model,
                 "models": job.models or {},
+                "run_at": job.run_at,
+                "expires_at": job.expires_at,
+                "timeout_seconds": job.timeout_seconds,
+                "dispatched_at": job.dispatched_at,
                 "event": job.queued_event().data,
                 "batch_item": job.batch_item,
             }
             for job in jobs
         ],
         separators=(",", ":"),
+        default=str,
     )

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from celery import Celery
 from sqlalchemy import Row
@@ -59,11 +59,39 @@ class NewJob:
     # Set for the jobs of a batch (app/jobs/batches.py), which stores them itself.
     batch_id: uuid.UUID | None = None
     batch_item: int | None = None
+    # Not before this instant: stored unpublished, the sweeper publishes it once due.
+    run_at: datetime | None = None
+    # Still queued at this instant: the sweeper fails it `expired`, and no claim starts it.
+    expires_at: datetime | None = None
+    timeout_seconds: int | None = None  # the attempt's time limit, under the deployment's
+
+    @property
+    def scheduled(self) -> bool:
+        """Held back for the sweeper rather than published now: its run_at is still ahead."""
+        return self.run_at is not None and self.run_at > self.at
+
+    @property
+    def dispatched_at(self) -> datetime | None:
+        """NULL for a scheduled job (no message exists yet): the unclaimed-job republish
+        never sees it, and the due scan (`sql.DISPATCH_DUE`) does."""
+        return None if self.scheduled else self.at
 
     def queued_event(self) -> Event:
         """The job's first event (seq 1), stored with the row and then published."""
-        payload = QueuedPayload(kind=self.kind, retry_of=self.retry_of)
+        payload = QueuedPayload(
+            kind=self.kind, retry_of=self.retry_of, run_at=self.run_at, expires_at=self.expires_at
+        )
         return Event(self.id, self.owner, 1, payload, self.at, self.batch_id)
+
+
+class Dispatchable(Protocol):
+    """What a Celery message is made from: a new job, or a row the sweeper found due."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+
+    @property
+    def priority(self) -> int: ...
 
 
 # What the intake gives back for one job: its row, None when its Idempotency-Key was already
@@ -97,7 +125,7 @@ class JobIntake:
         created = [job for job, row in zip(batch, stored, strict=True) if isinstance(row, Row)]
         if created:
             self._bus.publish([job.queued_event() for job in created])
-            self.dispatch(created)
+            self.dispatch([job for job in created if not job.scheduled])
         return stored
 
     def _store(self, batch: list[NewJob]) -> list[StoreOutcome]:
@@ -113,7 +141,12 @@ class JobIntake:
     def _insert(self, batch: Sequence[NewJob]) -> dict[uuid.UUID, Row[Any]]:
         jobs = json.dumps(
             [
-                {**vars(job), "event": job.queued_event().data, "ord": position}
+                {
+                    **vars(job),
+                    "dispatched_at": job.dispatched_at,
+                    "event": job.queued_event().data,
+                    "ord": position,
+                }
                 for position, job in enumerate(batch)
             ],
             default=str,
@@ -125,7 +158,7 @@ class JobIntake:
             ).all()
         return {row.id: row for row in rows}
 
-    def dispatch(self, jobs: list[NewJob]) -> None:
+    def dispatch(self, jobs: Sequence[Dispatchable]) -> None:
         """Their Celery messages through one pipeline (kombu flushes it every 1,000). Jobs
         whose publish fails stay queued for the sweeper.
 
@@ -134,6 +167,8 @@ class JobIntake:
         job, most of a batch's cost). The first message declares the queue as usual, which
         kombu needs for Redis to route the rest; the others skip the check. The repr, a list
         of one id string, is the same text saferepr writes."""
+        if not jobs:
+            return
         try:
             with self._celery.producer_or_acquire() as producer, producer.batch():
                 for position, job in enumerate(jobs):

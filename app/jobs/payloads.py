@@ -88,6 +88,12 @@ class QueuedPayload(EventPayload):
 
     kind: str = Field(description="the job's kind")
     retry_of: uuid.UUID | None = Field(description="the job this one retries, or null")
+    run_at: IsoDatetime | None = absent_unless_given(
+        "only for a scheduled job: no attempt starts before this instant"
+    )
+    expires_at: IsoDatetime | None = absent_unless_given(
+        "only for a job with `expires_after`: still queued then, it fails `expired`"
+    )
 
 
 class StartedPayload(EventPayload):
@@ -198,10 +204,11 @@ class FailedPayload(EventPayload):
 
     event_type = EventType.FAILED
 
-    reason: Literal["worker_lost"] | None = absent_unless_given(
-        "only when the sweeper failed the job: its last attempt's worker stopped answering"
+    reason: Literal["worker_lost", "expired"] | None = absent_unless_given(
+        "only when the sweeper failed the job: `worker_lost`, its last attempt's worker "
+        "stopped answering; `expired`, it was still queued at its `expires_at`"
     )
-    attempt: int = Field(ge=1, description="the last attempt")
+    attempt: int = Field(ge=0, description="the last attempt; 0 when none started (`expired`)")
     worker: str | None = absent_unless_given("with `reason`: the worker that stopped answering")
     error: EventError = Field(description="why the job failed")
     output: dict[str, Any] | None = replayed_output()

@@ -67,8 +67,10 @@ class SweepRecord:
     recovered: int
     failed: int
     canceled: int
-    # A default, so a record written before artifacts existed still reads.
+    # Defaults, so a record written before artifacts (or scheduled jobs) existed still reads.
     artifacts_swept: int = 0
+    scheduled: int = 0
+    expired: int = 0
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.at)

@@ -24,13 +24,15 @@ WITH new AS (
     SELECT * FROM jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(
         id uuid, owner text, kind text, input jsonb, priority int, max_attempts int,
         idempotency_key text, request_hash text, model text, models jsonb, retry_of uuid,
-        at timestamptz, event jsonb, ord int)
+        at timestamptz, run_at timestamptz, expires_at timestamptz, timeout_seconds int,
+        dispatched_at timestamptz, event jsonb, ord int)
 ), job AS (
     INSERT INTO jobs (id, owner, kind, status, input, priority, max_attempts, idempotency_key,
                       request_hash, model, models, retry_of, last_seq, created_at, updated_at,
-                      dispatched_at)
+                      run_at, expires_at, timeout_seconds, dispatched_at)
     SELECT id, owner, kind, 'queued', input, priority, max_attempts, idempotency_key,
-           request_hash, model, models, retry_of, 1, at, at, at
+           request_hash, model, models, retry_of, 1, at, at, run_at, expires_at,
+           timeout_seconds, dispatched_at
     FROM new ORDER BY ord
     ON CONFLICT (owner, idempotency_key) DO NOTHING
     RETURNING *
@@ -53,9 +55,10 @@ WITH claimed AS (
         progress = 0, retry_at = NULL, started_at = coalesce(started_at, now()),
         updated_at = now(), last_seq = last_seq + 1
     WHERE id = :id AND status = 'queued' AND (retry_at IS NULL OR retry_at <= now())
+      AND (run_at IS NULL OR run_at <= now()) AND (expires_at IS NULL OR expires_at > now())
       AND attempt < max_attempts
     RETURNING id, owner, kind, input, attempt, max_attempts, priority, model, models, last_seq,
-              batch_id
+              batch_id, timeout_seconds
 ), started AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
     SELECT id, last_seq, :type, :at, jsonb_set(CAST(:data AS jsonb), '{attempt}', to_jsonb(attempt))
@@ -171,13 +174,15 @@ WITH batch AS (
 ), new AS (
     SELECT * FROM jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(
         id uuid, kind text, input jsonb, priority int, max_attempts int, model text,
-        models jsonb, event jsonb, batch_item int)
+        models jsonb, run_at timestamptz, expires_at timestamptz, timeout_seconds int,
+        dispatched_at timestamptz, event jsonb, batch_item int)
 ), job AS (
     INSERT INTO jobs (id, owner, kind, status, input, priority, max_attempts, model, models,
-                      batch_id, batch_item, last_seq, created_at, updated_at, dispatched_at)
+                      batch_id, batch_item, last_seq, created_at, updated_at, run_at,
+                      expires_at, timeout_seconds, dispatched_at)
     SELECT new.id, batch.owner, new.kind, 'queued', new.input, new.priority, new.max_attempts,
            new.model, new.models, batch.id, new.batch_item, 1, batch.created_at,
-           batch.created_at, batch.created_at
+           batch.created_at, new.run_at, new.expires_at, new.timeout_seconds, new.dispatched_at
     FROM new CROSS JOIN batch ORDER BY new.batch_item
     RETURNING id
 ), queued AS (
@@ -216,4 +221,46 @@ WITH batch AS (
 )
 SELECT changed.id, changed.owner, changed.status, changed.last_seq
 FROM batch LEFT JOIN changed ON true
+""")
+
+
+# The sweeper's two passes over queued jobs with a time of their own, each one statement for a
+# batch of jobs (not one per job), reading a partial index that holds only those jobs.
+#
+# Scheduled jobs whose run_at has come: marked published (dispatched_at) and returned, for the
+# caller to publish through one pipeline. From then on they are ordinary queued jobs, which the
+# unclaimed-job republish covers if the message is lost.
+DISPATCH_DUE = text("""
+UPDATE jobs SET dispatched_at = now()
+WHERE id IN (
+    SELECT id FROM jobs
+    WHERE status = 'queued' AND dispatched_at IS NULL AND run_at <= now()
+    ORDER BY run_at
+    LIMIT :batch
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, priority
+""")
+
+# Queued jobs past their expires_at: failed `expired`, each with its job.failed event, whose
+# `attempt` is each job's own (0 for a job that never started).
+EXPIRE = text("""
+WITH expired AS (
+    UPDATE jobs
+    SET status = 'failed', error_code = :code, error_message = :message, finished_at = now(),
+        updated_at = now(), lease_expires_at = NULL, last_seq = last_seq + 1
+    WHERE id IN (
+        SELECT id FROM jobs
+        WHERE status = 'queued' AND expires_at <= now()
+        ORDER BY expires_at
+        LIMIT :batch
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id, owner, last_seq, batch_id, attempt
+), failed AS (
+    INSERT INTO job_events (job_id, seq, type, at, data)
+    SELECT id, last_seq, :type, :at, jsonb_set(CAST(:data AS jsonb), '{attempt}', to_jsonb(attempt))
+    FROM expired
+)
+SELECT * FROM expired
 """)

@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WORKER_LOST = "worker_lost"
+EXPIRED = "expired"
+# A sweep expires, and publishes due scheduled jobs, in at most this many batches each (the
+# sweep task has a time limit); more wait for the next sweep.
+MAX_TIMED_BATCHES = 20
 
 
 class JobRequestError(Exception):
@@ -173,6 +177,7 @@ class Claim:
     models: dict[str, str] = field(default_factory=dict)  # role -> model, pinned at creation
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)  # finished steps by name
     batch_id: uuid.UUID | None = None
+    timeout_seconds: int | None = None  # the job's own time limit, if it asked for one
 
 
 def _retry_transition(
@@ -243,6 +248,25 @@ class SweepReport:
     failed: int = 0
     canceled: int = 0
     artifacts_swept: int = 0
+    scheduled: int = 0  # scheduled jobs published because their run_at came
+    expired: int = 0  # queued jobs failed `expired`
+
+
+def expiry(at: datetime, run_at: datetime | None, expires_after: float | None) -> datetime | None:
+    """When a job created at `at` expires: `expires_after` seconds after it is due, its run_at
+    if that is later than its creation, else its creation."""
+    if expires_after is None:
+        return None
+    due = max(at, run_at) if run_at is not None else at
+    return due + timedelta(seconds=expires_after)
+
+
+def expires_after_of(job: Job) -> int | None:
+    """The `expires_after` a job was created with (its expiry, less the time it became due)."""
+    if job.expires_at is None:
+        return None
+    due = max(job.created_at, job.run_at) if job.run_at is not None else job.created_at
+    return round((job.expires_at - due).total_seconds())
 
 
 # Statistics -----------------------------------------------------------------------------------
@@ -345,9 +369,15 @@ class Jobs:
         retry_of: uuid.UUID | None = None,
         model: str | None = None,
         models: dict[str, str] | None = None,
+        run_at: datetime | None = None,
+        expires_after: float | None = None,
+        timeout_seconds: int | None = None,
     ) -> Created:
         """`max_attempts` and `model` default to the configuration's for the kind; `models`
-        (role -> model) pins the model of each role the kind's steps name."""
+        (role -> model) pins the model of each role the kind's steps name. A job with a future
+        `run_at` is stored but published by the sweeper once due; with `expires_after`, it
+        fails `expired` if still queued that many seconds after it became due."""
+        at = now()
         row = self.intake.create(
             NewJob(
                 id=uuid.uuid4(),
@@ -360,8 +390,11 @@ class Jobs:
                 request_hash=fingerprint,
                 model=model or self.settings.model_for(kind),
                 retry_of=retry_of,
-                at=now(),
+                at=at,
                 models=models or None,
+                run_at=run_at,
+                expires_at=expiry(at, run_at, expires_after),
+                timeout_seconds=timeout_seconds,
             )
         )
         if row is None:
@@ -417,9 +450,11 @@ class Jobs:
         return job
 
     def retry_job(self, owner: str, job_id: uuid.UUID) -> Job:
-        """A new job cloned from the old one's request (kind, input, priority, max_attempts and
-        models: a configuration change since does not change what is retried), linked to it
-        through `retry_of`. It starts from scratch: checkpoints belong to the old job."""
+        """A new job cloned from the old one's request (kind, input, priority, max_attempts,
+        models, expires_after and timeout_seconds: a configuration change since does not change
+        what is retried), linked to it through `retry_of`. It starts from scratch: checkpoints
+        belong to the old job, and it runs now: an old run_at is not carried over (it has
+        passed: the old job ran, or was canceled or expired, after it)."""
         with self.db.transaction() as session:
             old = get_job(session, owner, job_id)
             if JobStatus(old.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
@@ -431,6 +466,8 @@ class Jobs:
                 "max_attempts": old.max_attempts,
                 "model": old.model,
                 "models": old.models,
+                "expires_after": expires_after_of(old),
+                "timeout_seconds": old.timeout_seconds,
             }
         try:
             return self.create_job(owner=owner, retry_of=job_id, **request).job
@@ -454,7 +491,8 @@ class Jobs:
 
     def claim_job(self, job_id: uuid.UUID, worker: str) -> Claim | None:
         """Compare-and-set queued -> running. None: a duplicate delivery, an early retry delivery,
-        a canceled or deleted job. The caller acknowledges and does nothing."""
+        a delivery before the job's run_at or after its expires_at, a canceled or deleted job.
+        The caller acknowledges and does nothing."""
         at = now()
         # The new attempt's number is known only once the compare-and-set has won: the statement
         # writes it into this payload (the `attempt` placeholder is replaced).
@@ -486,6 +524,7 @@ class Jobs:
             models=dict(row.models or {}),
             checkpoints={step["name"]: Checkpoint.of(step) for step in row.steps or ()},
             batch_id=row.batch_id,
+            timeout_seconds=row.timeout_seconds,
         )
         started = StartedPayload(attempt=claim.attempt, worker=worker)
         self.bus.publish([Event(job_id, claim.owner, claim.seq, started, at, claim.batch_id)])
@@ -603,10 +642,13 @@ class Jobs:
     # The sweeper ----------------------------------------------------------------------------------
 
     def sweep(self, batch: int = 500) -> SweepReport:
-        """Nothing stays queued or running forever: re-publish what nobody claimed, take back
-        expired leases. Safe to run concurrently (SKIP LOCKED, and every change is a CAS)."""
+        """Nothing stays queued or running forever: fail queued jobs past their expiry, take
+        back expired leases, publish scheduled jobs that are due, re-publish what nobody
+        claimed. Safe to run concurrently (SKIP LOCKED, and every change is a CAS)."""
         report = SweepReport()
+        self._expire_queued(report, batch)
         self._recover_expired_leases(report, batch)
+        self._dispatch_due(report, batch)
         self._republish_unclaimed(report, batch)
         report.artifacts_swept = self.artifacts.sweep_orphans()
         if any(asdict(report).values()):
@@ -617,6 +659,62 @@ class Jobs:
             # The sweep itself is done; GET /health shows both the stale sweep and Redis down.
             logger.warning("sweep not recorded: %s", exc)
         return report
+
+    def _expire_queued(self, report: SweepReport, batch: int) -> None:
+        """Queued jobs past their expires_at fail `expired`, a batch per statement, until none
+        is left (or MAX_TIMED_BATCHES)."""
+        for _ in range(MAX_TIMED_BATCHES):
+            expired = self._expire_batch(batch)
+            report.expired += expired
+            if expired < batch:
+                return
+
+    def _expire_batch(self, batch: int) -> int:
+        """One statement: up to `batch` expired jobs failed with their events, which are then
+        published together."""
+        at = now()
+        message = "the job was still queued at its expires_at"
+        template = FailedPayload(
+            reason="expired", attempt=0, error=EventError(code=EXPIRED, message=message)
+        )
+        with self.db.engine.begin() as connection:
+            rows = connection.execute(
+                sql.EXPIRE,
+                {
+                    "batch": batch,
+                    "code": EXPIRED,
+                    "message": message,
+                    "type": template.event_type.value,
+                    "at": at,
+                    "data": _json(template.as_data()),
+                },
+            ).all()
+        events = [
+            Event(
+                row.id,
+                row.owner,
+                row.last_seq,
+                template.model_copy(update={"attempt": row.attempt}),
+                at,
+                row.batch_id,
+            )
+            for row in rows
+        ]
+        self.bus.publish(events)
+        return len(rows)
+
+    def _dispatch_due(self, report: SweepReport, batch: int) -> None:
+        """Scheduled jobs whose run_at has come: marked published and published, a batch per
+        statement and per Redis pipeline, until none is left (or MAX_TIMED_BATCHES)."""
+        for _ in range(MAX_TIMED_BATCHES):
+            with self.db.engine.begin() as connection:
+                due = connection.execute(sql.DISPATCH_DUE, {"batch": batch}).all()
+            # A publish that fails leaves them queued with their dispatched_at set: the
+            # unclaimed-job republish sends them again after the grace period.
+            self.intake.dispatch(due)
+            report.scheduled += len(due)
+            if len(due) < batch:
+                return
 
     def _recover_expired_leases(self, report: SweepReport, batch: int) -> None:
         events: list[Event] = []

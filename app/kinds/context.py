@@ -73,7 +73,8 @@ class JobCanceled(Exception):
 
 
 class JobTimedOut(Exception):
-    """The attempt ran past `job_soft_time_limit`.
+    """The attempt ran past its time limit: the job's `timeout_seconds`, or else
+    `job_soft_time_limit`.
 
     Enforced here rather than by Celery because Celery's time limits only work in the prefork
     pool, and model calls run in the threads pool."""
@@ -90,7 +91,13 @@ class JobContext:
         self._cancel = threading.Event()
         self._lease_lost = threading.Event()
         self._timed_out = threading.Event()
-        self.deadline = time.monotonic() + self.settings.job_soft_time_limit
+        # The job's own timeout_seconds when it asked for one (the API holds it under the
+        # deployment's limit), else the deployment's.
+        self.time_limit: float = min(
+            self.settings.job_soft_time_limit,
+            claim.timeout_seconds or self.settings.job_soft_time_limit,
+        )
+        self.deadline = time.monotonic() + self.time_limit
         self._closer: Callable[[], None] | None = None
         self._closer_lock = threading.Lock()
         self._pending: list[str] = []

@@ -7,7 +7,8 @@ The jobs run through the whole stack (API, PostgreSQL, Redis, the in-process Cel
 the simulator over HTTP); together they publish every event type, in every shape: success,
 a structured job's repair log, a model failure, a retried attempt, a multi-step job's steps
 (started, finished, and reused by its next attempt), a cancel while queued and
-while running, the sweeper's three recoveries, and a retry of a failed job.
+while running, the sweeper's three recoveries, a scheduled job that expired, and a retry of a
+failed job.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -158,6 +159,26 @@ def scenarios(app: Flask, worker: object) -> Iterator[tuple[Tenant, dict[str, Sc
         running, {EventType.CANCELED}, {EventType.CANCELED: {"reason": "requested"}}
     )
 
+    # Scheduled an hour ahead, with an expiry that is then moved into the past: the sweep
+    # below fails it `expired` (its job.queued carries run_at and expires_at).
+    scheduled = tenant.submit(
+        "chat",
+        {"prompt": _unique("later")},
+        run_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+        expires_after=60,
+    )["id"]
+    with runtime().db.transaction() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(scheduled))
+            .values(expires_at=func.now() - timedelta(seconds=1))
+        )
+    found["expired"] = Scenario(
+        scheduled,
+        {EventType.QUEUED, EventType.FAILED},
+        {EventType.FAILED: {"reason": "expired", "attempt": 0}},
+    )
+
     lost_retried = _lost_worker_job(owner)
     lost_failed = _lost_worker_job(owner, max_attempts=1)
     lost_canceled = _lost_worker_job(owner)
@@ -225,6 +246,7 @@ SCENARIOS = [
     "sweeper retried",
     "sweeper failed",
     "sweeper canceled",
+    "expired",
     "retry of a failed job",
 ]
 

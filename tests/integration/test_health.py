@@ -230,6 +230,8 @@ def test_health_reports_the_last_sweep(tenant: Tenant, worker) -> None:
         "failed",
         "canceled",
         "artifacts_swept",
+        "scheduled",
+        "expired",
     }
 
 
