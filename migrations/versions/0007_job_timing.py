@@ -1,7 +1,7 @@
 """job timing: `run_at` (scheduled jobs), `expires_at` (a deadline to start) and a per-job
 `timeout_seconds`, with partial indexes for the sweeper's due and expired queued jobs
 
-Revision ID: 0009
+Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-10
 """
@@ -9,7 +9,7 @@ Create Date: 2026-12-10
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009"
+revision = "0007"
 down_revision = "0006"
 branch_labels = None
 depends_on = None
