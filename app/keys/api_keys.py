@@ -128,7 +128,7 @@ def revoke_api_key(db: Database, prefix: str) -> int:
             .where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
             .values(revoked_at=func.now())
         )
-    _clear_cache()
+    clear_key_cache()
     return result.rowcount
 
 
@@ -146,7 +146,8 @@ def revoke_key(session: Session, key_id: uuid.UUID) -> ApiKey | None:
     return row
 
 
-def _clear_cache() -> None:
+def clear_key_cache() -> None:
+    """Forgets every key this process cached (the next use of each loads it again)."""
     with _cache_lock:
         _cache.clear()
         _active.clear()

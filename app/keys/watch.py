@@ -7,8 +7,8 @@ asks PostgreSQL every CHECK_SECONDS which of those keys have been revoked or hav
 one query for all of them, and cuts off whatever holds one. (An expiry is a revocation at the
 key's `expires_at`: the check that follows it cuts off what the key held.) With the streams'
 own wait slices (1.5 s) that ends them a few seconds after a revocation, well inside the key
-cache's window (api_keys.CACHE_SECONDS), whichever process revoked the key. (One admitted during that window by a stale cached key is
-cut off by the check that follows.)
+cache's window (api_keys.CACHE_SECONDS), whichever process revoked the key. (One admitted
+during that window by a stale cached key is cut off by the check that follows.)
 
 The task starts with the first registration, so a process that never serves a connection (a
 Celery worker builds the same app) never runs it.
