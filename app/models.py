@@ -23,7 +23,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.jobs.states import JobStatus
@@ -43,6 +43,8 @@ class Job(Base):
         CheckConstraint("attempt >= 0 AND attempt <= max_attempts", name="jobs_attempt_range"),
         UniqueConstraint("owner", "idempotency_key", name="jobs_owner_idempotency_key"),
         Index("jobs_owner_created", "owner", text("created_at DESC"), text("id DESC")),
+        # Every owner's jobs, newest first: the admin's listing (GET /admin/jobs).
+        Index("jobs_created", text("created_at DESC"), text("id DESC")),
         Index(
             "jobs_queued_dispatch",
             "dispatched_at",
@@ -161,17 +163,31 @@ class JobEvent(Base):
 
 
 class ApiKey(Base):
+    """The table also keeps `role`, which no code reads any more: migration 0007 says why."""
+
     __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint(
+            "cardinality(scopes) > 0"
+            " AND scopes <@ ARRAY['jobs:read', 'jobs:write', 'admin']::text[]",
+            name="api_keys_scopes_known",
+        ),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     owner: Mapped[str] = mapped_column(String(200), index=True)
-    role: Mapped[str] = mapped_column(String(16), default="user")
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    expires_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    # The admin key that created it through the API; NULL for `flask keys create`.
+    created_by: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("api_keys.id", ondelete="SET NULL")
+    )
 
 
 class ModelCall(Base):

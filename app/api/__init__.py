@@ -6,6 +6,7 @@ from flask import Flask
 from flask_cors import CORS
 
 from app.api import (
+    admin,
     artifacts,
     batches,
     canvases,
@@ -14,6 +15,7 @@ from app.api import (
     exports,
     health,
     jobs,
+    keys,
     openapi,
     problems,
     ratelimits,
@@ -34,6 +36,8 @@ BLUEPRINTS = (
     cards.bp,
     system.bp,
     realtime.bp,
+    keys.bp,
+    admin.bp,
     openapi.bp,
 )
 

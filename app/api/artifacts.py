@@ -21,6 +21,7 @@ from app.api.problems import ApiProblem
 from app.api.schemas import ArtifactLinks, ArtifactList, ArtifactOut, SignedUrlQuery
 from app.api.spec import json_response, operation
 from app.jobs import artifacts
+from app.keys.api_keys import JOBS_READ
 from app.models import Artifact
 from app.runtime import runtime
 from app.storage import BlobMissing, StoreError
@@ -77,7 +78,7 @@ def read_artifact(artifact_id: uuid.UUID, query: SignedUrlQuery) -> Response:
     """With the API key (`Authorization: Bearer`), or with `expires` and `signature` from a
     signed `url` (listed by GET /jobs/{id}/artifacts) and no key."""
     if query.signature is None and query.expires is None:
-        owner: str | None = authenticate().owner
+        owner: str | None = authenticate(JOBS_READ).owner
     else:
         _check_signature(artifact_id, query)
         owner = None

@@ -17,6 +17,7 @@ from app.cards import (
     read_json_card,
     read_png_card,
 )
+from app.keys.api_keys import JOBS_READ
 from app.runtime import runtime
 
 bp = Blueprint("cards", __name__)
@@ -42,6 +43,7 @@ TITLES = {
 @operation(
     summary="Import a character card",
     tag="cards",
+    scope=JOBS_READ,  # it stores nothing: a conversion, not a write
     content={
         # A V1 or V3 card is accepted too, and answered as V2.
         JSON: CharacterCardV2,

@@ -8,7 +8,9 @@ A view is declared with the blueprint's route decorator over `operation`:
     def create_job(body: JobCreate) -> Response: ...
 
 `operation` parses and validates the body and the query string before the view runs, so a view
-only ever sees valid input, and bad input becomes a 4xx problem naming the field. The document
+only ever sees valid input, and bad input becomes a 4xx problem naming the field. Before that,
+the caller's key must hold the operation's `scope`: by default `jobs:read` for a GET and
+`jobs:write` for anything else; a key without it gets a 403 naming the scope. The document
 is built from the app's URL map, so it lists exactly the routes the app serves, in the order
 they were registered.
 """
@@ -35,6 +37,7 @@ from app.api.problems import (
     field_problem,
     validation_problem,
 )
+from app.keys.api_keys import JOBS_READ, JOBS_WRITE
 
 JSON = "application/json"
 # JSON Lines (one JSON value per line) goes by both names.
@@ -43,6 +46,7 @@ _RULE_PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")
 # Where `operation` leaves its declaration on the view it returns, for the document to find.
 _OPERATION_ATTRIBUTE = "api_operation"
 _IMPLICIT_METHODS = frozenset({"HEAD", "OPTIONS"})
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,19 @@ class Operation:
     auth: bool
     tag: str
     description: str | None = None
+    # The scope the caller's key needs; None: by method (reads jobs:read, writes jobs:write).
+    scope: str | None = None
     headers: list[dict[str, Any]] = field(default_factory=list)
     # A body the view reads itself, by media type: a model (its schema) or a literal schema.
     content: dict[str, type[BaseModel] | dict[str, Any]] = field(default_factory=dict)
     produces: dict[int, list[str]] = field(default_factory=dict)
     body_lines: type[BaseModel] | None = None
     response_lines: dict[int, tuple[type[BaseModel], str]] = field(default_factory=dict)
+
+    def scope_for(self, method: str) -> str:
+        if self.scope is not None:
+            return self.scope
+        return JOBS_READ if method.upper() in _READ_METHODS else JOBS_WRITE
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,7 @@ def operation(
     body: type[BaseModel] | None = None,
     query: type[BaseModel] | None = None,
     auth: bool = True,
+    scope: str | None = None,
     tag: str = "jobs",
     headers: list[dict[str, Any]] | None = None,
     content: dict[str, type[BaseModel] | dict[str, Any]] | None = None,
@@ -98,14 +110,13 @@ def operation(
     with (as text: a YAML or CSV export).
 
     A body that may come in another shape than `body` (JSON Lines, one `body_lines` per line)
-    is parsed by `body_parser(body)` instead of `parse_body`. `response_lines` are responses
-    streamed as JSON Lines, one model per line."""
+    is parsed by `body_parser(body)`. `response_lines`: streamed JSON Lines, a model a line."""
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(view)
         def endpoint(**path_args: Any) -> Any:
             if auth:
-                authenticate()
+                authenticate(declared.scope_for(request.method))
             if query is not None:
                 path_args["query"] = parse_query(query)
             if body is not None:
@@ -119,6 +130,7 @@ def operation(
             query=query,
             responses=responses,
             auth=auth,
+            scope=scope,
             tag=tag,
             description=inspect.cleandoc(view.__doc__ or "") or None,
             headers=headers or [],
@@ -173,7 +185,7 @@ def document(
     paths: dict[str, dict[str, Any]] = {}
     for r in routed:
         path = _RULE_PARAM.sub(r"{\2}", r.rule)
-        paths.setdefault(path, {})[r.method] = _operation_doc(r.rule, r.operation, refs)
+        paths.setdefault(path, {})[r.method] = _operation_doc(r, refs)
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
@@ -185,7 +197,8 @@ def document(
     }
 
 
-def _operation_doc(rule: str, op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
+def _operation_doc(routed: RoutedOperation, refs: dict[Any, Any]) -> dict[str, Any]:
+    rule, op = routed.rule, routed.operation
     doc: dict[str, Any] = {
         "operationId": op.endpoint,
         "summary": op.summary,
@@ -196,7 +209,8 @@ def _operation_doc(rule: str, op: Operation, refs: dict[Any, Any]) -> dict[str, 
     if op.description:
         doc["description"] = op.description
     if op.auth:
-        doc["security"] = [{"bearer": []}]
+        # OpenAPI 3.1 lets a non-OAuth scheme list the roles an operation needs.
+        doc["security"] = [{"bearer": [op.scope_for(routed.method)]}]
     if op.query is not None:
         doc["parameters"] += _query_parameters(op.query)
     if op.body is not None:
@@ -275,7 +289,8 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
 def _common_problems(rule: str, op: Operation) -> list[tuple[int, str]]:
     problems = []
     if op.auth:
-        problems.append((401, "Missing, unknown or revoked API key"))
+        problems.append((401, "Missing, unknown, revoked or expired API key"))
+        problems.append((403, "The API key lacks the operation's scope; `scope` names it"))
     if names := [name for _converter, name in _RULE_PARAM.findall(rule)]:
         # `job_id` -> "job": the resource the path names.
         problems.append((404, f"No such {names[0].removesuffix('_id')} for this caller"))

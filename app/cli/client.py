@@ -14,6 +14,9 @@
     conveyor batch submit items.jsonl --follow
     conveyor batch show|cancel BATCH_ID
     conveyor batch results BATCH_ID -o results.jsonl
+    conveyor keys create --owner acme --scope jobs:read --expires-at 2027-01-01
+    conveyor keys list [--owner acme] [--state active]
+    conveyor keys revoke KEY_ID
 
 The API address and key come from --url/--key or CONVEYOR_URL/CONVEYOR_API_KEY.
 
@@ -45,6 +48,7 @@ from app.cli.api import OUTPUT_OPTION, Api, console
 from app.cli.batch import batch
 from app.cli.follow import follow_job
 from app.cli.inputs import input_options, job_input, name_flags
+from app.cli.key_commands import keys
 from app.jobs.states import TERMINAL, JobStatus
 
 __all__ = ["Api", "console", "follow_job", "main", "wait_for_api"]
@@ -236,3 +240,4 @@ def wait_for_api(url: str, timeout: float = 60) -> None:
 
 
 main.add_command(batch)
+main.add_command(keys)

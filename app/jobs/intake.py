@@ -99,6 +99,23 @@ class Dispatchable(Protocol):
 StoreOutcome = Row[Any] | None | Exception
 
 
+def create_params(jobs: Sequence[NewJob]) -> dict[str, str]:
+    """The parameters of `sql.CREATE` that store `jobs` with their job.queued events."""
+    rows = [
+        {
+            **vars(job),
+            "dispatched_at": job.dispatched_at,
+            "event": job.queued_event().data,
+            "ord": position,
+        }
+        for position, job in enumerate(jobs)
+    ]
+    return {
+        "jobs": json.dumps(rows, default=str, separators=(",", ":")),
+        "event_type": QueuedPayload.event_type.value,
+    }
+
+
 def task_priority(priority: int) -> int:
     # Redis emulates priorities with one list per step, 0 first; ours: 9 is most urgent.
     return 9 - priority
@@ -139,23 +156,8 @@ class JobIntake:
         return [rows.get(job.id) for job in batch]
 
     def _insert(self, batch: Sequence[NewJob]) -> dict[uuid.UUID, Row[Any]]:
-        jobs = json.dumps(
-            [
-                {
-                    **vars(job),
-                    "dispatched_at": job.dispatched_at,
-                    "event": job.queued_event().data,
-                    "ord": position,
-                }
-                for position, job in enumerate(batch)
-            ],
-            default=str,
-            separators=(",", ":"),
-        )
         with self._db.engine.begin() as connection:
-            rows = connection.execute(
-                sql.CREATE, {"jobs": jobs, "event_type": QueuedPayload.event_type.value}
-            ).all()
+            rows = connection.execute(sql.CREATE, create_params(batch)).all()
         return {row.id: row for row in rows}
 
     def dispatch(self, jobs: Sequence[Dispatchable]) -> None:

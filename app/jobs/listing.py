@@ -1,6 +1,7 @@
-"""Which of an owner's jobs a listing shows, newest first: the filters shared by the paged list
-(`GET /jobs`) and the streamed export (`GET /jobs/export`), and the export's reading of them
-through a server-side cursor."""
+"""Which jobs a listing shows, newest first: the filters shared by the paged list
+(`GET /jobs`), the streamed export (`GET /jobs/export`) and the admin's views across owners
+(`/admin/jobs`, its bulk cancel and retry), and the export's reading of them through a
+server-side cursor."""
 
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ from app.models import Job
 
 @dataclass(frozen=True)
 class JobFilter:
-    owner: str
+    # None: every owner's jobs (only the admin's views leave it out).
+    owner: str | None
     status: JobStatus | None = None
     kind: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
 
     def conditions(self) -> list[ColumnElement[bool]]:
-        found = [Job.owner == self.owner]
+        found = [Job.owner == self.owner] if self.owner is not None else []
         if self.status is not None:
             found.append(Job.status == self.status.value)
         if self.kind is not None:
@@ -38,7 +40,8 @@ class JobFilter:
 
 
 def newest_first(statement: Select[Any]) -> Select[Any]:
-    """The listing's order, which the index `jobs_owner_created` serves."""
+    """The listing's order, which the index `jobs_owner_created` serves (`jobs_created`
+    without an owner)."""
     return statement.order_by(Job.created_at.desc(), Job.id.desc())
 
 

@@ -320,14 +320,19 @@ def queue_depth(session: Session) -> tuple[int, int]:
     return row[0], row[1]
 
 
-def failures_by_code(session: Session, window: timedelta) -> dict[str, int]:
-    """Jobs of every owner that failed within `window`, by error code, most frequent first."""
+def failures_by_code(
+    session: Session, window: timedelta, owner: str | None = None, kind: str | None = None
+) -> dict[str, int]:
+    """Jobs that failed within `window` (of every owner, or of `owner`; of every kind, or of
+    `kind`), by error code, most frequent first."""
     code = func.coalesce(Job.error_code, "unknown").label("code")
+    where = [Job.status == JobStatus.FAILED.value, Job.finished_at >= func.now() - window]
+    if owner is not None:
+        where.append(Job.owner == owner)
+    if kind is not None:
+        where.append(Job.kind == kind)
     rows = session.execute(
-        select(code, func.count())
-        .where(Job.status == JobStatus.FAILED.value, Job.finished_at >= func.now() - window)
-        .group_by(code)
-        .order_by(func.count().desc())
+        select(code, func.count()).where(*where).group_by(code).order_by(func.count().desc())
     ).all()
     return {code: count for code, count in rows}
 

@@ -1,13 +1,14 @@
-"""Ends what a revoked API key holds open in this web process: Socket.IO connections, event
-streams and long-polls.
+"""Ends what a revoked or expired API key holds open in this web process: Socket.IO
+connections, event streams and long-polls.
 
 A key is checked when a request or a connection starts (app/keys/api_keys.py); these outlive that
 check by minutes or hours. So each one is registered here with its key, and a background task
-asks PostgreSQL every CHECK_SECONDS which of those keys have been revoked, in one query for all
-of them, and cuts off whatever holds one. With the streams' own wait slices (1.5 s) that ends
-them a few seconds after a revocation, well inside the key cache's window (api_keys.CACHE_SECONDS),
-whichever process revoked the key. (One admitted during that window by a stale cached key is
-cut off by the check that follows.)
+asks PostgreSQL every CHECK_SECONDS which of those keys have been revoked or have expired, in
+one query for all of them, and cuts off whatever holds one. (An expiry is a revocation at the
+key's `expires_at`: the check that follows it cuts off what the key held.) With the streams'
+own wait slices (1.5 s) that ends them a few seconds after a revocation, well inside the key
+cache's window (api_keys.CACHE_SECONDS), whichever process revoked the key. (One admitted
+during that window by a stale cached key is cut off by the check that follows.)
 
 The task starts with the first registration, so a process that never serves a connection (a
 Celery worker builds the same app) never runs it.
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
 
-from app.keys.api_keys import revoked_among
+from app.keys.api_keys import inactive_among
 
 if TYPE_CHECKING:
     from app.db import Database
@@ -40,7 +41,8 @@ StartTask = Callable[[Callable[[], None]], Any]
 @dataclass(eq=False)
 class Grant:
     """One connection, stream or long-poll that a key holds open. `revoked` turns true when the
-    key is found revoked, after which `on_revoked` is called once (from the watch's task)."""
+    key is found revoked or expired, after which `on_revoked` is called once (from the watch's
+    task)."""
 
     key_id: uuid.UUID
     on_revoked: Callable[[], None] | None = None
@@ -75,12 +77,12 @@ class KeyWatch:
             self._grants.discard(grant)
 
     def check(self) -> None:
-        """Revokes every grant whose key has been revoked."""
+        """Revokes every grant whose key has been revoked or has expired."""
         with self._lock:
             grants = list(self._grants)
         if not grants:
             return
-        revoked = revoked_among(self._db, {grant.key_id for grant in grants})
+        revoked = inactive_among(self._db, {grant.key_id for grant in grants})
         for grant in grants:
             if grant.key_id in revoked:
                 self._revoke(grant)

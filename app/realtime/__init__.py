@@ -52,7 +52,7 @@ from app.jobs.events import (
     replay,
 )
 from app.keys import watch
-from app.keys.api_keys import Principal, principal_for_key
+from app.keys.api_keys import JOBS_READ, Principal, principal_for_key
 from app.keys.tokens import TokenError, read_token
 from app.runtime import runtime
 
@@ -101,10 +101,18 @@ def _principal(auth: Any) -> tuple[Principal, uuid.UUID | None, uuid.UUID | None
     raise ConnectionRefusedError("unauthorized: send a subscription token or an API key")
 
 
+def _reader(auth: Any) -> tuple[Principal, uuid.UUID | None, uuid.UUID | None]:
+    """`_principal`, if it may read jobs' events."""
+    principal, only_job, only_batch = _principal(auth)
+    if JOBS_READ not in principal.scopes:
+        raise ConnectionRefusedError(f"forbidden: the API key lacks the {JOBS_READ!r} scope")
+    return principal, only_job, only_batch
+
+
 @socketio.on("connect")
 def on_connect(auth: Any = None) -> None:
     try:
-        principal, only_job, only_batch = _principal(auth)
+        principal, only_job, only_batch = _reader(auth)
     except TokenError as exc:
         raise ConnectionRefusedError(f"unauthorized: {exc}") from None
     except (OperationalError, PoolTimeout) as exc:
@@ -129,7 +137,7 @@ def on_disconnect(reason: Any = None) -> None:
 
 
 def _disconnect_revoked(sid: str) -> None:
-    logger.info("disconnecting %s: its API key has been revoked", sid)
+    logger.info("disconnecting %s: its API key has been revoked or has expired", sid)
     socketio.server.disconnect(sid)
 
 
