@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     )
     realtime_token_ttl: int = Field(300, ge=10, le=86_400)
 
-    @field_validator("allowed_origins", "allowed_models", mode="before")
+    @field_validator("allowed_origins", "allowed_models", "webhook_allowed_networks", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -154,6 +154,37 @@ class Settings(BaseSettings):
     )
     artifact_orphan_grace: float = Field(
         60.0, ge=0, description="seconds before an unpublished artifact of a finished job is swept"
+    )
+
+    # Webhooks (docs/webhooks.md)
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="networks (CIDR) and host names a webhook may reach although they are "
+        "not public, comma-separated; empty: public addresses only",
+    )
+    webhook_connect_timeout: float = Field(5.0, gt=0, description="seconds to connect")
+    webhook_timeout: float = Field(
+        15.0, gt=0, description="seconds one delivery attempt may take, response included"
+    )
+    webhook_response_max_bytes: int = Field(
+        4096,
+        ge=0,
+        description="bytes of a receiver's response read (and logged); the rest is not read",
+    )
+    webhook_retry_base_delay: float = Field(
+        10.0, gt=0, description="seconds before the second attempt; doubles after each"
+    )
+    webhook_retry_max_delay: float = Field(
+        7200.0, gt=0, description="the longest wait between two attempts, seconds"
+    )
+    webhook_retry_window: float = Field(
+        86_400.0, gt=0, description="seconds after which a delivery still failing gives up"
+    )
+    webhook_dispatch_interval: float = Field(
+        1.0, gt=0, description="seconds between two scans for deliveries that are due"
+    )
+    webhook_max_endpoints: int = Field(
+        20, ge=1, description="webhook endpoints one tenant may have"
     )
 
     # Testing switches a test config may set; never set in production.
@@ -204,6 +235,11 @@ def testing_settings(**overrides: object) -> Settings:
         "job_soft_time_limit": 10.0,
         "job_time_limit": 20.0,
         "artifact_orphan_grace": 0.5,
+        "webhook_timeout": 2.0,
+        "webhook_connect_timeout": 1.0,
+        "webhook_retry_base_delay": 0.2,
+        "webhook_retry_max_delay": 0.5,
+        "webhook_dispatch_interval": 0.1,
     }
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 from celery import Celery, Task, bootsteps
 from flask import Flask
+from kombu import Exchange, Queue
 
 from app.config import Settings
 
 SWEEP_TASK = "conveyor.sweep"
 QUEUE = "conveyor"
+# Webhook deliveries have a queue of their own, so that a slow receiver never holds a slot a
+# job could use: run a worker with `-Q webhooks` for them and the job workers with
+# `-Q conveyor` (the Procfile and docker-compose.yml do). A worker given no -Q consumes both.
+WEBHOOK_QUEUE = "webhooks"
+WEBHOOK_SEND_TASK = "conveyor.webhooks.send"
+WEBHOOK_DISPATCH_TASK = "conveyor.webhooks.dispatch"
 PRIORITY_STEPS = list(range(10))
 QUEUE_SEP = ":"
 
@@ -75,6 +82,20 @@ def celery_config(settings: Settings) -> dict[str, object]:
             "max_connections": settings.worker_concurrency + 20,
         },
         "task_default_queue": QUEUE,
+        "task_queues": [
+            Queue(name, Exchange(name), routing_key=name) for name in (QUEUE, WEBHOOK_QUEUE)
+        ],
+        "task_routes": {
+            WEBHOOK_SEND_TASK: {"queue": WEBHOOK_QUEUE},
+            WEBHOOK_DISPATCH_TASK: {"queue": WEBHOOK_QUEUE},
+        },
+        # An attempt bounds itself (CONVEYOR_WEBHOOK_TIMEOUT); these only catch a stuck one.
+        "task_annotations": {
+            WEBHOOK_SEND_TASK: {
+                "soft_time_limit": settings.webhook_timeout + settings.webhook_connect_timeout + 30,
+                "time_limit": settings.webhook_timeout + settings.webhook_connect_timeout + 60,
+            }
+        },
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",
@@ -105,6 +126,12 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_hijack_root_logger": False,
         "beat_schedule": {
             "sweep": {"task": SWEEP_TASK, "schedule": settings.sweeper_interval},
+            "webhooks": {
+                "task": WEBHOOK_DISPATCH_TASK,
+                "schedule": settings.webhook_dispatch_interval,
+                # Not piled up while no worker consumes the queue: the next one does the same.
+                "options": {"expires": max(10.0, settings.webhook_dispatch_interval * 5)},
+            },
         },
         "include": ["workers.tasks"],
     }

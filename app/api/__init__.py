@@ -18,6 +18,7 @@ from app.api import (
     problems,
     realtime,
     system,
+    webhooks,
 )
 from app.config import Settings
 
@@ -31,6 +32,7 @@ BLUEPRINTS = (
     downloads.bp,
     artifacts.bp,
     cards.bp,
+    webhooks.bp,
     system.bp,
     realtime.bp,
     openapi.bp,

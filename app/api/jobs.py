@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from sqlalchemy import select, tuple_
 
 from app.api.auth import current_principal, revoked_while_waiting
+from app.api.destinations import webhook_refusal
 from app.api.problems import ApiProblem, FieldError, field_problem, validation_problem
 from app.api.schemas import (
     BadCursor,
@@ -85,6 +86,9 @@ def create_job(body: JobCreate) -> Response:
     if refused := admission_errors(kind, job_input, principal.owner, model):
         field, message = refused[0]
         raise field_problem(f"input.{field}", message)
+    if body.webhook is not None and (refused_url := webhook_refusal(body.webhook.url)):
+        raise field_problem("webhook.url", refused_url)
+    webhook = body.webhook.model_dump() if body.webhook else None
     key = idempotency_key()
     max_attempts = body.max_attempts or runtime().settings.job_max_attempts
     fingerprint = None
@@ -96,7 +100,7 @@ def create_job(body: JobCreate) -> Response:
             "max_attempts": max_attempts,
         }
         # Only when given, so a key used before models could be chosen keeps its fingerprint.
-        choice = {"model": body.model, "models": body.models}
+        choice = {"model": body.model, "models": body.models, "webhook": webhook}
         request_with_defaults.update({name: value for name, value in choice.items() if value})
         fingerprint = transitions.request_fingerprint(request_with_defaults)
     try:
@@ -110,6 +114,7 @@ def create_job(body: JobCreate) -> Response:
             fingerprint=fingerprint,
             model=model,
             models=models,
+            webhook=webhook,
         )
     except transitions.IdempotencyConflict as exc:
         raise idempotency_key_reused(exc) from None
@@ -206,7 +211,9 @@ def list_jobs(query: JobListQuery) -> Response:
 )
 def get_job(job_id: uuid.UUID) -> Response:
     job = owned_job(job_id)
-    return json_response(JobDetail(**JobOut.of(job, PREFIX).model_dump(), input=job.input))
+    return json_response(
+        JobDetail(**JobOut.of(job, PREFIX).model_dump(), input=job.input, webhook=job.webhook)
+    )
 
 
 @bp.get("/jobs/<uuid:job_id>/result")

@@ -61,6 +61,7 @@ class BatchJob:
     max_attempts: int
     model: str
     models: dict[str, str]  # role -> model, pinned as for a single job
+    webhook: dict[str, Any] | None = None  # {"url", "events"}, checked by the API
 
 
 @dataclass
@@ -212,6 +213,7 @@ class Batches:
                 request_hash=None,
                 model=item.model,
                 models=item.models,
+                webhook=item.webhook,
                 retry_of=None,
                 at=at,
                 batch_id=batch_id,
@@ -290,6 +292,7 @@ def _jobs_json(jobs: list[NewJob]) -> str:
                 "max_attempts": job.max_attempts,
                 "model": job.model,
                 "models": job.models or {},
+                "webhook": job.webhook,
                 "event": job.queued_event().data,
                 "batch_item": job.batch_item,
             }

@@ -59,6 +59,8 @@ class NewJob:
     # Set for the jobs of a batch (app/jobs/batches.py), which stores them itself.
     batch_id: uuid.UUID | None = None
     batch_item: int | None = None
+    # The job's own webhook, {"url", "events"} (docs/webhooks.md).
+    webhook: dict[str, Any] | None = None
 
     def queued_event(self) -> Event:
         """The job's first event (seq 1), stored with the row and then published."""

@@ -345,9 +345,11 @@ class Jobs:
         retry_of: uuid.UUID | None = None,
         model: str | None = None,
         models: dict[str, str] | None = None,
+        webhook: dict[str, Any] | None = None,
     ) -> Created:
         """`max_attempts` and `model` default to the configuration's for the kind; `models`
-        (role -> model) pins the model of each role the kind's steps name."""
+        (role -> model) pins the model of each role the kind's steps name; `webhook`
+        ({"url", "events"}, checked by the caller) is the job's own webhook."""
         row = self.intake.create(
             NewJob(
                 id=uuid.uuid4(),
@@ -362,6 +364,7 @@ class Jobs:
                 retry_of=retry_of,
                 at=now(),
                 models=models or None,
+                webhook=webhook,
             )
         )
         if row is None:
@@ -417,9 +420,10 @@ class Jobs:
         return job
 
     def retry_job(self, owner: str, job_id: uuid.UUID) -> Job:
-        """A new job cloned from the old one's request (kind, input, priority, max_attempts and
-        models: a configuration change since does not change what is retried), linked to it
-        through `retry_of`. It starts from scratch: checkpoints belong to the old job."""
+        """A new job cloned from the old one's request (kind, input, priority, max_attempts,
+        models and webhook: a configuration change since does not change what is retried),
+        linked to it through `retry_of`. It starts from scratch: checkpoints belong to the old
+        job."""
         with self.db.transaction() as session:
             old = get_job(session, owner, job_id)
             if JobStatus(old.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
@@ -431,6 +435,7 @@ class Jobs:
                 "max_attempts": old.max_attempts,
                 "model": old.model,
                 "models": old.models,
+                "webhook": old.webhook,
             }
         try:
             return self.create_job(owner=owner, retry_of=job_id, **request).job
