@@ -5,6 +5,7 @@ Every setting is documented in docs/configuration.md; keep the two in step.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -186,6 +187,16 @@ class Settings(BaseSettings):
     webhook_max_endpoints: int = Field(
         20, ge=1, description="webhook endpoints one tenant may have"
     )
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, entries: list[str]) -> list[str]:
+        # A host name is any entry without "/" or ":"; a network that does not parse is a typo
+        # that would otherwise silently allow nothing.
+        for entry in entries:
+            if "/" in entry or ":" in entry:
+                ipaddress.ip_network(entry, strict=False)
+        return entries
 
     # Testing switches a test config may set; never set in production.
     testing: bool = False

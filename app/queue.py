@@ -82,20 +82,6 @@ def celery_config(settings: Settings) -> dict[str, object]:
             "max_connections": settings.worker_concurrency + 20,
         },
         "task_default_queue": QUEUE,
-        "task_queues": [
-            Queue(name, Exchange(name), routing_key=name) for name in (QUEUE, WEBHOOK_QUEUE)
-        ],
-        "task_routes": {
-            WEBHOOK_SEND_TASK: {"queue": WEBHOOK_QUEUE},
-            WEBHOOK_DISPATCH_TASK: {"queue": WEBHOOK_QUEUE},
-        },
-        # An attempt bounds itself (CONVEYOR_WEBHOOK_TIMEOUT); these only catch a stuck one.
-        "task_annotations": {
-            WEBHOOK_SEND_TASK: {
-                "soft_time_limit": settings.webhook_timeout + settings.webhook_connect_timeout + 30,
-                "time_limit": settings.webhook_timeout + settings.webhook_connect_timeout + 60,
-            }
-        },
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",
@@ -126,12 +112,35 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_hijack_root_logger": False,
         "beat_schedule": {
             "sweep": {"task": SWEEP_TASK, "schedule": settings.sweeper_interval},
-            "webhooks": {
-                "task": WEBHOOK_DISPATCH_TASK,
-                "schedule": settings.webhook_dispatch_interval,
-                # Not piled up while no worker consumes the queue: the next one does the same.
-                "options": {"expires": max(10.0, settings.webhook_dispatch_interval * 5)},
-            },
+            "webhooks": webhook_dispatch_schedule(settings),
         },
         "include": ["workers.tasks"],
+        **webhook_routing(settings),
+    }
+
+
+def webhook_routing(settings: Settings) -> dict[str, object]:
+    """Both queues, consumed by a worker given no -Q; webhook tasks routed to theirs."""
+    attempt = settings.webhook_timeout + settings.webhook_connect_timeout
+    return {
+        "task_queues": [
+            Queue(name, Exchange(name), routing_key=name) for name in (QUEUE, WEBHOOK_QUEUE)
+        ],
+        "task_routes": {
+            WEBHOOK_SEND_TASK: {"queue": WEBHOOK_QUEUE},
+            WEBHOOK_DISPATCH_TASK: {"queue": WEBHOOK_QUEUE},
+        },
+        # An attempt bounds itself (CONVEYOR_WEBHOOK_TIMEOUT); these only catch a stuck one.
+        "task_annotations": {
+            WEBHOOK_SEND_TASK: {"soft_time_limit": attempt + 30, "time_limit": attempt + 60}
+        },
+    }
+
+
+def webhook_dispatch_schedule(settings: Settings) -> dict[str, object]:
+    return {
+        "task": WEBHOOK_DISPATCH_TASK,
+        "schedule": settings.webhook_dispatch_interval,
+        # Not piled up while no worker consumes the queue: the next scan does the same work.
+        "options": {"expires": max(10.0, settings.webhook_dispatch_interval * 5)},
     }

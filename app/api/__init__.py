@@ -32,9 +32,9 @@ BLUEPRINTS = (
     downloads.bp,
     artifacts.bp,
     cards.bp,
-    webhooks.bp,
     system.bp,
     realtime.bp,
+    webhooks.bp,
     openapi.bp,
 )
 

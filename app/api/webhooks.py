@@ -46,7 +46,7 @@ def _checked_url(url: str, field: str = "url") -> str:
     body=WebhookEndpointCreate,
     responses={201: (WebhookEndpointCreated, "Created; its secret is shown this once")},
 )
-def create_endpoint(body: WebhookEndpointCreate) -> Response:
+def create_webhook(body: WebhookEndpointCreate) -> Response:
     """Every event of your jobs that `events` names is POSTed to `url`, signed with the
     endpoint's own secret, which this answer shows once. The URL must reach a public address
     (422 naming `url` otherwise); CONVEYOR_WEBHOOK_MAX_ENDPOINTS endpoints at most."""
@@ -73,7 +73,7 @@ def create_endpoint(body: WebhookEndpointCreate) -> Response:
     tag=TAG,
     responses={200: (WebhookEndpointList, "Oldest first")},
 )
-def list_endpoints() -> Response:
+def list_webhooks() -> Response:
     found = webhooks.list_endpoints(runtime().db.request_session, current_principal().owner)
     return json_response(
         WebhookEndpointList(items=[WebhookEndpointOut.of(e, PREFIX) for e in found])
@@ -86,7 +86,7 @@ def list_endpoints() -> Response:
     tag=TAG,
     responses={200: (WebhookEndpointOut, "The endpoint (without its secret)")},
 )
-def get_endpoint(endpoint_id: uuid.UUID) -> Response:
+def get_webhook(endpoint_id: uuid.UUID) -> Response:
     return json_response(WebhookEndpointOut.of(_owned_endpoint(endpoint_id), PREFIX))
 
 
@@ -97,7 +97,7 @@ def get_endpoint(endpoint_id: uuid.UUID) -> Response:
     body=WebhookEndpointUpdate,
     responses={200: (WebhookEndpointOut, "The endpoint as changed")},
 )
-def update_endpoint(endpoint_id: uuid.UUID, body: WebhookEndpointUpdate) -> Response:
+def update_webhook(endpoint_id: uuid.UUID, body: WebhookEndpointUpdate) -> Response:
     """Changes its URL, events, description or whether it is enabled; a disabled endpoint
     gets no new deliveries. Deliveries made before keep the URL they were made for."""
     changes = body.model_dump(exclude_unset=True)
@@ -120,7 +120,7 @@ def update_endpoint(endpoint_id: uuid.UUID, body: WebhookEndpointUpdate) -> Resp
     tag=TAG,
     responses={204: (None, "Deleted, with its deliveries and their log")},
 )
-def delete_endpoint(endpoint_id: uuid.UUID) -> Response:
+def delete_webhook(endpoint_id: uuid.UUID) -> Response:
     with runtime().db.transaction() as session:
         endpoint = webhooks.get_endpoint(session, current_principal().owner, endpoint_id)
         if endpoint is None:
@@ -136,7 +136,7 @@ def delete_endpoint(endpoint_id: uuid.UUID) -> Response:
     query=WebhookDeliveriesQuery,
     responses={200: (WebhookDeliveryPage, "Newest first, keyset-paginated, with their attempts")},
 )
-def list_endpoint_deliveries(endpoint_id: uuid.UUID, query: WebhookDeliveriesQuery) -> Response:
+def list_webhook_deliveries(endpoint_id: uuid.UUID, query: WebhookDeliveriesQuery) -> Response:
     endpoint = _owned_endpoint(endpoint_id)
     session = runtime().db.request_session
     page, next_cursor = keyset_page(
@@ -153,7 +153,7 @@ def list_endpoint_deliveries(endpoint_id: uuid.UUID, query: WebhookDeliveriesQue
     tag=TAG,
     responses={200: (WebhookDeliveryPage, "Oldest first, with their attempts")},
 )
-def list_job_deliveries(job_id: uuid.UUID) -> Response:
+def list_job_webhook_deliveries(job_id: uuid.UUID) -> Response:
     """Every delivery of the job's events: to its own webhook and to your endpoints."""
     job = owned_job(job_id)
     found = webhooks.deliveries_of_job(runtime().db.request_session, job.owner, job.id)
@@ -166,7 +166,7 @@ def list_job_deliveries(job_id: uuid.UUID) -> Response:
     tag=TAG,
     responses={200: (WebhookDeliveryOut, "The delivery, with its attempts")},
 )
-def get_delivery(delivery_id: uuid.UUID) -> Response:
+def get_webhook_delivery(delivery_id: uuid.UUID) -> Response:
     session = runtime().db.request_session
     delivery = webhooks.get_delivery(session, current_principal().owner, delivery_id)
     if delivery is None:
@@ -183,7 +183,7 @@ def get_delivery(delivery_id: uuid.UUID) -> Response:
         409: (None, "The delivery is still being tried"),
     },
 )
-def redeliver(delivery_id: uuid.UUID) -> Response:
+def redeliver_webhook(delivery_id: uuid.UUID) -> Response:
     """Sends a delivery that succeeded or gave up again, exactly as it was (same
     `webhook-id`, same body, a fresh signature), with retries for another window."""
     try:
@@ -205,7 +205,7 @@ def redeliver(delivery_id: uuid.UUID) -> Response:
     tag=TAG,
     responses={200: (WebhookSecretOut, "The secret, made on first use")},
 )
-def get_secret() -> Response:
+def get_webhook_secret() -> Response:
     """The secret that signs the webhooks of single jobs (`webhook` on `POST /jobs`); an
     endpoint has its own. Made the first time it is asked for or needed."""
     with runtime().db.transaction() as session:
@@ -219,7 +219,7 @@ def get_secret() -> Response:
     tag=TAG,
     responses={200: (WebhookSecretOut, "The new secret, which signs every attempt from now")},
 )
-def rotate_secret() -> Response:
+def rotate_webhook_secret() -> Response:
     with runtime().db.transaction() as session:
         secret = webhooks.rotate_tenant_secret(session, current_principal().owner)
     return json_response(WebhookSecretOut(secret=secret))
