@@ -5,6 +5,7 @@ Every setting is documented in docs/configuration.md; keep the two in step.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -138,7 +139,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a rate limit like '300/minute': {exc}") from None
         return value
 
-    @field_validator("allowed_origins", "allowed_models", mode="before")
+    @field_validator("allowed_origins", "allowed_models", "webhook_allowed_networks", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -174,6 +175,47 @@ class Settings(BaseSettings):
     artifact_orphan_grace: float = Field(
         60.0, ge=0, description="seconds before an unpublished artifact of a finished job is swept"
     )
+
+    # Webhooks (docs/webhooks.md)
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="networks (CIDR) and host names a webhook may reach although they are "
+        "not public, comma-separated; empty: public addresses only",
+    )
+    webhook_connect_timeout: float = Field(5.0, gt=0, description="seconds to connect")
+    webhook_timeout: float = Field(
+        15.0, gt=0, description="seconds one delivery attempt may take, response included"
+    )
+    webhook_response_max_bytes: int = Field(
+        4096,
+        ge=0,
+        description="bytes of a receiver's response read (and logged); the rest is not read",
+    )
+    webhook_retry_base_delay: float = Field(
+        10.0, gt=0, description="seconds before the second attempt; doubles after each"
+    )
+    webhook_retry_max_delay: float = Field(
+        7200.0, gt=0, description="the longest wait between two attempts, seconds"
+    )
+    webhook_retry_window: float = Field(
+        86_400.0, gt=0, description="seconds after which a delivery still failing gives up"
+    )
+    webhook_dispatch_interval: float = Field(
+        1.0, gt=0, description="seconds between two scans for deliveries that are due"
+    )
+    webhook_max_endpoints: int = Field(
+        20, ge=1, description="webhook endpoints one tenant may have"
+    )
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, entries: list[str]) -> list[str]:
+        # A host name is any entry without "/" or ":"; a network that does not parse is a typo
+        # that would otherwise silently allow nothing.
+        for entry in entries:
+            if "/" in entry or ":" in entry:
+                ipaddress.ip_network(entry, strict=False)
+        return entries
 
     # Testing switches a test config may set; never set in production.
     testing: bool = False
@@ -227,6 +269,11 @@ def testing_settings(**overrides: object) -> Settings:
         "rate_limit_create": "100000/minute",
         "rate_limit_read": "100000/minute",
         "rate_limit_stream": "100000/minute",
+        "webhook_timeout": 2.0,
+        "webhook_connect_timeout": 1.0,
+        "webhook_retry_base_delay": 0.2,
+        "webhook_retry_max_delay": 0.5,
+        "webhook_dispatch_interval": 0.1,
     }
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]

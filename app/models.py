@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -121,6 +122,9 @@ class Job(Base):
         UUID(as_uuid=True), ForeignKey("batches.id", ondelete="SET NULL")
     )
     batch_item: Mapped[int | None] = mapped_column(Integer)
+    # The job's own webhook, {"url", "events"}: a `webhook_deliveries` row is made for each of
+    # its events that `events` names (docs/webhooks.md).
+    webhook: Mapped[dict[str, Any] | None]
     last_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     tokens_in: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     tokens_out: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -335,3 +339,107 @@ class CanvasObject(Base):
         UUID(as_uuid=True), ForeignKey("artifacts.id", ondelete="SET NULL")
     )
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+WEBHOOK_DELIVERY_STATUSES = ("pending", "succeeded", "failed")
+
+
+class WebhookEndpoint(Base):
+    """A tenant's webhook: every event of the tenant's jobs that `events` names is delivered
+    to `url`, signed with `secret` (shown once, when the endpoint is created)."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("webhook_endpoints_owner", "owner", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    url: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(String(200))
+    events: Mapped[list[str]] = mapped_column(JSONB)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class WebhookSecret(Base):
+    """A tenant's signing secret for the webhooks of single jobs (`webhook` on a job)."""
+
+    __tablename__ = "webhook_secrets"
+
+    owner: Mapped[str] = mapped_column(String(200), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class WebhookDelivery(Base):
+    """One event for one destination: the outbox. The row is made by a trigger on `job_events`
+    in the transaction that records the event (migrations/versions/0008_webhooks.py), so no
+    state change can happen without its deliveries. `payload` is the body, fixed then, and the
+    row's id is the message's `webhook-id`; `next_attempt_at` is when it is due (the dispatcher
+    also pushes it ahead while an attempt is in flight)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s}'" for s in WEBHOOK_DELIVERY_STATUSES) + ")",
+            name="webhook_deliveries_status_valid",
+        ),
+        Index(
+            "webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("webhook_deliveries_job", "job_id", "created_at"),
+        Index(
+            "webhook_deliveries_endpoint",
+            "endpoint_id",
+            text("created_at DESC"),
+            text("id DESC"),
+            postgresql_where=text("endpoint_id IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()")
+    )
+    owner: Mapped[str] = mapped_column(String(200))
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE")
+    )
+    # NULL: the job's own webhook, signed with the tenant's secret.
+    endpoint_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    url: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(String(64))
+    event_seq: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(server_default=func.now())
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # Redelivery starts the retry window again from here.
+    redelivered_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class WebhookAttempt(Base):
+    """The log of one attempt of a delivery."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index("webhook_attempts_delivery", "delivery_id", "attempt"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("webhook_deliveries.id", ondelete="CASCADE")
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    address: Mapped[str | None] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_body: Mapped[str] = mapped_column(Text, server_default="")
+    duration_ms: Mapped[float] = mapped_column(Float)
+    at: Mapped[datetime] = mapped_column(server_default=func.now())

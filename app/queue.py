@@ -5,11 +5,18 @@ from __future__ import annotations
 
 from celery import Celery, Task, bootsteps
 from flask import Flask
+from kombu import Exchange, Queue
 
 from app.config import Settings
 
 SWEEP_TASK = "conveyor.sweep"
 QUEUE = "conveyor"
+# Webhook deliveries have a queue of their own, so that a slow receiver never holds a slot a
+# job could use: run a worker with `-Q webhooks` for them and the job workers with
+# `-Q conveyor` (the Procfile and docker-compose.yml do). A worker given no -Q consumes both.
+WEBHOOK_QUEUE = "webhooks"
+WEBHOOK_SEND_TASK = "conveyor.webhooks.send"
+WEBHOOK_DISPATCH_TASK = "conveyor.webhooks.dispatch"
 PRIORITY_STEPS = list(range(10))
 QUEUE_SEP = ":"
 
@@ -105,6 +112,35 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_hijack_root_logger": False,
         "beat_schedule": {
             "sweep": {"task": SWEEP_TASK, "schedule": settings.sweeper_interval},
+            "webhooks": webhook_dispatch_schedule(settings),
         },
         "include": ["workers.tasks"],
+        **webhook_routing(settings),
+    }
+
+
+def webhook_routing(settings: Settings) -> dict[str, object]:
+    """Both queues, consumed by a worker given no -Q; webhook tasks routed to theirs."""
+    attempt = settings.webhook_timeout + settings.webhook_connect_timeout
+    return {
+        "task_queues": [
+            Queue(name, Exchange(name), routing_key=name) for name in (QUEUE, WEBHOOK_QUEUE)
+        ],
+        "task_routes": {
+            WEBHOOK_SEND_TASK: {"queue": WEBHOOK_QUEUE},
+            WEBHOOK_DISPATCH_TASK: {"queue": WEBHOOK_QUEUE},
+        },
+        # An attempt bounds itself (CONVEYOR_WEBHOOK_TIMEOUT); these only catch a stuck one.
+        "task_annotations": {
+            WEBHOOK_SEND_TASK: {"soft_time_limit": attempt + 30, "time_limit": attempt + 60}
+        },
+    }
+
+
+def webhook_dispatch_schedule(settings: Settings) -> dict[str, object]:
+    return {
+        "task": WEBHOOK_DISPATCH_TASK,
+        "schedule": settings.webhook_dispatch_interval,
+        # Not piled up while no worker consumes the queue: the next scan does the same work.
+        "options": {"expires": max(10.0, settings.webhook_dispatch_interval * 5)},
     }

@@ -32,7 +32,7 @@ from devtools.redis_server import RedisServer
 from devtools.simprocess import SimulatorProcess
 
 STATE = ROOT / ".conveyor"
-PROCESSES = ("web", "worker", "beat", "flower")
+PROCESSES = ("web", "worker", "webhooks", "beat", "flower")
 DEMO_PROMPT = "Write a short welcome note for someone trying Conveyor for the first time."
 
 

@@ -7,8 +7,8 @@ import uuid
 from celery import shared_task
 
 from app.execution.runner import execute_job
-from app.jobs import transitions
-from app.queue import SWEEP_TASK
+from app.jobs import transitions, webhooks
+from app.queue import SWEEP_TASK, WEBHOOK_DISPATCH_TASK, WEBHOOK_SEND_TASK
 from app.runtime import runtime
 
 
@@ -20,3 +20,15 @@ def run_job(job_id: str) -> str:
 @shared_task(name=SWEEP_TASK, ignore_result=True, soft_time_limit=60, time_limit=90)
 def sweep() -> dict[str, int]:
     return vars(runtime().jobs.sweep())
+
+
+@shared_task(name=WEBHOOK_DISPATCH_TASK, ignore_result=True, soft_time_limit=30, time_limit=60)
+def dispatch_webhooks() -> int:
+    settings = runtime().settings
+    return webhooks.dispatch_due(runtime().db, runtime().celery, webhooks.Policy.of(settings))
+
+
+@shared_task(name=WEBHOOK_SEND_TASK, ignore_result=True)
+def send_webhook(delivery_id: str, attempt: int) -> str:
+    policy = webhooks.Policy.of(runtime().settings)
+    return webhooks.deliver(runtime().db, policy, uuid.UUID(delivery_id), attempt)

@@ -21,6 +21,7 @@ from app.api import (
     ratelimits,
     realtime,
     system,
+    webhooks,
 )
 from app.config import Settings
 
@@ -38,6 +39,7 @@ BLUEPRINTS = (
     realtime.bp,
     keys.bp,
     admin.bp,
+    webhooks.bp,
     openapi.bp,
 )
 

@@ -12,6 +12,7 @@ from flask import Blueprint, Response, request
 from pydantic import BaseModel, ValidationError
 
 from app.api.auth import current_principal
+from app.api.destinations import webhook_refusal
 from app.api.jobs import (
     PREFIX,
     admission_errors,
@@ -149,11 +150,24 @@ def _items_problem(errors: list[FieldError]) -> ApiProblem:
     return ApiProblem(422, "validation-error", "The request is not valid", detail, shown)
 
 
+@dataclass
+class _WebhookUrls:
+    """The items of a batch often share a webhook: each URL is checked (and resolved) once."""
+
+    refusals: dict[str, str | None] = field(default_factory=dict)
+
+    def refusal(self, url: str) -> str | None:
+        if url not in self.refusals:
+            self.refusals[url] = webhook_refusal(url)
+        return self.refusals[url]
+
+
 def _validated_jobs(body: BatchBody) -> list[batches.BatchJob]:
     """Each item's input checked by its kind, as POST /jobs checks one job's."""
     default_attempts = runtime().settings.job_max_attempts
     owner = current_principal().owner
     jobs, errors = [], []
+    checked = _WebhookUrls()
     for label, item in zip(body.labels, body.items, strict=True):
         kind = KINDS.get(item.kind)
         if kind is None:
@@ -185,10 +199,16 @@ def _validated_jobs(body: BatchBody) -> list[batches.BatchJob]:
                 for field, message in refused
             ]
             continue
+        webhook = item.webhook.model_dump() if item.webhook else None
+        if webhook and (refused_url := checked.refusal(webhook["url"])):
+            errors.append(FieldError(field=f"{label}.webhook.url", message=refused_url))
+            continue
         max_attempts = item.max_attempts or default_attempts
         timing = batches.Timing(item.run_at, item.expires_after, item.timeout_seconds)
         jobs.append(
-            batches.BatchJob(item.kind, dumped, item.priority, max_attempts, model, models, timing)
+            batches.BatchJob(
+                item.kind, dumped, item.priority, max_attempts, model, models, timing, webhook
+            )
         )
     if errors:
         raise _items_problem(errors)
@@ -228,6 +248,7 @@ def create_batch(body: BatchBody) -> Response:
                     "model": job.model,
                     # Only when given, so a key used before they existed keeps its fingerprint.
                     **job.timing.given(),
+                    **({"webhook": job.webhook} if job.webhook else {}),
                 }
                 for job in jobs
             ]

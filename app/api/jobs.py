@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from sqlalchemy import select, tuple_
 
 from app.api.auth import current_principal, revoked_while_waiting
+from app.api.destinations import webhook_refusal
 from app.api.problems import ApiProblem, FieldError, field_problem, validation_problem
 from app.api.schemas import (
     BadCursor,
@@ -87,6 +88,9 @@ def create_job(body: JobCreate) -> Response:
     if refused := admission_errors(kind, job_input, principal.owner, model):
         field, message = refused[0]
         raise field_problem(f"input.{field}", message)
+    if body.webhook is not None and (refused_url := webhook_refusal(body.webhook.url)):
+        raise field_problem("webhook.url", refused_url)
+    webhook = body.webhook.model_dump() if body.webhook else None
     key = idempotency_key()
     max_attempts = body.max_attempts or runtime().settings.job_max_attempts
     fingerprint = _fingerprint(body, job_input, max_attempts) if key else None
@@ -104,6 +108,7 @@ def create_job(body: JobCreate) -> Response:
             run_at=body.run_at,
             expires_after=body.expires_after,
             timeout_seconds=body.timeout_seconds,
+            webhook=webhook,
         )
     except transitions.IdempotencyConflict as exc:
         raise idempotency_key_reused(exc) from None
@@ -136,6 +141,7 @@ def optional_fields(body: JobCreate) -> dict[str, Any]:
         "run_at": body.run_at.isoformat() if body.run_at is not None else None,
         "expires_after": body.expires_after,
         "timeout_seconds": body.timeout_seconds,
+        "webhook": body.webhook.model_dump() if body.webhook is not None else None,
     }
     return {name: value for name, value in given.items() if value}
 
@@ -236,7 +242,9 @@ def list_jobs(query: JobListQuery) -> Response:
 )
 def get_job(job_id: uuid.UUID) -> Response:
     job = owned_job(job_id)
-    return json_response(JobDetail(**JobOut.of(job, PREFIX).model_dump(), input=job.input))
+    return json_response(
+        JobDetail(**JobOut.of(job, PREFIX).model_dump(), input=job.input, webhook=job.webhook)
+    )
 
 
 @bp.get("/jobs/<uuid:job_id>/result")

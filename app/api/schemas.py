@@ -34,8 +34,9 @@ from app.jobs.canvas_shapes import (
 from app.jobs.events import MAX_SEQ
 from app.jobs.listing import JobFilter
 from app.jobs.payloads import EventEnvelope
-from app.jobs.states import JobStatus
-from app.models import Batch, Canvas, Job
+from app.jobs.states import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS, JobStatus
+from app.models import Batch, Canvas, Job, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from app.webhooks.guard import MAX_URL_LENGTH
 
 # Kind names as the registry spells them; anything else (a NUL byte, say) is refused here.
 KIND_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
@@ -77,6 +78,45 @@ def _within_bounds(value: datetime) -> datetime:
 
 # When a job may start: RFC 3339 with an offset ("2030-01-01T09:00:00+02:00", "…Z").
 RunAt = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(_within_bounds)]
+
+
+# The events a webhook may ask for: EventType values (app/jobs/states.py).
+WebhookEvent = Literal[tuple(event.value for event in WEBHOOK_EVENTS)]  # type: ignore[valid-type]
+
+
+def _distinct(events: list[str]) -> list[str]:
+    return list(dict.fromkeys(events))
+
+
+WebhookEvents = Annotated[
+    list[WebhookEvent],
+    AfterValidator(_distinct),
+    Field(
+        min_length=1,
+        max_length=20,
+        description="The event types to deliver; default: the terminal ones",
+        examples=[["job.succeeded", "job.failed"]],
+    ),
+]
+WebhookUrl = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_URL_LENGTH,
+        description="http(s) URL of a public address (docs/webhooks.md: the SSRF rules)",
+        examples=["https://example.com/hooks/conveyor"],
+    ),
+]
+
+
+class JobWebhook(BaseModel):
+    """The job's own webhook: each event named in `events` is POSTed to `url`, signed with
+    the tenant's webhook secret (GET /webhook-secret)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: WebhookUrl
+    events: WebhookEvents = Field(default_factory=lambda: [e.value for e in DEFAULT_WEBHOOK_EVENTS])
 
 
 class JobCreate(BaseModel):
@@ -124,6 +164,9 @@ class JobCreate(BaseModel):
         "CONVEYOR_JOB_SOFT_TIME_LIMIT (the default); past it the job fails with "
         "`time_limit_exceeded`.",
         examples=[120],
+    )
+    webhook: JobWebhook | None = Field(
+        None, description="Deliver the job's events to this URL (docs/webhooks.md)"
     )
 
 
@@ -230,6 +273,7 @@ class JobOut(BaseModel):
 
 class JobDetail(JobOut):
     input: dict[str, Any]
+    webhook: JobWebhook | None = Field(None, description="The job's own webhook, if any")
 
 
 class JobResult(BaseModel):
@@ -787,6 +831,162 @@ class CanvasPage(BaseModel):
 
 
 class CanvasListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(20, ge=1, le=100)
+    cursor: str | None = Field(None, max_length=200)
+
+
+class WebhookEndpointCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: WebhookUrl
+    events: WebhookEvents = Field(default_factory=lambda: [e.value for e in DEFAULT_WEBHOOK_EVENTS])
+    description: str | None = Field(None, max_length=200)
+
+
+class WebhookEndpointUpdate(BaseModel):
+    """The fields to change; the others stay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: WebhookUrl | None = None
+    events: WebhookEvents | None = None
+    description: str | None = Field(None, max_length=200)
+    enabled: bool | None = None
+
+
+class WebhookEndpointLinks(BaseModel):
+    self: str
+    deliveries: str
+
+
+class WebhookEndpointOut(BaseModel):
+    id: uuid.UUID
+    url: str
+    events: list[str]
+    description: str | None
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+    links: WebhookEndpointLinks
+
+    @classmethod
+    def of(cls, endpoint: WebhookEndpoint, prefix: str) -> WebhookEndpointOut:
+        base = f"{prefix}/webhooks/{endpoint.id}"
+        return cls(
+            id=endpoint.id,
+            url=endpoint.url,
+            events=endpoint.events,
+            description=endpoint.description,
+            enabled=endpoint.enabled,
+            created_at=endpoint.created_at,
+            updated_at=endpoint.updated_at,
+            links=WebhookEndpointLinks(self=base, deliveries=f"{base}/deliveries"),
+        )
+
+
+class WebhookEndpointCreated(WebhookEndpointOut):
+    secret: str = Field(
+        description="The endpoint's signing secret (`whsec_…`), shown this once",
+        examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+    )
+
+
+class WebhookEndpointList(BaseModel):
+    items: list[WebhookEndpointOut]
+
+
+class WebhookSecretOut(BaseModel):
+    secret: str = Field(
+        description="The signing secret of your jobs' own webhooks (`whsec_…`)",
+        examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+    )
+
+
+class WebhookAttemptOut(BaseModel):
+    attempt: int
+    at: datetime
+    address: str | None = Field(description="The address connected to (null: refused before)")
+    status_code: int | None = Field(description="The receiver's status; null: no response")
+    error: str | None
+    response_body: str = Field(description="The start of the receiver's response")
+    duration_ms: float
+
+    @classmethod
+    def of(cls, attempt: WebhookAttempt) -> WebhookAttemptOut:
+        return cls(
+            attempt=attempt.attempt,
+            at=attempt.at,
+            address=attempt.address,
+            status_code=attempt.status_code,
+            error=attempt.error,
+            response_body=attempt.response_body,
+            duration_ms=attempt.duration_ms,
+        )
+
+
+class WebhookDeliveryLinks(BaseModel):
+    self: str
+    redeliver: str
+    job: str
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: uuid.UUID
+    message_id: str = Field(description="The `webhook-id` header of every attempt")
+    job_id: uuid.UUID
+    endpoint_id: uuid.UUID | None = Field(description="null: the job's own webhook")
+    url: str
+    event_type: str
+    event_seq: int
+    status: Literal["pending", "succeeded", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="When the next attempt is due")
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    redelivered_at: datetime | None
+    finished_at: datetime | None
+    payload: dict[str, Any] = Field(description="The body every attempt sends")
+    attempt_log: list[WebhookAttemptOut]
+    links: WebhookDeliveryLinks
+
+    @classmethod
+    def of(
+        cls, delivery: WebhookDelivery, attempts: list[WebhookAttempt], prefix: str, message: str
+    ) -> WebhookDeliveryOut:
+        base = f"{prefix}/webhook-deliveries/{delivery.id}"
+        return cls(
+            id=delivery.id,
+            message_id=message,
+            job_id=delivery.job_id,
+            endpoint_id=delivery.endpoint_id,
+            url=delivery.url,
+            event_type=delivery.event_type,
+            event_seq=delivery.event_seq,
+            status=delivery.status,  # type: ignore[arg-type]
+            attempts=delivery.attempts,
+            next_attempt_at=delivery.next_attempt_at if delivery.status == "pending" else None,
+            last_status_code=delivery.last_status_code,
+            last_error=delivery.last_error,
+            created_at=delivery.created_at,
+            redelivered_at=delivery.redelivered_at,
+            finished_at=delivery.finished_at,
+            payload=delivery.payload,
+            attempt_log=[WebhookAttemptOut.of(attempt) for attempt in attempts],
+            links=WebhookDeliveryLinks(
+                self=base, redeliver=f"{base}/redeliver", job=f"{prefix}/jobs/{delivery.job_id}"
+            ),
+        )
+
+
+class WebhookDeliveryPage(BaseModel):
+    items: list[WebhookDeliveryOut]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` to get the next page")
+
+
+class WebhookDeliveriesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     limit: int = Field(20, ge=1, le=100)

@@ -24,6 +24,7 @@ from flask import Flask
 from app.jobs import presence
 from app.jobs.events import CANCEL_CHANNEL
 from app.jobs.presence import WorkerIdentity
+from app.queue import QUEUE
 from app.runtime import runtime_of
 
 if TYPE_CHECKING:
@@ -169,15 +170,18 @@ def worker_heartbeat_step(app: Flask) -> type[bootsteps.StartStopStep]:
 
         def __init__(self, worker: Any, **kwargs: Any) -> None:
             super().__init__(worker, **kwargs)
+            # A worker that only sends webhooks (`-Q webhooks`) runs no job: it is no job
+            # worker for GET /health.
+            self.runs_jobs = QUEUE in worker.app.amqp.queues.consume_from
             pool = pool_name(worker.pool_cls)
             self.identity = WorkerIdentity(worker.hostname, pool, worker.concurrency)
-            if pool == "prefork":
+            if pool == "prefork" and self.runs_jobs:
                 # Prefork children run the jobs, each with its own heartbeat. The pool forks
                 # them before any step starts, so the hook is connected here, at construction.
                 signals.worker_process_init.connect(self.start_in_child, weak=False)
 
         def start(self, worker: Any) -> None:
-            if self.identity.pool != "prefork":
+            if self.identity.pool != "prefork" and self.runs_jobs:
                 active_jobs.ensure_started(runtime_of(app).jobs, self.identity)
 
         def start_in_child(self, **_: Any) -> None:

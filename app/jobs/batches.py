@@ -80,6 +80,7 @@ class BatchJob:
     model: str
     models: dict[str, str]  # role -> model, pinned as for a single job
     timing: Timing = field(default_factory=Timing)
+    webhook: dict[str, Any] | None = None  # {"url", "events"}, checked by the API
 
 
 @dataclass
@@ -231,6 +232,7 @@ class Batches:
                 request_hash=None,
                 model=item.model,
                 models=item.models,
+                webhook=item.webhook,
                 retry_of=None,
                 at=at,
                 batch_id=batch_id,
@@ -316,6 +318,7 @@ def _jobs_json(jobs: list[NewJob]) -> str:
                 "expires_at": job.expires_at,
                 "timeout_seconds": job.timeout_seconds,
                 "dispatched_at": job.dispatched_at,
+                "webhook": job.webhook,
                 "event": job.queued_event().data,
                 "batch_item": job.batch_item,
             }

@@ -59,6 +59,8 @@ class NewJob:
     # Set for the jobs of a batch (app/jobs/batches.py), which stores them itself.
     batch_id: uuid.UUID | None = None
     batch_item: int | None = None
+    # The job's own webhook, {"url", "events"} (docs/webhooks.md).
+    webhook: dict[str, Any] | None = None
     # Not before this instant: stored unpublished, the sweeper publishes it once due.
     run_at: datetime | None = None
     # Still queued at this instant: the sweeper fails it `expired`, and no claim starts it.

@@ -24,14 +24,14 @@ WITH new AS (
     SELECT * FROM jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(
         id uuid, owner text, kind text, input jsonb, priority int, max_attempts int,
         idempotency_key text, request_hash text, model text, models jsonb, retry_of uuid,
-        at timestamptz, run_at timestamptz, expires_at timestamptz, timeout_seconds int,
-        dispatched_at timestamptz, event jsonb, ord int)
+        webhook jsonb, at timestamptz, run_at timestamptz, expires_at timestamptz,
+        timeout_seconds int, dispatched_at timestamptz, event jsonb, ord int)
 ), job AS (
     INSERT INTO jobs (id, owner, kind, status, input, priority, max_attempts, idempotency_key,
-                      request_hash, model, models, retry_of, last_seq, created_at, updated_at,
-                      run_at, expires_at, timeout_seconds, dispatched_at)
+                      request_hash, model, models, retry_of, webhook, last_seq, created_at,
+                      updated_at, run_at, expires_at, timeout_seconds, dispatched_at)
     SELECT id, owner, kind, 'queued', input, priority, max_attempts, idempotency_key,
-           request_hash, model, models, retry_of, 1, at, at, run_at, expires_at,
+           request_hash, model, models, retry_of, webhook, 1, at, at, run_at, expires_at,
            timeout_seconds, dispatched_at
     FROM new ORDER BY ord
     ON CONFLICT (owner, idempotency_key) DO NOTHING
@@ -174,14 +174,14 @@ WITH batch AS (
 ), new AS (
     SELECT * FROM jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(
         id uuid, kind text, input jsonb, priority int, max_attempts int, model text,
-        models jsonb, run_at timestamptz, expires_at timestamptz, timeout_seconds int,
-        dispatched_at timestamptz, event jsonb, batch_item int)
+        models jsonb, webhook jsonb, run_at timestamptz, expires_at timestamptz,
+        timeout_seconds int, dispatched_at timestamptz, event jsonb, batch_item int)
 ), job AS (
     INSERT INTO jobs (id, owner, kind, status, input, priority, max_attempts, model, models,
-                      batch_id, batch_item, last_seq, created_at, updated_at, run_at,
+                      webhook, batch_id, batch_item, last_seq, created_at, updated_at, run_at,
                       expires_at, timeout_seconds, dispatched_at)
     SELECT new.id, batch.owner, new.kind, 'queued', new.input, new.priority, new.max_attempts,
-           new.model, new.models, batch.id, new.batch_item, 1, batch.created_at,
+           new.model, new.models, new.webhook, batch.id, new.batch_item, 1, batch.created_at,
            batch.created_at, new.run_at, new.expires_at, new.timeout_seconds, new.dispatched_at
     FROM new CROSS JOIN batch ORDER BY new.batch_item
     RETURNING id

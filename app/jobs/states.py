@@ -39,3 +39,15 @@ TERMINAL_EVENTS = {
     JobStatus.CANCELED: EventType.CANCELED,
 }
 TERMINAL_STATUSES = {event_type: status for status, event_type in TERMINAL_EVENTS.items()}
+
+# The events a webhook may ask for (its `events`), in their order in a job's life; the ones
+# a webhook gets when it names none are the terminal ones. The outbox trigger of
+# migrations/versions/0008_webhooks.py fires for exactly these.
+WEBHOOK_EVENTS = (
+    EventType.STARTED,
+    EventType.RETRYING,
+    EventType.SUCCEEDED,
+    EventType.FAILED,
+    EventType.CANCELED,
+)
+DEFAULT_WEBHOOK_EVENTS = (EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELED)

@@ -377,11 +377,14 @@ class Jobs:
         run_at: datetime | None = None,
         expires_after: float | None = None,
         timeout_seconds: int | None = None,
+        webhook: dict[str, Any] | None = None,
     ) -> Created:
         """`max_attempts` and `model` default to the configuration's for the kind; `models`
-        (role -> model) pins the model of each role the kind's steps name. A job with a future
-        `run_at` is stored but published by the sweeper once due; with `expires_after`, it
-        fails `expired` if still queued that many seconds after it became due."""
+        (role -> model) pins the model of each role the kind's steps name; `webhook`
+        ({"url", "events"}, checked by the caller) is the job's own webhook. A job with a
+        future `run_at` is stored but published by the sweeper once due; with
+        `expires_after`, it fails `expired` if still queued that many seconds after it became
+        due."""
         at = now()
         row = self.intake.create(
             NewJob(
@@ -400,6 +403,7 @@ class Jobs:
                 run_at=run_at,
                 expires_at=expiry(at, run_at, expires_after),
                 timeout_seconds=timeout_seconds,
+                webhook=webhook,
             )
         )
         if row is None:
@@ -456,10 +460,10 @@ class Jobs:
 
     def retry_job(self, owner: str, job_id: uuid.UUID) -> Job:
         """A new job cloned from the old one's request (kind, input, priority, max_attempts,
-        models, expires_after and timeout_seconds: a configuration change since does not change
-        what is retried), linked to it through `retry_of`. It starts from scratch: checkpoints
-        belong to the old job, and it runs now: an old run_at is not carried over (it has
-        passed: the old job ran, or was canceled or expired, after it)."""
+        models, expires_after, timeout_seconds and webhook: a configuration change since does
+        not change what is retried), linked to it through `retry_of`. It starts from scratch:
+        checkpoints belong to the old job, and it runs now: an old run_at is not carried over
+        (it has passed: the old job ran, or was canceled or expired, after it)."""
         with self.db.transaction() as session:
             old = get_job(session, owner, job_id)
             if JobStatus(old.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
@@ -473,6 +477,7 @@ class Jobs:
                 "models": old.models,
                 "expires_after": expires_after_of(old),
                 "timeout_seconds": old.timeout_seconds,
+                "webhook": old.webhook,
             }
         try:
             return self.create_job(owner=owner, retry_of=job_id, **request).job
