@@ -79,15 +79,16 @@ class RateLimits:
         except RedisError as exc:
             logger.warning("rate limit not checked (Redis: %s); request let through", exc)
             return None
-        verdict = Verdict(limit, remaining, max(0, math.ceil(reset_at - time.time())))
+        # At least 1: a window that resets "now" has room again within the second.
+        verdict = Verdict(limit, remaining, max(1, math.ceil(reset_at - time.time())))
         if not allowed:
             raise ApiProblem(
                 429,
                 "rate-limited",
                 "Too many requests",
                 f"this key may make {limit.amount} {tier} requests per "
-                f"{limit.get_expiry()} s; try again in {max(1, verdict.reset_in)} s",
-                headers={"Retry-After": str(max(1, verdict.reset_in)), **headers(verdict)},
+                f"{limit.get_expiry()} s; try again in {verdict.reset_in} s",
+                headers={"Retry-After": str(verdict.reset_in), **headers(verdict)},
             )
         return verdict
 

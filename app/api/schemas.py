@@ -424,7 +424,9 @@ class TimelineEvent(BaseModel):
 class JobExport(BaseModel):
     """A job's whole record. The YAML export is this document; the CSV export flattens it."""
 
-    job: JobOut = Field(description="The job as `GET /jobs/{id}` shows it, without its input")
+    job: JobOut = Field(
+        description="The job as `GET /jobs/{id}` shows it, without its input and webhook"
+    )
     input: dict[str, Any]
     output: dict[str, Any] | None = Field(
         description="The result; null until the job has finished, and for a failed job"

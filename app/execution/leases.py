@@ -24,7 +24,7 @@ from flask import Flask
 from app.jobs import presence
 from app.jobs.events import CANCEL_CHANNEL
 from app.jobs.presence import WorkerIdentity
-from app.queue import QUEUE
+from app.queue import WEBHOOK_QUEUE
 from app.runtime import runtime_of
 
 if TYPE_CHECKING:
@@ -171,8 +171,9 @@ def worker_heartbeat_step(app: Flask) -> type[bootsteps.StartStopStep]:
         def __init__(self, worker: Any, **kwargs: Any) -> None:
             super().__init__(worker, **kwargs)
             # A worker that only sends webhooks (`-Q webhooks`) runs no job: it is no job
-            # worker for GET /health.
-            self.runs_jobs = QUEUE in worker.app.amqp.queues.consume_from
+            # worker for GET /health. Any other queue is jobs' (an operator's own `-Q` name
+            # included, as the tests' gevent worker has).
+            self.runs_jobs = bool(set(worker.app.amqp.queues.consume_from) - {WEBHOOK_QUEUE})
             pool = pool_name(worker.pool_cls)
             self.identity = WorkerIdentity(worker.hostname, pool, worker.concurrency)
             if pool == "prefork" and self.runs_jobs:
