@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from sqlalchemy import select, tuple_
 
 from app.api.auth import current_principal, revoked_while_waiting
+from app.api.budgets import budget_problem, estimate, owner_budget
 from app.api.destinations import webhook_refusal
 from app.api.problems import ApiProblem, FieldError, field_problem, validation_problem
 from app.api.schemas import (
@@ -37,7 +38,7 @@ from app.api.schemas import (
 )
 from app.api.spec import json_response, operation
 from app.api.sse import SSE_TYPE, event_stream_response
-from app.jobs import transitions
+from app.jobs import budgets, transitions
 from app.jobs.events import MAX_SEQ, replay
 from app.jobs.listing import newest_first
 from app.jobs.states import TERMINAL, EventType, JobStatus
@@ -91,14 +92,16 @@ def create_job(body: JobCreate) -> Response:
     if body.webhook is not None and (refused_url := webhook_refusal(body.webhook.url)):
         raise field_problem("webhook.url", refused_url)
     webhook = body.webhook.model_dump() if body.webhook else None
+    stored_input = job_input.model_dump(mode="json", by_alias=True, exclude_none=True)
     key = idempotency_key()
+    check_budget(principal.owner, estimate(kind, stored_input, model, models), body, key)
     max_attempts = body.max_attempts or runtime().settings.job_max_attempts
     fingerprint = _fingerprint(body, job_input, max_attempts) if key else None
     try:
         created = runtime().jobs.create_job(
             owner=principal.owner,
             kind=body.kind,
-            input=job_input.model_dump(mode="json", by_alias=True, exclude_none=True),
+            input=stored_input,
             priority=body.priority,
             max_attempts=max_attempts,
             idempotency_key=key,
@@ -109,6 +112,7 @@ def create_job(body: JobCreate) -> Response:
             expires_after=body.expires_after,
             timeout_seconds=body.timeout_seconds,
             webhook=webhook,
+            max_cost_usd=body.max_cost_usd,
         )
     except transitions.IdempotencyConflict as exc:
         raise idempotency_key_reused(exc) from None
@@ -117,6 +121,23 @@ def create_job(body: JobCreate) -> Response:
     if created.replayed:
         headers["Idempotent-Replayed"] = "true"
     return json_response(job, 202 if not created.replayed else 200, headers)
+
+
+def check_budget(owner: str, cost: Any, body: JobCreate, key: str | None) -> None:
+    """402 when the job's estimated cost passes its max_cost_usd or the owner's budget left.
+    A replay of a job already stored is not refused for the owner's budget (its own calls
+    may be what used it up): the POST that made it was checked, and it gets its job back."""
+    refused = budgets.refusal(cost, body.max_cost_usd, owner_budget(owner))
+    if refused is None:
+        return
+    if refused.field is None and key is not None and _key_used(owner, key):
+        return
+    raise budget_problem(refused)
+
+
+def _key_used(owner: str, key: str) -> bool:
+    statement = select(Job.id).where(Job.owner == owner, Job.idempotency_key == key)
+    return runtime().db.request_session.scalar(statement) is not None
 
 
 def _fingerprint(body: JobCreate, job_input: Any, max_attempts: int) -> str:
@@ -142,6 +163,8 @@ def optional_fields(body: JobCreate) -> dict[str, Any]:
         "expires_after": body.expires_after,
         "timeout_seconds": body.timeout_seconds,
         "webhook": body.webhook.model_dump() if body.webhook is not None else None,
+        # Compared as the amount: "0.50" and 0.5 are the same request.
+        "max_cost_usd": str(body.max_cost_usd.normalize()) if body.max_cost_usd else None,
     }
     return {name: value for name, value in given.items() if value}
 
