@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 
 from app.api.auth import current_principal
-from app.api.budgets import budget_problem, estimate, owner_budget
+from app.api.budgets import BUDGET_EXCEEDED, budget_problem, estimate, owner_budget
 from app.api.destinations import webhook_refusal
 from app.api.jobs import (
     PREFIX,
@@ -26,7 +26,7 @@ from app.api.jobs import (
     timing_errors,
 )
 from app.api.pages import keyset_page
-from app.api.problems import ApiProblem, FieldError, field_errors, field_problem
+from app.api.problems import ApiProblem, FieldError, Problem, field_errors, field_problem
 from app.api.schemas import (
     MAX_BATCH_ITEMS,
     BatchCreate,
@@ -268,6 +268,7 @@ def _batch_key_used(owner: str, key: str | None) -> bool:
     responses={
         202: (BatchOut, "Accepted: every job of the batch is queued"),
         200: (BatchOut, "An Idempotency-Key replay: the existing batch"),
+        402: (Problem, BUDGET_EXCEEDED),
     },
 )
 def create_batch(body: BatchBody) -> Response:

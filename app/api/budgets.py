@@ -19,6 +19,10 @@ from app.runtime import runtime
 
 bp = Blueprint("tenants", __name__)
 
+BUDGET_EXCEEDED = (
+    "`budget-exceeded`: the estimated cost passes `max_cost_usd` or the owner's budget left; "
+    "`limit` (max_cost_usd, daily, monthly), `remaining_usd` and `estimate_usd` say which"
+)
 OWNER_PATH = "/admin/tenants/<string(maxlength=200):owner>"
 
 

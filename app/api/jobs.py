@@ -11,9 +11,15 @@ from pydantic import ValidationError
 from sqlalchemy import select, tuple_
 
 from app.api.auth import current_principal, revoked_while_waiting
-from app.api.budgets import budget_problem, estimate, owner_budget
+from app.api.budgets import BUDGET_EXCEEDED, budget_problem, estimate, owner_budget
 from app.api.destinations import webhook_refusal
-from app.api.problems import ApiProblem, FieldError, field_problem, validation_problem
+from app.api.problems import (
+    ApiProblem,
+    FieldError,
+    Problem,
+    field_problem,
+    validation_problem,
+)
 from app.api.schemas import (
     BadCursor,
     EventOut,
@@ -69,6 +75,7 @@ IDEMPOTENCY_HEADER = {
     responses={
         202: (JobOut, "Accepted: the job is queued"),
         200: (JobOut, "An Idempotency-Key replay: the existing job"),
+        402: (Problem, BUDGET_EXCEEDED),
     },
 )
 def create_job(body: JobCreate) -> Response:
