@@ -443,12 +443,31 @@ def cancel_job(job_id: uuid.UUID) -> Response:
     responses={
         202: (JobOut, "A new job, linked by retry_of"),
         409: (None, "The job has not failed or been canceled"),
+        402: (Problem, BUDGET_EXCEEDED),
     },
 )
 def retry_job(job_id: uuid.UUID) -> Response:
+    """The new job is checked against budgets as a new submission is (its max_cost_usd, kept
+    from the original, and the owner's budget left)."""
+    _check_retry_budget(job_id)
     job = _request_of_owner(runtime().jobs.retry_job, job_id)
     out = JobOut.of(job, PREFIX)
     return json_response(out, 202, {"Location": out.links.self})
+
+
+RETRYABLE = (JobStatus.FAILED.value, JobStatus.CANCELED.value)
+
+
+def _check_retry_budget(job_id: uuid.UUID) -> None:
+    owner = current_principal().owner
+    statement = select(Job).where(Job.id == job_id, Job.owner == owner)
+    old = runtime().db.request_session.scalars(statement).one_or_none()
+    kind = KINDS.get(old.kind) if old is not None else None
+    if old is None or kind is None or old.status not in RETRYABLE:
+        return  # retry_job answers: a 404, or a 409 for a job it would not retry
+    cost = estimate(kind, old.input, old.model or "", old.models or {})
+    if refused := budgets.refusal(cost, old.max_cost_usd, owner_budget(owner)):
+        raise budget_problem(refused)
 
 
 @bp.delete("/jobs/<uuid:job_id>")

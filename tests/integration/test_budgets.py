@@ -117,6 +117,9 @@ def test_a_tenant_budget_used_by_earlier_jobs_refuses_the_next(
     assert stats["daily_budget_usd"] == f"{daily:.8f}"
     assert Decimal(stats["remaining_today_usd"]) <= Decimal("0.0001")
 
+    # A retry is checked as a new job is.
+    retry = tenant.post(f"/api/v1/jobs/{job['id']}/retry")
+    assert retry.status_code == 409  # it succeeded: nothing to retry
     put_budget(admin, tenant.owner, monthly_budget_usd=str(spent))
     refused = post_job(tenant, {"prompt": "more"}).get_json()
     assert refused["limit"] == "monthly" and refused["remaining_usd"] == "0.00000000"
@@ -161,18 +164,21 @@ def test_a_streaming_job_is_stopped_at_its_max_cost_with_its_partial_output(
     assert limit < cost < limit + Decimal("0.0001")
 
 
-def test_a_streaming_job_is_stopped_when_its_owner_passes_the_daily_budget(
-    admin: Tenant, tenant: Tenant
+@pytest.mark.parametrize("period", ["daily", "monthly"])
+def test_a_streaming_job_is_stopped_when_its_owner_passes_a_budget(
+    admin: Tenant, tenant: Tenant, period: str
 ) -> None:
-    put_budget(admin, tenant.owner, daily_budget_usd="0.0008")
+    put_budget(admin, tenant.owner, **{f"{period}_budget_usd": "0.0008"})
     job = tenant.wait_for(tenant.submit("chat", {"prompt": LONG})["id"])
     assert job["status"] == "failed", job
     assert job["error"]["code"] == "budget_exceeded"
-    assert "daily" in job["error"]["message"]
+    assert period in job["error"]["message"]
     assert tenant.get(f"/api/v1/jobs/{job['id']}/result").get_json()["output"]["partial_text"]
+    assert Decimal("0.0008") < Decimal(job["usage"]["cost_usd"]) < Decimal("0.0009")
     budget = tenant.get("/api/v1/stats").get_json()["budget"]
     assert Decimal(budget["spent_today_usd"]) == Decimal(job["usage"]["cost_usd"])
-    assert budget["remaining_today_usd"] == "0.00000000"
+    remaining = "remaining_today_usd" if period == "daily" else "remaining_month_usd"
+    assert budget[remaining] == "0.00000000"
     # Used up: the next job is refused at submit.
     assert post_job(tenant, {"prompt": "x", "max_tokens": 1}).status_code == 402
 
@@ -230,3 +236,17 @@ def test_a_bad_budget_is_a_422_naming_the_field(
     response = put_budget(admin, tenant.owner, **body)
     assert response.status_code == 422, response.get_json()
     assert [e["field"] for e in response.get_json()["errors"]] == [field]
+
+
+def test_a_retry_is_checked_against_the_budget_left(admin: Tenant, tenant: Tenant) -> None:
+    created = tenant.submit("chat", {"prompt": LONG}, max_cost_usd="0.0008")
+    failed = tenant.wait_for(created["id"])
+    assert failed["error"]["code"] == "budget_exceeded"
+    put_budget(admin, tenant.owner, daily_budget_usd=failed["usage"]["cost_usd"])
+    refused = tenant.post(f"/api/v1/jobs/{failed['id']}/retry")
+    assert refused.status_code == 402
+    assert refused.get_json()["limit"] == "daily"
+    put_budget(admin, tenant.owner)
+    retried = tenant.post(f"/api/v1/jobs/{failed['id']}/retry")
+    assert retried.status_code == 202
+    assert retried.get_json()["max_cost_usd"] == "0.00080000"
