@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         description="models a request may name (comma-separated), besides the configured ones",
     )
     pricing_file: Path | None = None
+    budget_default_output_tokens: int = Field(
+        1024,
+        ge=1,
+        description="output tokens a call is estimated at, at submit, when its input sets no "
+        "max_tokens (docs/api.md#budgets)",
+    )
 
     # Images (the `image` kind; docs/images.md)
     image_provider: Literal["openai", "comfyui"] = Field(

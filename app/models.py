@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -110,6 +111,8 @@ class Job(Base):
     run_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
     timeout_seconds: Mapped[int | None] = mapped_column(Integer)
+    # The most the job may cost, in USD (docs/api.md#budgets); NULL: no limit of its own.
+    max_cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(16, 8))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None]
@@ -443,3 +446,38 @@ class WebhookAttempt(Base):
     response_body: Mapped[str] = mapped_column(Text, server_default="")
     duration_ms: Mapped[float] = mapped_column(Float)
     at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Tenant(Base):
+    """An owner's settings: spend limits in USD per UTC day and month (NULL: no limit).
+    An owner without a row has no limits."""
+
+    __tablename__ = "tenants"
+    __table_args__ = (
+        CheckConstraint(
+            "daily_budget_usd IS NULL OR daily_budget_usd >= 0", name="tenants_daily_budget"
+        ),
+        CheckConstraint(
+            "monthly_budget_usd IS NULL OR monthly_budget_usd >= 0",
+            name="tenants_monthly_budget",
+        ),
+    )
+
+    owner: Mapped[str] = mapped_column(String(200), primary_key=True)
+    daily_budget_usd: Mapped[Decimal | None] = mapped_column(Numeric(16, 8))
+    monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Numeric(16, 8))
+    # Reserved for a retention feature; nothing reads it yet.
+    retention_days: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class TenantSpend(Base):
+    """What an owner's model calls cost on one UTC day: incremented by the statement that
+    records the calls (app/jobs/sql.py), so a budget check reads at most 31 rows."""
+
+    __tablename__ = "tenant_spend"
+
+    owner: Mapped[str] = mapped_column(String(200), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(16, 8), server_default="0")

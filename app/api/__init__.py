@@ -9,6 +9,7 @@ from app.api import (
     admin,
     artifacts,
     batches,
+    budgets,
     canvases,
     cards,
     downloads,
@@ -39,6 +40,7 @@ BLUEPRINTS = (
     realtime.bp,
     keys.bp,
     admin.bp,
+    budgets.bp,
     webhooks.bp,
     openapi.bp,
 )

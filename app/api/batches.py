@@ -6,12 +6,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from flask import Blueprint, Response, request
 from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
 
 from app.api.auth import current_principal
+from app.api.budgets import BUDGET_EXCEEDED, budget_problem, estimate, owner_budget
 from app.api.destinations import webhook_refusal
 from app.api.jobs import (
     PREFIX,
@@ -23,7 +26,7 @@ from app.api.jobs import (
     timing_errors,
 )
 from app.api.pages import keyset_page
-from app.api.problems import ApiProblem, FieldError, field_errors, field_problem
+from app.api.problems import ApiProblem, FieldError, Problem, field_errors, field_problem
 from app.api.schemas import (
     MAX_BATCH_ITEMS,
     BatchCreate,
@@ -35,7 +38,7 @@ from app.api.schemas import (
     JobError,
 )
 from app.api.spec import JSON_LINES_TYPES, field_with_nul, json_response, operation
-from app.jobs import batches, transitions
+from app.jobs import batches, budgets, transitions
 from app.jobs.states import JobStatus
 from app.kinds import KINDS
 from app.models import Batch
@@ -166,7 +169,7 @@ def _validated_jobs(body: BatchBody) -> list[batches.BatchJob]:
     """Each item's input checked by its kind, as POST /jobs checks one job's."""
     default_attempts = runtime().settings.job_max_attempts
     owner = current_principal().owner
-    jobs, errors = [], []
+    jobs, errors, costs = [], [], []
     checked = _WebhookUrls()
     for label, item in zip(body.labels, body.items, strict=True):
         kind = KINDS.get(item.kind)
@@ -203,16 +206,55 @@ def _validated_jobs(body: BatchBody) -> list[batches.BatchJob]:
         if webhook and (refused_url := checked.refusal(webhook["url"])):
             errors.append(FieldError(field=f"{label}.webhook.url", message=refused_url))
             continue
-        max_attempts = item.max_attempts or default_attempts
-        timing = batches.Timing(item.run_at, item.expires_after, item.timeout_seconds)
-        jobs.append(
-            batches.BatchJob(
-                item.kind, dumped, item.priority, max_attempts, model, models, timing, webhook
-            )
-        )
+        jobs.append(_batch_job(item, dumped, model, models, webhook, default_attempts))
+        costs.append((label, estimate(kind, dumped, model, models)))
     if errors:
         raise _items_problem(errors)
+    _check_budget(owner, costs, jobs)
     return jobs
+
+
+def _batch_job(
+    item: BatchItem,
+    job_input: dict[str, Any],
+    model: str,
+    models: dict[str, str],
+    webhook: dict[str, Any] | None,
+    default_attempts: int,
+) -> batches.BatchJob:
+    return batches.BatchJob(
+        item.kind,
+        job_input,
+        item.priority,
+        item.max_attempts or default_attempts,
+        model,
+        models,
+        batches.Timing(item.run_at, item.expires_after, item.timeout_seconds),
+        webhook,
+        item.max_cost_usd,
+    )
+
+
+def _check_budget(
+    owner: str, costs: list[tuple[str, Decimal]], jobs: list[batches.BatchJob]
+) -> None:
+    """402 when an item's estimate passes its own max_cost_usd (naming it), or when the
+    items' estimates together pass the owner's budget left."""
+    for (label, cost), job in zip(costs, jobs, strict=True):
+        if refused := budgets.refusal(cost, job.max_cost_usd, None):
+            raise budget_problem(refused, field_prefix=f"{label}.")
+    total = sum((cost for _, cost in costs), Decimal(0))
+    refused = budgets.refusal(total, None, owner_budget(owner))
+    # A replay of a stored batch gets its batch back, whatever its jobs have spent since.
+    if refused is not None and not _batch_key_used(owner, idempotency_key()):
+        raise budget_problem(refused)
+
+
+def _batch_key_used(owner: str, key: str | None) -> bool:
+    if key is None:
+        return False
+    statement = select(Batch.id).where(Batch.owner == owner, Batch.idempotency_key == key)
+    return runtime().db.request_session.scalar(statement) is not None
 
 
 @bp.post("/batches")
@@ -226,6 +268,7 @@ def _validated_jobs(body: BatchBody) -> list[batches.BatchJob]:
     responses={
         202: (BatchOut, "Accepted: every job of the batch is queued"),
         200: (BatchOut, "An Idempotency-Key replay: the existing batch"),
+        402: (Problem, BUDGET_EXCEEDED),
     },
 )
 def create_batch(body: BatchBody) -> Response:
@@ -249,6 +292,11 @@ def create_batch(body: BatchBody) -> Response:
                     # Only when given, so a key used before they existed keeps its fingerprint.
                     **job.timing.given(),
                     **({"webhook": job.webhook} if job.webhook else {}),
+                    **(
+                        {"max_cost_usd": str(job.max_cost_usd.normalize())}
+                        if job.max_cost_usd
+                        else {}
+                    ),
                 }
                 for job in jobs
             ]

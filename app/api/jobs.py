@@ -11,8 +11,15 @@ from pydantic import ValidationError
 from sqlalchemy import select, tuple_
 
 from app.api.auth import current_principal, revoked_while_waiting
+from app.api.budgets import BUDGET_EXCEEDED, budget_problem, estimate, owner_budget
 from app.api.destinations import webhook_refusal
-from app.api.problems import ApiProblem, FieldError, field_problem, validation_problem
+from app.api.problems import (
+    ApiProblem,
+    FieldError,
+    Problem,
+    field_problem,
+    validation_problem,
+)
 from app.api.schemas import (
     BadCursor,
     EventOut,
@@ -37,7 +44,7 @@ from app.api.schemas import (
 )
 from app.api.spec import json_response, operation
 from app.api.sse import SSE_TYPE, event_stream_response
-from app.jobs import transitions
+from app.jobs import budgets, transitions
 from app.jobs.events import MAX_SEQ, replay
 from app.jobs.listing import newest_first
 from app.jobs.states import TERMINAL, EventType, JobStatus
@@ -68,6 +75,7 @@ IDEMPOTENCY_HEADER = {
     responses={
         202: (JobOut, "Accepted: the job is queued"),
         200: (JobOut, "An Idempotency-Key replay: the existing job"),
+        402: (Problem, BUDGET_EXCEEDED),
     },
 )
 def create_job(body: JobCreate) -> Response:
@@ -91,14 +99,16 @@ def create_job(body: JobCreate) -> Response:
     if body.webhook is not None and (refused_url := webhook_refusal(body.webhook.url)):
         raise field_problem("webhook.url", refused_url)
     webhook = body.webhook.model_dump() if body.webhook else None
+    stored_input = job_input.model_dump(mode="json", by_alias=True, exclude_none=True)
     key = idempotency_key()
+    check_budget(principal.owner, estimate(kind, stored_input, model, models), body, key)
     max_attempts = body.max_attempts or runtime().settings.job_max_attempts
     fingerprint = _fingerprint(body, job_input, max_attempts) if key else None
     try:
         created = runtime().jobs.create_job(
             owner=principal.owner,
             kind=body.kind,
-            input=job_input.model_dump(mode="json", by_alias=True, exclude_none=True),
+            input=stored_input,
             priority=body.priority,
             max_attempts=max_attempts,
             idempotency_key=key,
@@ -109,6 +119,7 @@ def create_job(body: JobCreate) -> Response:
             expires_after=body.expires_after,
             timeout_seconds=body.timeout_seconds,
             webhook=webhook,
+            max_cost_usd=body.max_cost_usd,
         )
     except transitions.IdempotencyConflict as exc:
         raise idempotency_key_reused(exc) from None
@@ -117,6 +128,23 @@ def create_job(body: JobCreate) -> Response:
     if created.replayed:
         headers["Idempotent-Replayed"] = "true"
     return json_response(job, 202 if not created.replayed else 200, headers)
+
+
+def check_budget(owner: str, cost: Any, body: JobCreate, key: str | None) -> None:
+    """402 when the job's estimated cost passes its max_cost_usd or the owner's budget left.
+    A replay of a job already stored is not refused for the owner's budget (its own calls
+    may be what used it up): the POST that made it was checked, and it gets its job back."""
+    refused = budgets.refusal(cost, body.max_cost_usd, owner_budget(owner))
+    if refused is None:
+        return
+    if refused.field is None and key is not None and _key_used(owner, key):
+        return
+    raise budget_problem(refused)
+
+
+def _key_used(owner: str, key: str) -> bool:
+    statement = select(Job.id).where(Job.owner == owner, Job.idempotency_key == key)
+    return runtime().db.request_session.scalar(statement) is not None
 
 
 def _fingerprint(body: JobCreate, job_input: Any, max_attempts: int) -> str:
@@ -142,6 +170,8 @@ def optional_fields(body: JobCreate) -> dict[str, Any]:
         "expires_after": body.expires_after,
         "timeout_seconds": body.timeout_seconds,
         "webhook": body.webhook.model_dump() if body.webhook is not None else None,
+        # Compared as the amount: "0.50" and 0.5 are the same request.
+        "max_cost_usd": str(body.max_cost_usd.normalize()) if body.max_cost_usd else None,
     }
     return {name: value for name, value in given.items() if value}
 
@@ -413,12 +443,31 @@ def cancel_job(job_id: uuid.UUID) -> Response:
     responses={
         202: (JobOut, "A new job, linked by retry_of"),
         409: (None, "The job has not failed or been canceled"),
+        402: (Problem, BUDGET_EXCEEDED),
     },
 )
 def retry_job(job_id: uuid.UUID) -> Response:
+    """The new job is checked against budgets as a new submission is (its max_cost_usd, kept
+    from the original, and the owner's budget left)."""
+    _check_retry_budget(job_id)
     job = _request_of_owner(runtime().jobs.retry_job, job_id)
     out = JobOut.of(job, PREFIX)
     return json_response(out, 202, {"Location": out.links.self})
+
+
+RETRYABLE = (JobStatus.FAILED.value, JobStatus.CANCELED.value)
+
+
+def _check_retry_budget(job_id: uuid.UUID) -> None:
+    owner = current_principal().owner
+    statement = select(Job).where(Job.id == job_id, Job.owner == owner)
+    old = runtime().db.request_session.scalars(statement).one_or_none()
+    kind = KINDS.get(old.kind) if old is not None else None
+    if old is None or kind is None or old.status not in RETRYABLE:
+        return  # retry_job answers: a 404, or a 409 for a job it would not retry
+    cost = estimate(kind, old.input, old.model or "", old.models or {})
+    if refused := budgets.refusal(cost, old.max_cost_usd, owner_budget(owner)):
+        raise budget_problem(refused)
 
 
 @bp.delete("/jobs/<uuid:job_id>")

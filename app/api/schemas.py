@@ -119,6 +119,10 @@ class JobWebhook(BaseModel):
     events: WebhookEvents = Field(default_factory=lambda: [e.value for e in DEFAULT_WEBHOOK_EVENTS])
 
 
+# Money in a request: a decimal string (or a JSON number) with at most 8 places, as stored.
+UsdAmount = Annotated[Decimal, Field(ge=0, le=100_000, max_digits=14, decimal_places=8)]
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -167,6 +171,15 @@ class JobCreate(BaseModel):
     )
     webhook: JobWebhook | None = Field(
         None, description="Deliver the job's events to this URL (docs/webhooks.md)"
+    )
+    max_cost_usd: UsdAmount | None = Field(
+        None,
+        gt=0,
+        description="The most the job may cost, in US dollars (a decimal string, up to 8 "
+        "places, at most 100000): refused at submit (402 `budget-exceeded`) when its estimate "
+        "is more; past it while it runs, the job fails `budget_exceeded` with its partial "
+        "output.",
+        examples=["0.05"],
     )
 
 
@@ -231,6 +244,9 @@ class JobOut(BaseModel):
     timeout_seconds: int | None = Field(
         description="The job's own time limit per attempt; null: the deployment's"
     )
+    max_cost_usd: Usd | None = Field(
+        None, description="The job's own spend limit in US dollars; null: none"
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -263,6 +279,7 @@ class JobOut(BaseModel):
             run_at=job.run_at,
             expires_at=job.expires_at,
             timeout_seconds=job.timeout_seconds,
+            max_cost_usd=getattr(job, "max_cost_usd", None),
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,
@@ -494,6 +511,60 @@ class ModelCallPage(BaseModel):
     items: list[ModelCallOut] = Field(description="oldest first")
 
 
+class BudgetOut(BaseModel):
+    """An owner's spend limits (null: none), and its spend of the current UTC day and month."""
+
+    daily_budget_usd: Usd | None = Field(description="Limit per UTC day; null: none")
+    monthly_budget_usd: Usd | None = Field(description="Limit per UTC month; null: none")
+    spent_today_usd: Usd = Field(description="Model calls recorded today (UTC)")
+    spent_month_usd: Usd = Field(description="Model calls recorded this month (UTC)")
+    remaining_today_usd: Usd | None = Field(description="Left of the daily limit; null: none")
+    remaining_month_usd: Usd | None = Field(description="Left of the monthly limit; null: none")
+
+    @classmethod
+    def fields_of(cls, budget: Any) -> dict[str, Any]:
+        """From the domain's `budgets.Budget`."""
+        return {
+            "daily_budget_usd": budget.daily_limit,
+            "monthly_budget_usd": budget.monthly_limit,
+            "spent_today_usd": budget.spent_today,
+            "spent_month_usd": budget.spent_month,
+            "remaining_today_usd": budget.remaining_today,
+            "remaining_month_usd": budget.remaining_month,
+        }
+
+
+class TenantPut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    daily_budget_usd: UsdAmount | None = Field(
+        None,
+        description="The most the tenant's model calls may cost per UTC day, in US dollars (a "
+        "decimal string, 0 to 100000, up to 8 places); null or left out: no limit",
+        examples=["5.00"],
+    )
+    monthly_budget_usd: UsdAmount | None = Field(
+        None,
+        description="The same per UTC month; null or left out: no limit",
+        examples=["100.00"],
+    )
+
+
+class TenantOut(BudgetOut):
+    owner: str
+    created_at: datetime | None = Field(description="When its settings were first set")
+    updated_at: datetime | None
+
+    @classmethod
+    def of(cls, owner: str, tenant: Any, budget: Any) -> TenantOut:
+        return cls(
+            owner=owner,
+            created_at=tenant.created_at if tenant is not None else None,
+            updated_at=tenant.updated_at if tenant is not None else None,
+            **BudgetOut.fields_of(budget),
+        )
+
+
 class Stats(BaseModel):
     by_status: dict[str, int]
     by_kind: dict[str, dict[str, int]]
@@ -501,6 +572,9 @@ class Stats(BaseModel):
     tokens_out: int
     cost_usd: Usd
     duration_seconds: dict[str, float | int | None]
+    budget: BudgetOut = Field(
+        description="Your limits and spend today and this month (UTC), from every model call"
+    )
 
 
 class Live(BaseModel):

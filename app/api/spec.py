@@ -229,7 +229,9 @@ def _operation_doc(routed: RoutedOperation, refs: dict[Any, Any]) -> dict[str, A
     for status, (model, description) in sorted(op.responses.items()):
         entry: dict[str, Any] = {"description": description}
         if model is not None:
-            entry["content"] = {JSON: {"schema": refs[(model, "serialization")]}}
+            # A problem an operation declares itself (402 budget-exceeded) is problem+json.
+            media_type = PROBLEM_JSON if model is Problem else JSON
+            entry["content"] = {media_type: {"schema": refs[(model, "serialization")]}}
         for media_type in op.produces.get(status, []):
             entry.setdefault("content", {})[media_type] = {"schema": {"type": "string"}}
         doc["responses"][str(status)] = entry

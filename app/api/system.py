@@ -15,9 +15,9 @@ from flask import Blueprint, Response
 
 from app.api.auth import current_principal
 from app.api.health import monitor
-from app.api.schemas import Health, Live, Ready, Stats
+from app.api.schemas import BudgetOut, Health, Live, Ready, Stats
 from app.api.spec import json_response, operation
-from app.jobs import transitions
+from app.jobs import budgets, transitions
 from app.runtime import runtime
 
 bp = Blueprint("system", __name__)
@@ -79,5 +79,7 @@ def health() -> Response:
     responses={200: (Stats, "Counts, tokens, cost and durations")},
 )
 def stats() -> Response:
-    data = transitions.job_stats(runtime().db.request_session, current_principal().owner)
-    return json_response(Stats(**data))
+    session, owner = runtime().db.request_session, current_principal().owner
+    data = transitions.job_stats(session, owner)
+    budget = BudgetOut(**BudgetOut.fields_of(budgets.budget_of(session, owner)))
+    return json_response(Stats(**data, budget=budget))

@@ -21,7 +21,7 @@ from celery import bootsteps, signals
 from celery.concurrency import ALIASES
 from flask import Flask
 
-from app.jobs import presence
+from app.jobs import budgets, presence
 from app.jobs.events import CANCEL_CHANNEL
 from app.jobs.presence import WorkerIdentity
 from app.queue import WEBHOOK_QUEUE
@@ -123,6 +123,7 @@ class ActiveJobs:
                     ctx.lose_lease()
             elif state.cancel_requested:
                 ctx.request_cancel()
+        refresh_budgets(jobs, running)
 
     def _listen_for_cancels(self, jobs: Jobs) -> None:
         while True:
@@ -196,3 +197,14 @@ def pool_name(pool_cls: type) -> str:
     path = f"{pool_cls.__module__}:{pool_cls.__name__}"
     names = [name for name, target in ALIASES.items() if target == path and name != "processes"]
     return names[0] if names else pool_cls.__name__
+
+
+def refresh_budgets(jobs: Jobs, running: list[JobContext]) -> None:
+    """Each running job's view of its owner's budget left, from one query for the process's
+    jobs per beat: spend the process's other jobs (and other workers') recorded meanwhile
+    lowers it, and an admin's new limit reaches running jobs within one beat."""
+    with jobs.db.engine.connect() as connection:
+        found = budgets.budgets_of(connection, {ctx.claim.owner for ctx in running})
+    for ctx in running:
+        if (budget := found.get(ctx.claim.owner)) is not None:
+            ctx.tenant_limit = budget.tightest()

@@ -21,7 +21,7 @@ from app.jobs import transitions
 from app.jobs.payloads import CanceledPayload, EventError, FailedPayload, SucceededPayload
 from app.jobs.transitions import Jobs, LeaseLost
 from app.kinds import KindError, get_kind
-from app.kinds.context import JobCanceled, JobContext, JobTimedOut
+from app.kinds.context import JobBudgetExceeded, JobCanceled, JobContext, JobTimedOut
 from app.llm.client import ModelClient
 from app.llm.errors import ModelError
 
@@ -83,16 +83,17 @@ def _run_attempt(ctx: JobContext) -> Outcome:
         logger.warning("stopped: lease lost", extra={"job_id": ctx.job_id})
         return Outcome.LEASE_LOST
     except JobCanceled:
-        partial = "".join(ctx.text_so_far)
         ctx.finish(
-            CanceledPayload(reason="requested", attempt=claim.attempt),
-            output={"partial_text": partial} if partial else None,
+            CanceledPayload(reason="requested", attempt=claim.attempt), output=partial_output(ctx)
         )
         return Outcome.CANCELED
     except ModelError as exc:
         return _model_failure(ctx, exc)
     except (ValidationError, KindError) as exc:
         _fail(ctx, "invalid_input", str(exc))
+        return Outcome.FAILED
+    except JobBudgetExceeded as exc:
+        _fail(ctx, "budget_exceeded", _budget_message(ctx, exc.limit), partial_output(ctx))
         return Outcome.FAILED
     except JobTimedOut:
         limit = "its timeout_seconds" if ctx.claim.timeout_seconds else "the time limit"
@@ -124,10 +125,24 @@ def _model_failure(ctx: JobContext, exc: ModelError) -> Outcome:
     return Outcome.FAILED
 
 
-def _fail(ctx: JobContext, code: str, message: str) -> None:
+def partial_output(ctx: JobContext) -> dict[str, str] | None:
+    partial = "".join(ctx.text_so_far)
+    return {"partial_text": partial} if partial else None
+
+
+def _budget_message(ctx: JobContext, limit: str) -> str:
+    if limit == "max_cost_usd":
+        return f"the job's cost passed its max_cost_usd ({ctx.claim.max_cost_usd} US dollars)"
+    return f"the {limit} budget of the job's owner was used up"
+
+
+def _fail(ctx: JobContext, code: str, message: str, output: dict[str, str] | None = None) -> None:
+    """The job fails with `code`; `output` (a budget's stop keeps the partial text) is kept."""
     logger.warning("failed: %s: %s", code, message, extra={"job_id": ctx.job_id})
+    values = {"output": output} if output is not None else {}
     ctx.finish(
         FailedPayload(attempt=ctx.attempt, error=EventError(code=code, message=message)),
         error_code=code,
         error_message=message[:4000],
+        **values,
     )

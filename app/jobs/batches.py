@@ -81,6 +81,7 @@ class BatchJob:
     models: dict[str, str]  # role -> model, pinned as for a single job
     timing: Timing = field(default_factory=Timing)
     webhook: dict[str, Any] | None = None  # {"url", "events"}, checked by the API
+    max_cost_usd: Decimal | None = None  # the job's own spend limit
 
 
 @dataclass
@@ -240,6 +241,7 @@ class Batches:
                 run_at=item.timing.run_at,
                 expires_at=expiry(at, item.timing.run_at, item.timing.expires_after),
                 timeout_seconds=item.timing.timeout_seconds,
+                max_cost_usd=item.max_cost_usd,
             )
             for position, item in enumerate(items)
         ]
@@ -321,6 +323,7 @@ def _jobs_json(jobs: list[NewJob]) -> str:
                 "webhook": job.webhook,
                 "event": job.queued_event().data,
                 "batch_item": job.batch_item,
+                "max_cost_usd": job.max_cost_usd,
             }
             for job in jobs
         ],

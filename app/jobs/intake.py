@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Protocol
 
 from celery import Celery
@@ -66,6 +67,7 @@ class NewJob:
     # Still queued at this instant: the sweeper fails it `expired`, and no claim starts it.
     expires_at: datetime | None = None
     timeout_seconds: int | None = None  # the attempt's time limit, under the deployment's
+    max_cost_usd: Decimal | None = None  # the job's own spend limit (docs/api.md#budgets)
 
     @property
     def scheduled(self) -> bool:

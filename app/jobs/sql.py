@@ -25,14 +25,16 @@ WITH new AS (
         id uuid, owner text, kind text, input jsonb, priority int, max_attempts int,
         idempotency_key text, request_hash text, model text, models jsonb, retry_of uuid,
         webhook jsonb, at timestamptz, run_at timestamptz, expires_at timestamptz,
-        timeout_seconds int, dispatched_at timestamptz, event jsonb, ord int)
+        timeout_seconds int, dispatched_at timestamptz, event jsonb, ord int,
+        max_cost_usd numeric)
 ), job AS (
     INSERT INTO jobs (id, owner, kind, status, input, priority, max_attempts, idempotency_key,
                       request_hash, model, models, retry_of, webhook, last_seq, created_at,
-                      updated_at, run_at, expires_at, timeout_seconds, dispatched_at)
+                      updated_at, run_at, expires_at, timeout_seconds, dispatched_at,
+                      max_cost_usd)
     SELECT id, owner, kind, 'queued', input, priority, max_attempts, idempotency_key,
            request_hash, model, models, retry_of, webhook, 1, at, at, run_at, expires_at,
-           timeout_seconds, dispatched_at
+           timeout_seconds, dispatched_at, max_cost_usd
     FROM new ORDER BY ord
     ON CONFLICT (owner, idempotency_key) DO NOTHING
     RETURNING *
@@ -58,7 +60,7 @@ WITH claimed AS (
       AND (run_at IS NULL OR run_at <= now()) AND (expires_at IS NULL OR expires_at > now())
       AND attempt < max_attempts
     RETURNING id, owner, kind, input, attempt, max_attempts, priority, model, models, last_seq,
-              batch_id, timeout_seconds
+              batch_id, timeout_seconds, max_cost_usd, cost_usd
 ), started AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
     SELECT id, last_seq, :type, :at, jsonb_set(CAST(:data AS jsonb), '{attempt}', to_jsonb(attempt))
@@ -74,7 +76,7 @@ FROM claimed
 """)
 
 # Model calls travel as one JSON array and are inserted whether or not the fenced update wins:
-# the money was spent either way.
+# the money was spent either way. Their cost is added to the owner's spend of the day too.
 _CALLS = """
 calls AS (
     INSERT INTO model_calls (job_id, attempt, provider, model, step, role, tokens_in,
@@ -87,6 +89,19 @@ calls AS (
         provider text, model text, step text, role text, tokens_in int, tokens_out int,
         cost_usd numeric, reported_cost_usd numeric, latency_ms float8, ttft_ms float8,
         outcome text, error_message text, started_at timestamptz)
+), spend AS (
+    -- The owner's spend of the (UTC) day, counted by the statement that records the calls and
+    -- from the same rows, win or lose: a budget sees exactly what model_calls holds, even
+    -- after a crash. Reading `changed` first makes every such statement lock the job's row
+    -- before the owner's counter, so two of them never wait on each other in opposite order.
+    INSERT INTO tenant_spend AS s (owner, day, cost_usd)
+    SELECT :owner, (now() AT TIME ZONE 'UTC')::date,
+           sum(coalesce(c.reported_cost_usd, c.cost_usd))
+    FROM jsonb_to_recordset(CAST(:calls AS jsonb)) AS c(
+        cost_usd numeric, reported_cost_usd numeric)
+    WHERE (SELECT count(*) FROM changed) >= 0
+    HAVING sum(coalesce(c.reported_cost_usd, c.cost_usd)) > 0
+    ON CONFLICT (owner, day) DO UPDATE SET cost_usd = s.cost_usd + EXCLUDED.cost_usd
 )"""
 
 # A finished step's checkpoint rides on the fenced write that announces it: written only if
@@ -154,11 +169,14 @@ SELECT count(*) AS changed FROM changed
 
 
 RECORD_CALLS = text(f"""
-WITH {_CALLS.strip()}
-UPDATE jobs
-SET tokens_in = tokens_in + :tokens_in, tokens_out = tokens_out + :tokens_out,
-    cost_usd = cost_usd + :cost_usd
-WHERE id = :job_id
+WITH changed AS (
+    UPDATE jobs
+    SET tokens_in = tokens_in + :tokens_in, tokens_out = tokens_out + :tokens_out,
+        cost_usd = cost_usd + :cost_usd
+    WHERE id = :job_id
+    RETURNING id
+), {_CALLS.strip()}
+SELECT count(*) FROM changed
 """)
 
 
@@ -175,14 +193,16 @@ WITH batch AS (
     SELECT * FROM jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(
         id uuid, kind text, input jsonb, priority int, max_attempts int, model text,
         models jsonb, webhook jsonb, run_at timestamptz, expires_at timestamptz,
-        timeout_seconds int, dispatched_at timestamptz, event jsonb, batch_item int)
+        timeout_seconds int, dispatched_at timestamptz, event jsonb, batch_item int,
+        max_cost_usd numeric)
 ), job AS (
     INSERT INTO jobs (id, owner, kind, status, input, priority, max_attempts, model, models,
                       webhook, batch_id, batch_item, last_seq, created_at, updated_at, run_at,
-                      expires_at, timeout_seconds, dispatched_at)
+                      expires_at, timeout_seconds, dispatched_at, max_cost_usd)
     SELECT new.id, batch.owner, new.kind, 'queued', new.input, new.priority, new.max_attempts,
            new.model, new.models, new.webhook, batch.id, new.batch_item, 1, batch.created_at,
-           batch.created_at, new.run_at, new.expires_at, new.timeout_seconds, new.dispatched_at
+           batch.created_at, new.run_at, new.expires_at, new.timeout_seconds, new.dispatched_at,
+           new.max_cost_usd
     FROM new CROSS JOIN batch ORDER BY new.batch_item
     RETURNING id
 ), queued AS (

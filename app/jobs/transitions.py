@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, literal_column, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.jobs import presence, sql
+from app.jobs import budgets, presence, sql
 from app.jobs.events import Event, record_event
 from app.jobs.intake import RUN_JOB_TASK, NewJob, task_priority
 from app.jobs.payloads import (
@@ -178,6 +178,10 @@ class Claim:
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)  # finished steps by name
     batch_id: uuid.UUID | None = None
     timeout_seconds: int | None = None  # the job's own time limit, if it asked for one
+    max_cost_usd: Decimal | None = None  # the job's own spend limit, if it set one
+    cost_usd: Decimal = Decimal(0)  # what its earlier attempts spent
+    # Its owner's tightest budget when it was claimed, ("daily" | "monthly", USD left).
+    tenant_limit: tuple[str, Decimal] | None = None
 
 
 def _retry_transition(
@@ -378,6 +382,7 @@ class Jobs:
         expires_after: float | None = None,
         timeout_seconds: int | None = None,
         webhook: dict[str, Any] | None = None,
+        max_cost_usd: Decimal | None = None,
     ) -> Created:
         """`max_attempts` and `model` default to the configuration's for the kind; `models`
         (role -> model) pins the model of each role the kind's steps name; `webhook`
@@ -404,6 +409,7 @@ class Jobs:
                 expires_at=expiry(at, run_at, expires_after),
                 timeout_seconds=timeout_seconds,
                 webhook=webhook,
+                max_cost_usd=max_cost_usd,
             )
         )
         if row is None:
@@ -460,10 +466,11 @@ class Jobs:
 
     def retry_job(self, owner: str, job_id: uuid.UUID) -> Job:
         """A new job cloned from the old one's request (kind, input, priority, max_attempts,
-        models, expires_after, timeout_seconds and webhook: a configuration change since does
-        not change what is retried), linked to it through `retry_of`. It starts from scratch:
-        checkpoints belong to the old job, and it runs now: an old run_at is not carried over
-        (it has passed: the old job ran, or was canceled or expired, after it)."""
+        models, expires_after, timeout_seconds, webhook and max_cost_usd: a configuration
+        change since does not change what is retried), linked to it through `retry_of`. It
+        starts from scratch: checkpoints belong to the old job, and it runs now: an old run_at
+        is not carried over (it has passed: the old job ran, or was canceled or expired, after
+        it)."""
         with self.db.transaction() as session:
             old = get_job(session, owner, job_id)
             if JobStatus(old.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
@@ -478,6 +485,7 @@ class Jobs:
                 "expires_after": expires_after_of(old),
                 "timeout_seconds": old.timeout_seconds,
                 "webhook": old.webhook,
+                "max_cost_usd": old.max_cost_usd,
             }
         try:
             return self.create_job(owner=owner, retry_of=job_id, **request).job
@@ -519,7 +527,8 @@ class Jobs:
                     "data": _json(template.as_data()),
                 },
             ).one_or_none()
-        if row is None:
+            budget = None if row is None else budgets.budget_of(connection, row.owner)
+        if row is None or budget is None:
             return None
         claim = Claim(
             job_id,
@@ -535,6 +544,9 @@ class Jobs:
             checkpoints={step["name"]: Checkpoint.of(step) for step in row.steps or ()},
             batch_id=row.batch_id,
             timeout_seconds=row.timeout_seconds,
+            max_cost_usd=row.max_cost_usd,
+            cost_usd=Decimal(row.cost_usd),
+            tenant_limit=budget.tightest(),
         )
         started = StartedPayload(attempt=claim.attempt, worker=worker)
         self.bus.publish([Event(job_id, claim.owner, claim.seq, started, at, claim.batch_id)])
@@ -565,6 +577,7 @@ class Jobs:
             "type": event.type.value,
             "at": event.at,
             "data": _json(event.data),
+            "owner": claim.owner,
             **_calls_params(calls or []),
         }
         if checkpoint is not None:
@@ -625,7 +638,12 @@ class Jobs:
         """Not fenced by attempt on purpose: the money was spent whether or not this attempt still
         holds the lease, and increments commute, so no newer write is clobbered. `totals_only`:
         the rows were already inserted by a fenced write that lost."""
-        params = {"job_id": claim.job_id, "attempt": claim.attempt, **_calls_params(calls)}
+        params = {
+            "job_id": claim.job_id,
+            "attempt": claim.attempt,
+            "owner": claim.owner,
+            **_calls_params(calls),
+        }
         if totals_only:
             params["calls"] = "[]"
         with self.db.engine.begin() as connection:

@@ -72,6 +72,14 @@ class JobCanceled(Exception):
     """The job's owner canceled it while it ran."""
 
 
+class JobBudgetExceeded(Exception):
+    """The job's cost passed its `max_cost_usd`, or its owner's spend passed a budget."""
+
+    def __init__(self, limit: str) -> None:
+        super().__init__(limit)
+        self.limit = limit  # "max_cost_usd", "daily" or "monthly"
+
+
 class JobTimedOut(Exception):
     """The attempt ran past its time limit: the job's `timeout_seconds`, or else
     `job_soft_time_limit`.
@@ -91,6 +99,13 @@ class JobContext:
         self._cancel = threading.Event()
         self._lease_lost = threading.Event()
         self._timed_out = threading.Event()
+        self._over_budget: str | None = None
+        # The owner's tightest budget, ("daily" | "monthly", USD left), as of the claim and then
+        # of each heartbeat (leases.py): read once per beat for all the process's jobs, never
+        # per token.
+        self.tenant_limit: tuple[str, Decimal] | None = claim.tenant_limit
+        # What the job has spent: its earlier attempts, and this one's calls so far.
+        self.spent: Decimal = claim.cost_usd
         # The job's own timeout_seconds when it asked for one (the API holds it under the
         # deployment's limit), else the deployment's.
         self.time_limit: float = min(
@@ -148,8 +163,32 @@ class JobContext:
             self._closer = closer
 
     @property
+    def over_budget(self) -> str | None:
+        """The limit the job passed ("max_cost_usd", "daily", "monthly"), if it did."""
+        return self._over_budget
+
+    def exceed_budget(self, limit: str) -> None:
+        """Called by the streaming thread itself: the stream stops at its next chunk."""
+        self._over_budget = limit
+
+    @property
     def interrupted(self) -> bool:
-        return self._cancel.is_set() or self._lease_lost.is_set() or self._timed_out.is_set()
+        return (
+            self._cancel.is_set()
+            or self._lease_lost.is_set()
+            or self._timed_out.is_set()
+            or self._over_budget is not None
+        )
+
+    def spend_limit(self) -> tuple[str, Decimal] | None:
+        """The tightest limit on what the next call may cost: the job's `max_cost_usd` less
+        what it has spent, or its owner's budget left; None: no limit."""
+        limits = []
+        if self.claim.max_cost_usd is not None:
+            limits.append(("max_cost_usd", self.claim.max_cost_usd - self.spent))
+        if self.tenant_limit is not None:
+            limits.append(self.tenant_limit)
+        return min(limits, key=lambda limit: limit[1]) if limits else None
 
     def check(self) -> None:
         """Raises if the job must stop now: lease taken away, canceled, or out of time."""
@@ -159,6 +198,8 @@ class JobContext:
             raise JobCanceled
         if self._timed_out.is_set():
             raise JobTimedOut
+        if self._over_budget is not None:
+            raise JobBudgetExceeded(self._over_budget)
 
     # What kinds call --------------------------------------------------------------------------
 
@@ -421,6 +462,7 @@ class JobLLM:
         """A call made outside `chat` (an image request): written with the attempt's next
         write, its cost counted in the job's (and the step's) usage."""
         row = record.as_row(self._models.prices)
+        self._ctx.spent += call_cost(row)
         self._ctx.pending_calls.append(row)
         if self._ctx.step is not None:
             self._ctx.step.calls.append(row)
@@ -449,11 +491,15 @@ class JobLLM:
         ctx.check()
         step = ctx.step
         role = options.pop("role", None) or (step.spec.role if step is not None else None)
+        model = options.pop("model", None) or self.model_for_role(role)
+        over_budget = self._budget_guard(model, messages)
         streamed = 0
 
         def on_delta(text: str) -> None:
             nonlocal streamed
             streamed += 1
+            if over_budget(streamed):
+                return
             if stream_deltas:
                 ctx.delta(text)
             if progress_of is not None:
@@ -462,7 +508,7 @@ class JobLLM:
         record: CallRecord | None = None
         try:
             completion = self._models.stream_chat(
-                model=options.pop("model", None) or self.model_for_role(role),
+                model=model,
                 messages=messages,
                 step=step.spec.name if step is not None else None,
                 role=role,
@@ -475,6 +521,8 @@ class JobLLM:
             return completion
         except Interrupted as exc:
             record = exc.record  # type: ignore[attr-defined]
+            if ctx.over_budget is not None:
+                record.outcome = "budget_exceeded"
             ctx.check()
             raise
         except Exception as exc:
@@ -483,6 +531,26 @@ class JobLLM:
         finally:
             if record is not None:
                 self.record(record)
+
+    def _budget_guard(self, model: str, messages: list[dict[str, Any]]) -> Callable[[int], bool]:
+        """`over(streamed)`: whether the call, having streamed that many tokens, passed the
+        job's or its owner's limit (the job is then told to stop, and the stream stops at its
+        next chunk). Checked before the call too: a job already at its limit calls nothing."""
+        ctx, price = self._ctx, self._models.prices.price_of(model)
+        tokens_in = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 1
+
+        def over(streamed: int) -> bool:
+            limit = ctx.spend_limit()
+            if limit is None or price is None:
+                return False
+            if price.cost(tokens_in, streamed) <= limit[1] and limit[1] > 0:
+                return False
+            ctx.exceed_budget(limit[0])
+            return True
+
+        if over(0):
+            ctx.check()
+        return over
 
 
 def token_progress(expected_tokens: int | None) -> Callable[[int], float]:

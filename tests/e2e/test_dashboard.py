@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 from collections.abc import Iterator
+from decimal import Decimal
 
 import pytest
 from playwright.sync_api import (
@@ -22,6 +23,8 @@ from playwright.sync_api import (
 from playwright.sync_api import Error as PlaywrightError
 
 from app.config import Settings
+from app.jobs import budgets
+from app.runtime import runtime
 from tests.conftest import Tenant
 from tests.webserver import WebServer
 
@@ -688,3 +691,18 @@ def test_without_websockets_a_canvas_job_draws_its_objects_when_it_ends(
     assert saved and all(o["job_id"] == job_id for o in saved)
     assert [d["id"] for d in wait_for_drawn(page, len(saved))] == [o["id"] for o in saved]
     assert page.locator("#canvas-view").get_attribute("data-subscribed") is None
+
+
+def test_the_home_page_shows_the_spend_and_the_budget_left(
+    context: BrowserContext, tenant: Tenant
+) -> None:
+    job = tenant.wait_for(tenant.submit("chat", {"prompt": "[[sim tokens=40]] spend"})["id"])
+    cost = job["usage"]["cost_usd"]
+    page = sign_in(context.new_page(), tenant)
+    expect(page.locator("#spend-today")).to_have_text(f"${cost} (no limit)")
+    with runtime().db.transaction() as session:
+        budgets.put_tenant(session, tenant.owner, {"daily_budget_usd": Decimal("2")})
+    page.reload()
+    left = f"{Decimal(2) - Decimal(cost):.8f}"
+    expect(page.locator("#spend-today")).to_have_text(f"${cost} of $2.00000000, ${left} left")
+    expect(page.locator("#spend-month")).to_have_text(f"${cost} (no limit)")

@@ -225,6 +225,23 @@ async function refreshJobs(page = state.page) {
   return true;
 }
 
+/** The key's spend today and this month against its budgets (GET /stats). */
+async function refreshSpend() {
+  try {
+    const { budget } = await state.api.get("/stats");
+    $("spend-today").textContent = spendText(budget.spent_today_usd, budget.daily_budget_usd, budget.remaining_today_usd);
+    $("spend-month").textContent = spendText(budget.spent_month_usd, budget.monthly_budget_usd, budget.remaining_month_usd);
+    $("spend-error").textContent = "";
+  } catch (error) {
+    $("spend-error").textContent = `Could not load the spend: ${error.message}`;
+  }
+}
+
+function spendText(spent, limit, remaining) {
+  if (limit === null) return `$${spent} (no limit)`;
+  return `$${spent} of $${limit}, $${remaining} left`;
+}
+
 function showJobs(page, result) {
   $("list-error").textContent = "";
   state.cursors = state.cursors.slice(0, page + 1);
@@ -285,7 +302,10 @@ function onOwnerEvent(event) {
   if (row && event.type === EventType.PROGRESS) updateRow(row, undefined, event.data.progress);
   else if (row && status) {
     updateRow(row, status, EVENT_PROGRESS[event.type]);
-    if (TERMINAL.has(status)) state.live.watchRows(unfinishedRows());
+    if (TERMINAL.has(status)) {
+      state.live.watchRows(unfinishedRows());
+      refreshSpend(); // what the job cost is in today's spend now
+    }
   } else if (!row && event.type === EventType.QUEUED && state.page === 0 && !$("home").hidden) {
     refreshJobs(0); // a new job, perhaps from another tab: show it
   }
@@ -446,7 +466,7 @@ async function route() {
     }
   } else {
     show("home");
-    await refreshJobs(0);
+    await Promise.all([refreshJobs(0), refreshSpend()]);
   }
 }
 
