@@ -101,7 +101,10 @@ def create_job(body: JobCreate) -> Response:
     webhook = body.webhook.model_dump() if body.webhook else None
     stored_input = job_input.model_dump(mode="json", by_alias=True, exclude_none=True)
     key = idempotency_key()
-    check_budget(principal.owner, estimate(kind, stored_input, model, models), body, key)
+    if body.max_cost_usd is not None or budgets.has_limits(
+        lambda: runtime().db.request_session, principal.owner
+    ):
+        check_budget(principal.owner, estimate(kind, stored_input, model, models), body, key)
     max_attempts = body.max_attempts or runtime().settings.job_max_attempts
     fingerprint = _fingerprint(body, job_input, max_attempts) if key else None
     try:

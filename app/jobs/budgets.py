@@ -11,11 +11,13 @@ stream (app/kinds/context.py).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from cachetools import TTLCache
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -99,8 +101,35 @@ def get_tenant(session: Session, owner: str) -> Tenant | None:
     return session.get(Tenant, owner)
 
 
+# Owners known to have a spend limit, per process, for LIMITS_CACHE_SECONDS: a submit by an
+# owner without limits (and without max_cost_usd) then costs no query at all, as POST /jobs
+# did before budgets existed. A limit set by an admin binds every process within that time.
+LIMITS_CACHE_SECONDS = 5.0
+_has_limits: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=LIMITS_CACHE_SECONDS)
+_has_limits_lock = threading.Lock()
+HAS_LIMITS = text("""
+SELECT EXISTS (
+    SELECT 1 FROM tenants
+    WHERE owner = :owner AND (daily_budget_usd IS NOT NULL OR monthly_budget_usd IS NOT NULL)
+)
+""")
+
+
+def has_limits(session: Callable[[], Session | Connection], owner: str) -> bool:
+    """`session()` is called only when the answer is not cached."""
+    with _has_limits_lock:
+        known = _has_limits.get(owner)
+    if known is None:
+        known = bool(session().execute(HAS_LIMITS, {"owner": owner}).scalar_one())
+        with _has_limits_lock:
+            _has_limits[owner] = known
+    return known
+
+
 def put_tenant(session: Session, owner: str, values: dict[str, Any]) -> Tenant:
     """Creates the owner's row or replaces its settings with `values`."""
+    with _has_limits_lock:
+        _has_limits.pop(owner, None)
     tenant = session.get(Tenant, owner, with_for_update=True)
     if tenant is None:
         tenant = Tenant(owner=owner)

@@ -527,8 +527,11 @@ class Jobs:
                     "data": _json(template.as_data()),
                 },
             ).one_or_none()
-            budget = None if row is None else budgets.budget_of(connection, row.owner)
-        if row is None or budget is None:
+            # An owner without spend limits (cached, see budgets.has_limits) costs the claim no
+            # second query.
+            limited = row is not None and budgets.has_limits(lambda: connection, row.owner)
+            budget = budgets.budget_of(connection, row.owner) if limited else None
+        if row is None:
             return None
         claim = Claim(
             job_id,
@@ -546,7 +549,7 @@ class Jobs:
             timeout_seconds=row.timeout_seconds,
             max_cost_usd=row.max_cost_usd,
             cost_usd=Decimal(row.cost_usd),
-            tenant_limit=budget.tightest(),
+            tenant_limit=budget.tightest() if budget is not None else None,
         )
         started = StartedPayload(attempt=claim.attempt, worker=worker)
         self.bus.publish([Event(job_id, claim.owner, claim.seq, started, at, claim.batch_id)])

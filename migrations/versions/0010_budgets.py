@@ -1,7 +1,7 @@
 """Budgets: tenants with daily and monthly spend limits, spend rolled up per tenant and day,
 and a job's own max_cost_usd
 
-Revision ID: 0011
+Revision ID: 0010
 Revises: 0009
 Create Date: 2026-12-03
 
@@ -15,7 +15,7 @@ migration of its own.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
+revision = "0010"
 down_revision = "0009"
 branch_labels = None
 depends_on = None
