@@ -7,11 +7,14 @@ call may take minutes, and a pool of hundreds of slots must not pin hundreds of 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
 
 from flask import Flask, g
-from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy import Connection, Engine, Select, create_engine, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -92,6 +95,21 @@ class Database:
         for engine in (self.engine, self._streaming_engine):
             if engine is not None:
                 engine.dispose()
+
+
+def newest_page(
+    session: Session,
+    statement: Select[Any],
+    model: Any,
+    limit: int,
+    before: tuple[datetime, uuid.UUID] | None,
+) -> list[Any]:
+    """Up to `limit` rows of `statement` (over `model`), newest first by (created_at, id), after
+    the keyset `before` when given: every list endpoint's page."""
+    if before is not None:
+        statement = statement.where(tuple_(model.created_at, model.id) < before)
+    ordered = statement.order_by(model.created_at.desc(), model.id.desc()).limit(limit)
+    return list(session.scalars(ordered))
 
 
 db = Database()

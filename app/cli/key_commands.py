@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from app.cli.api import Api, console
-from app.keys.api_keys import DEFAULT_SCOPES, KEY_STATES, SCOPES
+from app.cli.keys import name_option, scopes_option
+from app.keys.api_keys import KEY_STATES
 
 
 @click.group()
@@ -18,16 +19,8 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--owner", help="The tenant whose jobs the key reaches (default: yours).")
-@click.option("--name", default="default", show_default=True)
-@click.option(
-    "--scope",
-    "scopes",
-    type=click.Choice(SCOPES),
-    multiple=True,
-    default=DEFAULT_SCOPES,
-    show_default=True,
-    help="Repeatable.",
-)
+@name_option
+@scopes_option
 @click.option("--expires-at", help="ISO 8601 instant (no offset means UTC); default never.")
 @click.pass_obj
 def create_key(

@@ -12,16 +12,9 @@ from flask.cli import with_appcontext
 from app.keys.api_keys import DEFAULT_SCOPES, SCOPES, create_api_key, revoke_api_key
 from app.runtime import runtime
 
-
-@click.group(help="Manage API keys.")
-def keys() -> None:
-    pass
-
-
-@keys.command("create", help="Create an API key and print it (it is not stored in clear).")
-@click.option("--owner", required=True, help="The tenant whose jobs the key reaches.")
-@click.option("--name", default="default", show_default=True)
-@click.option(
+# Shared with `conveyor keys create` (app/cli/key_commands.py), which makes keys over the API.
+name_option = click.option("--name", default="default", show_default=True)
+scopes_option = click.option(
     "--scope",
     "scopes",
     type=click.Choice(SCOPES),
@@ -30,6 +23,17 @@ def keys() -> None:
     show_default=True,
     help="Repeatable; admin manages keys and sees every owner's jobs.",
 )
+
+
+@click.group(help="Manage API keys.")
+def keys() -> None:
+    pass
+
+
+@keys.command("create", help="Create an API key and print it (it is not stored in clear).")
+@click.option("--owner", required=True, help="The tenant whose jobs the key reaches.")
+@name_option
+@scopes_option
 @click.option(
     "--expires-at",
     type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),

@@ -23,9 +23,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Row, func, select, tuple_
+from sqlalchemy import Row, func, select
 from sqlalchemy.orm import Session
 
+from app.db import newest_page
 from app.jobs import sql
 from app.jobs.events import Event
 from app.jobs.intake import NewJob
@@ -136,11 +137,7 @@ def list_batches(
     session: Session, owner: str, limit: int, before: tuple[datetime, uuid.UUID] | None
 ) -> list[Batch]:
     """Newest first, after the keyset `before` (created_at, id) when given."""
-    statement = select(Batch).where(Batch.owner == owner)
-    if before is not None:
-        statement = statement.where(tuple_(Batch.created_at, Batch.id) < before)
-    statement = statement.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)
-    return list(session.scalars(statement))
+    return newest_page(session, select(Batch).where(Batch.owner == owner), Batch, limit, before)
 
 
 def summaries(session: Session, batch_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, BatchSummary]:

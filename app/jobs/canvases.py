@@ -26,9 +26,10 @@ from datetime import datetime
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from app.db import newest_page
 from app.jobs import sql
 from app.jobs.canvas_shapes import MAX_OBJECTS, CanvasObjectIn, CanvasObjectOut
 from app.jobs.transitions import JobRequestError
@@ -79,11 +80,7 @@ def list_canvases(
     session: Session, owner: str, limit: int, before: tuple[datetime, uuid.UUID] | None
 ) -> list[Canvas]:
     """Newest first, after the keyset `before` (created_at, id) when given."""
-    statement = select(Canvas).where(Canvas.owner == owner)
-    if before is not None:
-        statement = statement.where(tuple_(Canvas.created_at, Canvas.id) < before)
-    statement = statement.order_by(Canvas.created_at.desc(), Canvas.id.desc()).limit(limit)
-    return list(session.scalars(statement))
+    return newest_page(session, select(Canvas).where(Canvas.owner == owner), Canvas, limit, before)
 
 
 def object_out(row: CanvasObject) -> CanvasObjectOut:

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, text, tuple_
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from app.db import newest_page
 from app.jobs.transitions import retry_delay
 from app.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookSecret
 from app.queue import WEBHOOK_SEND_TASK
@@ -256,12 +257,7 @@ def deliveries_of_endpoint(
 ) -> list[WebhookDelivery]:
     """Newest first, keyset-paged on (created_at, id)."""
     statement = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
-    if before is not None:
-        statement = statement.where(tuple_(WebhookDelivery.created_at, WebhookDelivery.id) < before)
-    statement = statement.order_by(
-        WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc()
-    ).limit(limit)
-    return list(session.scalars(statement))
+    return newest_page(session, statement, WebhookDelivery, limit, before)
 
 
 def get_delivery(session: Session, owner: str, delivery_id: uuid.UUID) -> WebhookDelivery | None:

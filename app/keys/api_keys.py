@@ -21,9 +21,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from cachetools import TTLCache
-from sqlalchemy import ColumnElement, func, or_, select, text, tuple_, update
+from sqlalchemy import ColumnElement, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from app.db import newest_page
 from app.models import ApiKey
 
 if TYPE_CHECKING:
@@ -170,10 +171,7 @@ def list_keys(
         statement = statement.where(ApiKey.owner == owner)
     if state is not None:
         statement = statement.where(_in_state(state))
-    if before is not None:
-        statement = statement.where(tuple_(ApiKey.created_at, ApiKey.id) < before)
-    statement = statement.order_by(ApiKey.created_at.desc(), ApiKey.id.desc()).limit(limit)
-    return session.scalars(statement).all()
+    return newest_page(session, statement, ApiKey, limit, before)
 
 
 def _in_state(state: str) -> ColumnElement[bool]:
