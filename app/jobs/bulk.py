@@ -37,6 +37,7 @@ from app.jobs.intake import JobIntake, NewJob, create_params
 from app.jobs.listing import JobFilter, newest_first
 from app.jobs.payloads import CanceledPayload
 from app.jobs.states import JobStatus
+from app.jobs.transitions import expires_after_of, expiry
 from app.models import Job, JobEvent
 
 MAX_BULK = 10_000
@@ -134,10 +135,7 @@ def retry_jobs(
     """Retries up to `limit` matching failed or canceled jobs, as `Jobs.retry_job` would each
     (a new job from the old one's request, `retry_of` set), stored by one statement with
     their job.queued events, then published and dispatched together."""
-    columns = (Job.id, Job.owner, Job.kind, Job.input, Job.priority, Job.max_attempts)
-    chosen = newest_first(
-        select(*columns, Job.model, Job.models).where(*where.conditions(), _retryable())
-    )
+    chosen = newest_first(select(*RETRIED_COLUMNS).where(*where.conditions(), _retryable()))
     with db.engine.begin() as connection:
         connection.execute(select(func.pg_advisory_xact_lock(RETRY_LOCK)))
         originals = connection.execute(chosen.limit(limit)).all()
@@ -149,6 +147,26 @@ def retry_jobs(
         bus.publish([job.queued_event() for job in jobs])
         intake.dispatch(jobs)
     return RetryOutcome(len(jobs), [job.id for job in jobs], more)
+
+
+# What a retry clones of the old job's request, as `Jobs.retry_job` does (its run_at excepted:
+# a retry runs now), plus what `expires_after_of` reads.
+RETRIED_COLUMNS = (
+    Job.id,
+    Job.owner,
+    Job.kind,
+    Job.input,
+    Job.priority,
+    Job.max_attempts,
+    Job.model,
+    Job.models,
+    Job.webhook,
+    Job.timeout_seconds,
+    Job.max_cost_usd,
+    Job.expires_at,
+    Job.run_at,
+    Job.created_at,
+)
 
 
 def _retry_of(row: Any, at: datetime) -> NewJob:
@@ -165,6 +183,10 @@ def _retry_of(row: Any, at: datetime) -> NewJob:
         models=row.models,
         retry_of=row.id,
         at=at,
+        webhook=row.webhook,
+        expires_at=expiry(at, None, expires_after_of(row)),
+        timeout_seconds=row.timeout_seconds,
+        max_cost_usd=row.max_cost_usd,
     )
 
 

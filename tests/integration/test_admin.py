@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -233,6 +234,35 @@ def test_bulk_retry_stores_its_jobs_with_their_queued_event(admin: Tenant, tenan
             sa.select(JobEvent).where(JobEvent.job_id == uuid.UUID(job_id), JobEvent.seq == 1)
         ).one()
         assert first.type == "job.queued" and first.data["retry_of"] == str(old)
+
+
+def test_bulk_retry_clones_the_request_as_a_single_retry_does(
+    admin: Tenant, tenant: Tenant
+) -> None:
+    old = finished_job(tenant.owner, "failed", "model_timeout")
+    webhook = {"url": "https://hooks.example.com/conveyor", "events": ["job.failed"]}
+    with runtime().db.transaction() as session:
+        session.execute(
+            sa.update(Job)
+            .where(Job.id == old)
+            .values(
+                webhook=webhook,
+                timeout_seconds=7,
+                max_cost_usd=Decimal("0.25"),
+                expires_at=Job.created_at + timedelta(seconds=600),
+            )
+        )
+    body = {"filter": {"owner": tenant.owner, "status": "failed"}}
+    (job_id,) = admin.post("/api/v1/admin/jobs/retry", json=body).get_json()["jobs"]
+    with runtime().db.transaction() as session:
+        new = session.get_one(Job, uuid.UUID(job_id))
+        assert (new.webhook, new.timeout_seconds, new.max_cost_usd) == (
+            webhook,
+            7,
+            Decimal("0.25"),
+        )
+        assert new.expires_at is not None
+        assert round((new.expires_at - new.created_at).total_seconds()) == 600
 
 
 def test_failures_by_code_over_a_window(admin: Tenant, tenant: Tenant) -> None:
