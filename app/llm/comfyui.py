@@ -13,6 +13,7 @@ own folder (app/kinds/workflows, with the default `txt2img`).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -96,12 +98,25 @@ def load_workflow(name: str, folder: Path | None) -> Workflow:
         if directory is None:
             continue
         path = directory / f"{name}.json"
-        if path.is_file():
-            try:
-                return Workflow.parse(name, json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise WorkflowError(f"workflow {name!r}: cannot read {path}: {exc}") from exc
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        if not S_ISREG(stat.st_mode):
+            continue
+        return _parse_file(name, path, stat.st_mtime_ns, stat.st_size)
     raise WorkflowError(f"no workflow {name!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_file(name: str, path: Path, mtime_ns: int, size: int) -> Workflow:
+    """Each submit of an image job checks its workflow (`admit`): parsed once per version of
+    the file (its modification time and size are part of the key), so an edited workflow is
+    read again without a restart, and an unchanged one costs a stat."""
+    try:
+        return Workflow.parse(name, json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WorkflowError(f"workflow {name!r}: cannot read {path}: {exc}") from exc
 
 
 @dataclass
