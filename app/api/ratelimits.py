@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flask import Flask, Response, g, request
 from limits import RateLimitItem, parse
 from limits.storage import RedisStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
 from redis.exceptions import RedisError
 
 from app.api.problems import ApiProblem
@@ -62,9 +60,7 @@ class RateLimits:
         # A sliding window counter: no double burst at a window's boundary (as a fixed window
         # allows), and O(1) in Redis whatever the limit, where an exact moving window keeps (and
         # scans) one entry per request in the window.
-        self._limiter = SlidingWindowCounterRateLimiter(
-            RedisStorage(settings.redis_url, key_prefix="conveyor:ratelimit")
-        )
+        self._storage = SlidingWindowStorage(settings.redis_url, key_prefix="conveyor:ratelimit")
 
     def check(self, principal: Principal) -> Verdict | None:
         """Counts this request against the key's tier; ApiProblem(429) when over it."""
@@ -74,13 +70,11 @@ class RateLimits:
         limit = self.tiers[tier]
         identity = (tier, str(principal.key_id))
         try:
-            allowed = self._limiter.hit(limit, *identity)
-            reset_at, remaining = self._limiter.get_window_stats(limit, *identity)
+            allowed, window = self._storage.hit(limit, *identity)
         except RedisError as exc:
             logger.warning("rate limit not checked (Redis: %s); request let through", exc)
             return None
-        # At least 1: a window that resets "now" has room again within the second.
-        verdict = Verdict(limit, remaining, max(1, math.ceil(reset_at - time.time())))
+        verdict = window.verdict(limit)
         if not allowed:
             raise ApiProblem(
                 429,
@@ -91,6 +85,61 @@ class RateLimits:
                 headers={"Retry-After": str(verdict.reset_in), **headers(verdict)},
             )
         return verdict
+
+
+@dataclass(frozen=True)
+class Window:
+    """A sliding window counter's two windows, as `limits` keeps them in Redis."""
+
+    previous_count: int
+    previous_expires_in: float  # seconds
+    current_count: int
+    current_expires_in: float
+
+    def verdict(self, limit: RateLimitItem) -> Verdict:
+        """What `SlidingWindowCounterRateLimiter.get_window_stats` computes from the same
+        window: the weighted count's room, and when the next request fits again."""
+        expiry = limit.get_expiry()
+        weighted = self.previous_count * self.previous_expires_in / expiry + self.current_count
+        remaining = max(0, limit.amount - math.floor(weighted))
+        reset_in = math.inf
+        if self.previous_count:
+            reset_in = self.previous_expires_in % (expiry / self.previous_count)
+        if self.current_count:
+            reset_in = min(reset_in, self.current_expires_in % expiry)
+        if math.isinf(reset_in):
+            reset_in = 0.0
+        # At least 1: a window that resets "now" has room again within the second.
+        return Verdict(limit, remaining, max(1, math.ceil(reset_in)))
+
+
+class SlidingWindowStorage(RedisStorage):
+    """`limits`' Redis storage, with its sliding window's acquire and read in one round trip.
+
+    `SlidingWindowCounterRateLimiter.hit` and then `get_window_stats` (for the RateLimit
+    headers) are two round trips per request; here the library's own two Lua scripts, on its
+    own keys, go through one pipeline. That took the limiter's cost per POST /jobs from about
+    0.2 to 0.1 ms of CPU, and one network wait less (docs/performance.md)."""
+
+    def hit(self, limit: RateLimitItem, *identifiers: str, cost: int = 1) -> tuple[bool, Window]:
+        key = limit.key_for(*identifiers)
+        expiry = limit.get_expiry()
+        keys = [
+            self.prefixed_key(self._previous_window_key(key)),
+            self.prefixed_key(self._current_window_key(key)),
+        ]
+        with self.get_connection().pipeline(transaction=False) as pipe:
+            self.lua_acquire_sliding_window(keys, [limit.amount, expiry, cost], client=pipe)
+            self.lua_sliding_window(keys, [expiry], client=pipe)
+            acquired, read = pipe.execute()
+        previous_count, previous_ttl, current_count, current_ttl = read or (0, 0, 0, 0)
+        window = Window(
+            int(previous_count or 0),
+            max(0.0, float(previous_ttl or 0)) / 1000,
+            int(current_count or 0),
+            max(0.0, float(current_ttl or 0)) / 1000,
+        )
+        return bool(acquired), window
 
 
 def tier_of(endpoint: str | None) -> str:

@@ -3,15 +3,18 @@ that cannot be reached letting requests through."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 from flask import Flask
 from limits import parse
+from limits.strategies import SlidingWindowCounterRateLimiter
 from pydantic import ValidationError
 
 from app import config
-from app.api.ratelimits import EXTENSION_KEY, RateLimits, tier_of
+from app.api.ratelimits import EXTENSION_KEY, RateLimits, SlidingWindowStorage, tier_of
 from app.runtime import runtime
 from tests.conftest import Tenant
 
@@ -91,3 +94,25 @@ def test_tiers_by_endpoint_and_settings_are_checked() -> None:
     assert tier_of("jobs.get_job") == "read"
     with pytest.raises(ValidationError, match="rate_limit_create"):
         config.testing_settings(rate_limit_create="lots")
+
+
+def test_the_one_round_trip_hit_agrees_with_the_library_strategy() -> None:
+    """The pipelined acquire-and-read decides and counts as `limits`' own strategy does, on
+    the same keys: the two share one counter here, and each answer matches the library's."""
+    storage = SlidingWindowStorage(runtime().settings.redis_url, key_prefix="conveyor:rl-test")
+    library = SlidingWindowCounterRateLimiter(storage)
+    limit = parse("4/minute")
+    identity = ("create", str(uuid.uuid4()))
+    answers = []
+    for turn in range(6):
+        if turn % 2:
+            allowed = library.hit(limit, *identity)
+            reset_at, remaining = library.get_window_stats(limit, *identity)
+        else:
+            allowed, window = storage.hit(limit, *identity)
+            verdict = window.verdict(limit)
+            remaining, reset_at = verdict.remaining, time.time() + verdict.reset_in
+            assert 1 <= verdict.reset_in <= 60
+        answers.append((allowed, remaining))
+        assert reset_at - time.time() <= 61
+    assert answers == [(True, 3), (True, 2), (True, 1), (True, 0), (False, 0), (False, 0)]
