@@ -20,4 +20,4 @@ RUN pip install -e . && useradd --system --no-create-home conveyor \
     && mkdir -p /var/lib/conveyor/artifacts && chown -R conveyor /var/lib/conveyor
 USER conveyor
 EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--worker-class", "gevent", "--workers", "2", "--worker-connections", "1000", "app:create_app()"]
+CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--worker-class", "gevent", "--workers", "2", "--worker-connections", "1000", "-c", "python:app.gunicorn_config", "app:create_app()"]

@@ -21,9 +21,12 @@ GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 
 class WebServer:
-    def __init__(self, settings: Settings, workers: int = 1) -> None:
+    def __init__(
+        self, settings: Settings, workers: int = 1, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.settings = settings
         self.workers = workers
+        self.extra_env = extra_env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
@@ -54,11 +57,12 @@ class WebServer:
             "CONVEYOR_AWS_SECRET_ACCESS_KEY": s.s3_secret_access_key,
         }
         values |= {name: value for name, value in optional.items() if value is not None}
-        return {**os.environ, **values, "PYTHONPATH": str(ROOT)}
+        return {**os.environ, **values, **self.extra_env, "PYTHONPATH": str(ROOT)}
 
     def start(self) -> WebServer:
         command = [str(GUNICORN), "--bind", f"127.0.0.1:{self.port}", "--worker-class", "gevent"]
-        command += ["--workers", str(self.workers), "--graceful-timeout", "2", "app:create_app()"]
+        command += ["--workers", str(self.workers), "--graceful-timeout", "2"]
+        command += ["-c", "python:app.gunicorn_config", "app:create_app()"]
         with self._log.open("ab") as log:
             self._process = subprocess.Popen(
                 command, cwd=ROOT, env=self.env(), stdout=log, stderr=log, start_new_session=True
@@ -86,6 +90,10 @@ class WebServer:
         except ProcessLookupError:
             pass
         self._process = None
+
+    def log_text(self) -> str:
+        """What gunicorn and its workers wrote (stdout and stderr)."""
+        return self._log.read_text(errors="replace")
 
     def worker_pids(self) -> list[int]:
         """The gunicorn workers' process ids (the master's children)."""

@@ -16,6 +16,7 @@ from enum import StrEnum
 
 from pydantic import ValidationError
 
+from app import logs
 from app.execution.leases import active_jobs
 from app.jobs import transitions
 from app.jobs.payloads import CanceledPayload, EventError, FailedPayload, SucceededPayload
@@ -52,7 +53,8 @@ def execute_job(job_id: uuid.UUID, jobs: Jobs, model_client: ModelClient) -> Out
     ctx = JobContext(claim, jobs, model_client)
     active_jobs.track(ctx)
     try:
-        return _run_attempt(ctx)
+        with logs.job_context(job_id, claim.attempt, claim.kind, claim.owner):
+            return _run_attempt(ctx)
     except LeaseLost:
         # Raised while recording an outcome: the sweeper took the job meanwhile, and the newer
         # attempt's state is the one that counts.

@@ -246,7 +246,11 @@ def create_key(cluster: Cluster, owner: str = "chaos") -> str:
 
 @contextmanager
 def running_cluster(
-    workdir: Path, *, web_workers: int = 1, **simulator_knobs: float
+    workdir: Path,
+    *,
+    web_workers: int = 1,
+    web_env: dict[str, str] | None = None,
+    **simulator_knobs: float,
 ) -> Iterator[Cluster]:
     """PostgreSQL, Redis (with its AOF, so it survives its restarts), the simulator, the web
     process and an API key; on the way out, every process the cluster started is killed."""
@@ -257,7 +261,7 @@ def running_cluster(
     upgrade(database_url)
     made = Cluster(workdir, pg, redis, sim, database_url)
     try:
-        made.web = WebServer(made.settings(), workers=web_workers).start()
+        made.web = WebServer(made.settings(), workers=web_workers, extra_env=web_env).start()
         made.key = create_key(made)
         yield made
     finally:
