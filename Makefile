@@ -25,12 +25,15 @@ dev: $(STAMP)
 # The browser tests drive a real Chromium: Debian's, installed here where it is missing and the
 # user may install packages, else Playwright's own download (tools/require says which).
 test: $(STAMP)
-	tools/require chromium
+	tools/require chromium rabbitmq-server
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	# No cache: a cached graph has kept a deleted import alive and failed a clean tree.
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
+	# The job lifecycle again with RabbitMQ as the broker (a private node; docs/brokers.md).
+	CONVEYOR_TEST_BROKER=rabbitmq $(BIN)/python -m pytest -q \
+		tests/integration/test_lifecycle.py tests/integration/test_brokers.py
 
 # Thousands of jobs with random faults and worker kills; not part of `make test`.
 soak: $(STAMP)

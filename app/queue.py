@@ -19,6 +19,7 @@ WEBHOOK_SEND_TASK = "conveyor.webhooks.send"
 WEBHOOK_DISPATCH_TASK = "conveyor.webhooks.dispatch"
 PRIORITY_STEPS = list(range(10))
 QUEUE_SEP = ":"
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "librabbitmq"})
 
 
 def make_celery(app: Flask, settings: Settings) -> Celery:
@@ -63,24 +64,44 @@ class GreenPoolHeadroom(bootsteps.StartStopStep):
             c.qos.update()  # type: ignore[attr-defined]
 
 
+def is_amqp(broker_url: str) -> bool:
+    """RabbitMQ (or another AMQP 0-9-1 broker) rather than Redis (docs/brokers.md)."""
+    return broker_url.split(":", 1)[0] in AMQP_SCHEMES
+
+
+def message_priority(broker_url: str, priority: int) -> int:
+    """A job's priority (0-9, 9 the most urgent) as its message's: RabbitMQ delivers the
+    highest first (queues declared with x-max-priority), kombu's Redis emulation its lowest
+    step first."""
+    return priority if is_amqp(broker_url) else PRIORITY_STEPS[-1] - priority
+
+
+def transport_options(settings: Settings) -> dict[str, object]:
+    if is_amqp(settings.celery_broker_url):
+        # RabbitMQ redelivers a dead consumer's messages when its connection closes: no
+        # visibility timeout. Its consumer_timeout must outlast a job (docs/brokers.md).
+        return {}
+    return {
+        # Longer than any job may run, so Redis redelivers only what a dead worker held.
+        # A redelivery of a live job is harmless anyway: the claim is a compare-and-set.
+        "visibility_timeout": settings.broker_visibility_timeout
+        or max(3600, int(settings.job_time_limit) * 2),
+        "socket_timeout": 5,
+        "socket_connect_timeout": 3,
+        "priority_steps": PRIORITY_STEPS,
+        "sep": QUEUE_SEP,
+        "queue_order_strategy": "priority",
+        # kombu's default of 10 makes acks fail with MaxConnectionsError at high slot counts.
+        "max_connections": settings.worker_concurrency + 20,
+    }
+
+
 def celery_config(settings: Settings) -> dict[str, object]:
     return {
         "broker_url": settings.celery_broker_url,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 3,
-        "broker_transport_options": {
-            # Longer than any job may run, so Redis redelivers only what a dead worker held.
-            # A redelivery of a live job is harmless anyway: the claim is a compare-and-set.
-            "visibility_timeout": settings.broker_visibility_timeout
-            or max(3600, int(settings.job_time_limit) * 2),
-            "socket_timeout": 5,
-            "socket_connect_timeout": 3,
-            "priority_steps": PRIORITY_STEPS,
-            "sep": QUEUE_SEP,
-            "queue_order_strategy": "priority",
-            # kombu's default of 10 makes acks fail with MaxConnectionsError at high slot counts.
-            "max_connections": settings.worker_concurrency + 20,
-        },
+        "broker_transport_options": transport_options(settings),
         "task_default_queue": QUEUE,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -122,9 +143,12 @@ def celery_config(settings: Settings) -> dict[str, object]:
 def webhook_routing(settings: Settings) -> dict[str, object]:
     """Both queues, consumed by a worker given no -Q; webhook tasks routed to theirs."""
     attempt = settings.webhook_timeout + settings.webhook_connect_timeout
+    # On RabbitMQ a queue has priorities only when declared with x-max-priority.
+    priorities = {"max_priority": PRIORITY_STEPS[-1]} if is_amqp(settings.celery_broker_url) else {}
     return {
         "task_queues": [
-            Queue(name, Exchange(name), routing_key=name) for name in (QUEUE, WEBHOOK_QUEUE)
+            Queue(name, Exchange(name), routing_key=name, **priorities)
+            for name in (QUEUE, WEBHOOK_QUEUE)
         ],
         "task_routes": {
             WEBHOOK_SEND_TASK: {"queue": WEBHOOK_QUEUE},

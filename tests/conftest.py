@@ -31,6 +31,7 @@ from app.migrate import upgrade
 from app.models import Job, JobEvent
 from app.runtime import runtime
 from devtools.postgres import PostgresServer
+from devtools.rabbitmq import RabbitMQServer
 from devtools.redis_server import RedisServer
 from devtools.simprocess import SimulatorProcess
 from tests.s3server import MotoS3Server
@@ -89,9 +90,24 @@ def s3_bucket(s3_server: MotoS3Server) -> str:
 
 
 @pytest.fixture(scope="session")
+def broker_url(redis_server: RedisServer) -> Iterator[str | None]:
+    """The session's Celery broker: Redis (None: the broker is the Redis of the events), or a
+    private RabbitMQ node with CONVEYOR_TEST_BROKER=rabbitmq (as `make test` runs the lifecycle
+    tests a second time)."""
+    chosen = os.environ.get("CONVEYOR_TEST_BROKER", "redis")
+    if chosen == "redis":
+        yield None
+        return
+    assert chosen == "rabbitmq", f"CONVEYOR_TEST_BROKER is redis or rabbitmq, not {chosen!r}"
+    with RabbitMQServer() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
 def settings(
     postgres: PostgresServer,
     redis_server: RedisServer,
+    broker_url: str | None,
     simulator: SimulatorProcess,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Settings:
@@ -100,6 +116,7 @@ def settings(
     return testing_settings(
         database_url=url,
         redis_url=redis_server.url,
+        broker_url=broker_url,
         openai_base_url=simulator.base_url,
         # The simulator serves ComfyUI's API at its root too.
         comfyui_url=simulator.base_url.removesuffix("/v1"),

@@ -49,6 +49,7 @@ class WebServer:
             "CONVEYOR_ARTIFACT_URL_TTL": str(s.artifact_url_ttl),
         }
         optional = {
+            "CONVEYOR_BROKER_URL": s.broker_url,
             "CONVEYOR_COMFYUI_URL": s.comfyui_url,
             "CONVEYOR_S3_BUCKET": s.s3_bucket,
             "CONVEYOR_S3_ENDPOINT_URL": s.s3_endpoint_url,

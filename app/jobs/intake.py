@@ -33,6 +33,7 @@ from app.db import Database
 from app.jobs import sql
 from app.jobs.events import Event, EventBus
 from app.jobs.payloads import QueuedPayload
+from app.queue import message_priority
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +121,6 @@ def create_params(jobs: Sequence[NewJob]) -> dict[str, str]:
     }
 
 
-def task_priority(priority: int) -> int:
-    # Redis emulates priorities with one list per step, 0 first; ours: 9 is most urgent.
-    return 9 - priority
-
-
 class JobIntake:
     def __init__(self, db: Database, bus: EventBus, celery: Celery) -> None:
         self._db = db
@@ -175,6 +171,7 @@ class JobIntake:
         of one id string, is the same text saferepr writes."""
         if not jobs:
             return
+        broker = self._celery.conf.broker_url
         try:
             with self._celery.producer_or_acquire() as producer, producer.batch():
                 for position, job in enumerate(jobs):
@@ -184,7 +181,7 @@ class JobIntake:
                         args=[job_id],
                         argsrepr=f"['{job_id}']",
                         kwargsrepr="{}",
-                        priority=task_priority(job.priority),
+                        priority=message_priority(broker, job.priority),
                         producer=producer,
                         **({} if position == 0 else {"declare": []}),
                     )

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from app.jobs import budgets, presence, sql
 from app.jobs.events import Event, record_event
-from app.jobs.intake import RUN_JOB_TASK, NewJob, task_priority
+from app.jobs.intake import RUN_JOB_TASK, NewJob
 from app.jobs.payloads import (
     CanceledPayload,
     EventError,
@@ -39,6 +39,7 @@ from app.jobs.payloads import (
 )
 from app.jobs.states import TERMINAL, TERMINAL_STATUSES, JobStatus
 from app.models import Job
+from app.queue import message_priority
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -426,7 +427,7 @@ class Jobs:
                 RUN_JOB_TASK,
                 args=[str(job_id)],
                 countdown=countdown,
-                priority=task_priority(priority),
+                priority=message_priority(self.celery.conf.broker_url, priority),
             )
         except Exception as exc:  # kombu raises several unrelated types for a broker outage
             logger.warning(

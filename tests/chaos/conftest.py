@@ -27,6 +27,7 @@ import pytest
 from app.config import Settings
 from app.migrate import ROOT, upgrade
 from devtools.postgres import PostgresServer
+from devtools.rabbitmq import RabbitMQServer
 from devtools.redis_server import RedisServer
 from devtools.simprocess import SimulatorProcess
 from tests.webserver import WebServer
@@ -52,6 +53,7 @@ class Cluster:
     sim: SimulatorProcess
     database_url: str
     secret: str = "chaos-secret"
+    broker_url: str | None = None  # None: Redis is the broker too
     web: WebServer | None = None
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     key: str = ""
@@ -70,6 +72,8 @@ class Cluster:
             CONVEYOR_SECRET_KEY=self.secret,
             PYTHONPATH=str(ROOT),
         )
+        if self.broker_url is not None:
+            env["BROKER_URL"] = self.broker_url
         env.update(extra)
         return env
 
@@ -80,6 +84,7 @@ class Cluster:
             openai_base_url=self.sim.base_url,
             openai_api_key="sim",
             secret_key=self.secret,
+            broker_url=self.broker_url,
         )
 
     def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
@@ -250,6 +255,7 @@ def running_cluster(
     *,
     web_workers: int = 1,
     web_env: dict[str, str] | None = None,
+    broker_url: str | None = None,
     **simulator_knobs: float,
 ) -> Iterator[Cluster]:
     """PostgreSQL, Redis (with its AOF, so it survives its restarts), the simulator, the web
@@ -259,7 +265,7 @@ def running_cluster(
     sim = SimulatorProcess(**simulator_knobs).start()
     database_url = pg.create_database("conveyor_chaos")
     upgrade(database_url)
-    made = Cluster(workdir, pg, redis, sim, database_url)
+    made = Cluster(workdir, pg, redis, sim, database_url, broker_url=broker_url)
     try:
         made.web = WebServer(made.settings(), workers=web_workers, extra_env=web_env).start()
         made.key = create_key(made)
@@ -277,4 +283,14 @@ def running_cluster(
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     with running_cluster(tmp_path, ttft=0.05, tps=100) as made:
+        yield made
+
+
+@pytest.fixture
+def rabbitmq_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """The same, with a private RabbitMQ node as the Celery broker."""
+    with (
+        RabbitMQServer() as rabbitmq,
+        running_cluster(tmp_path, broker_url=rabbitmq.url, ttft=0.05, tps=100) as made,
+    ):
         yield made
