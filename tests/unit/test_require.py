@@ -115,6 +115,6 @@ def test_make_test_requires_the_browser_and_rabbitmq_before_the_suite() -> None:
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
     lines = [line.strip() for line in recipe.splitlines()[1:]]
-    assert lines.index("tools/require chromium rabbitmq-server") < next(
+    assert lines.index("tools/require chromium rabbitmq-server compose-schema") < next(
         i for i, line in enumerate(lines) if "pytest" in line
     )
