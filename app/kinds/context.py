@@ -39,7 +39,7 @@ from app.jobs.transitions import Checkpoint, Claim, Jobs, LeaseLost, call_cost
 from app.kinds.base import Step
 from app.llm.client import CallRecord, Completion, Interrupted, ModelClient
 from app.llm.errors import ModelError
-from app.llm.limits import Ticket
+from app.llm.limits import CapacityWait, Ticket
 from app.storage import StoreError
 
 logger = logging.getLogger(__name__)
@@ -552,6 +552,9 @@ class JobLLM:
             raise
         except Exception as exc:
             record = getattr(exc, "record", None)
+            if isinstance(exc, CapacityWait):
+                # A job canceled while it waited for capacity ends canceled, not queued again.
+                ctx.check()
             raise
         finally:
             if record is not None:

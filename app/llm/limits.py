@@ -26,7 +26,6 @@ Clocks: the instants are the workers' own `time.time()`; hosts are expected to r
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable
@@ -382,8 +381,3 @@ class ProviderLimits:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def ceil_seconds(until: float) -> int:
-    """Seconds from now to `until`, at least 1 (for messages)."""
-    return max(1, math.ceil(until - time.time()))
