@@ -26,7 +26,7 @@ from app.kinds import KindError, get_kind
 from app.kinds.context import JobBudgetExceeded, JobCanceled, JobContext, JobTimedOut
 from app.llm.client import ModelClient
 from app.llm.errors import ModelError
-from app.llm.limits import CapacityWait
+from app.llm.limits import CapacityWait, WaitReason
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,11 @@ def _wait_for_capacity(ctx: JobContext, exc: CapacityWait) -> Outcome:
         return _model_failure(
             ctx, ModelError("model_rate_limited", exc.message, retryable=True, retry_after=delay)
         )
-    turn = limits.reserve_turn(wait, 0)
-    ctx.requeue_for_capacity(wait.reason.value, turn, wait.endpoint, exc.message)
+    # A call the provider refused had been admitted in its turn: the job comes back when the
+    # pause ends, in its turn still, rather than at the end of the line. A wait for capacity
+    # that never came takes a turn.
+    until = wait.until if wait.reason is WaitReason.PAUSED else limits.reserve_turn(wait, 0)
+    ctx.requeue_for_capacity(wait.reason.value, until, wait.endpoint, exc.message)
     logger.info(
         "queued again for %s of %s, attempt given back",
         wait.reason.value,

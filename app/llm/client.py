@@ -180,6 +180,8 @@ class ModelClient:
             )
         if ticket is None:
             ticket = limits.acquire(model, limits.estimate(messages, max_tokens), interrupted)
+        else:
+            ticket = limits.stamp(ticket)
         try:
             completion = self._stream_chat(
                 model=model,

@@ -29,7 +29,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "conveyor:provider"
 WILDCARD = "*"
+# An admission older than this when its call is sent is moved to the sending time (`stamp`).
+STAMP_AFTER = 0.02
 # Failures that count toward an endpoint's breaker: the provider is down or too slow, not a
 # request it refused on its merits.
 BREAKER_CODES = frozenset({"model_unavailable", "model_timeout", "model_connection_error"})
@@ -313,6 +315,18 @@ class ProviderLimits:
             # Waiting in the slot keeps the job's place: it is the next to be admitted.
             waited = waited or outcome.reason is WaitReason.RATE_LIMIT
             time.sleep(max(0.01, delay))
+
+    def stamp(self, ticket: Ticket) -> Ticket:
+        """The call is being sent now: an admission taken earlier (before the job's claim)
+        moves its entry to this instant, so that the window the limiter counts is the one the
+        provider sees (admitted at t and sent at t + 0.5 s, the call would otherwise leave the
+        limiter's window half a second before it leaves the provider's). Moving an entry later
+        never lets more calls into any window."""
+        now = time.time()
+        if now - ticket.at < STAMP_AFTER:
+            return ticket
+        self._redis.zadd(self.key(ticket.endpoint, "log"), {ticket.member: now}, xx=True)
+        return replace(ticket, at=now)
 
     def release(self, ticket: Ticket) -> None:
         """A call admitted but never made (the job could not be claimed)."""

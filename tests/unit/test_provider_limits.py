@@ -238,3 +238,16 @@ def test_provider_limits_are_read_from_the_environment(monkeypatch: pytest.Monke
     assert settings.provider_limits["gpt-4o"].tpm == 30000
     assert settings.provider_limits["gpt-4o"].period == 60
     assert settings.provider_limits["*"].rpm == 60
+
+
+def test_an_early_admission_is_stamped_with_the_time_its_call_is_sent(
+    redis_client: fakeredis.FakeRedis,
+) -> None:
+    limits = limits_of(redis_client, m={"rpm": 5, "period": 10})
+    ticket = limits.admit("m", 1)
+    assert isinstance(ticket, Ticket)
+    time.sleep(0.1)
+    stamped = limits.stamp(ticket)
+    assert stamped.at > ticket.at
+    (score,) = [s for _, s in redis_client.zrange(limits.key("m", "log"), 0, -1, withscores=True)]
+    assert score == pytest.approx(stamped.at)
