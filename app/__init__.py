@@ -49,7 +49,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         intake,
         Jobs(settings, db, redis_client, bus, celery, intake, artifacts),
         Batches(settings, db, bus, intake),
-        ModelClient(settings),
+        ModelClient(settings, redis_client),
         artifacts,
     ).init_app(app)
     api.init_app(app, settings)

@@ -9,13 +9,25 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _alias(name: str) -> AliasChoices:
     """Accept the conventional unprefixed name as well as the CONVEYOR_ one."""
     return AliasChoices(name, f"CONVEYOR_{name}")
+
+
+class EndpointLimits(BaseModel):
+    """One model endpoint's entry of CONVEYOR_PROVIDER_LIMITS (docs/configuration.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rpm: int | None = Field(None, ge=1, description="requests per period, pool-wide")
+    tpm: int | None = Field(None, ge=1, description="tokens per period, pool-wide")
+    period: float = Field(60.0, gt=0, le=3600, description="the window, seconds (60: a minute)")
+    failures: int = Field(5, ge=1, description="consecutive 5xx or timeouts that open the breaker")
+    cooldown: float = Field(30.0, gt=0, description="seconds the breaker stays open")
 
 
 class Settings(BaseSettings):
@@ -58,6 +70,18 @@ class Settings(BaseSettings):
         ge=1,
         description="output tokens a call is estimated at, at submit, when its input sets no "
         "max_tokens (docs/api.md#budgets)",
+    )
+
+    provider_limits: dict[str, EndpointLimits] = Field(
+        default_factory=dict,
+        description="model -> {rpm, tpm, period, failures, cooldown}, shared by the pool; "
+        "`*` for every other model (docs/reliability.md#provider-limits)",
+    )
+    provider_short_wait: float = Field(
+        2.0, ge=0, description="a wait for capacity this short is waited in the slot"
+    )
+    provider_max_requeues: int = Field(
+        10, ge=0, le=100, description="attempts a provider's 429 may give back to one job"
     )
 
     # Images (the `image` kind; docs/images.md)

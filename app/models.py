@@ -113,6 +113,10 @@ class Job(Base):
     timeout_seconds: Mapped[int | None] = mapped_column(Integer)
     # The most the job may cost, in USD (docs/api.md#budgets); NULL: no limit of its own.
     max_cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(16, 8))
+    # Why a queued job waits for its run_at (a provider's limit, pause or open breaker) and on
+    # which model endpoint (app/jobs/waiting.py); cleared by the claim.
+    wait_reason: Mapped[str | None] = mapped_column(String(32))
+    wait_endpoint: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None]

@@ -34,7 +34,7 @@ STARTUP_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 _LISTENING = re.compile(r"simulator listening on http://(?P<host>[^:/\s]+):(?P<port>\d+)/v1")
 # Run knobs that become CLI flags; anything else is a caller's mistake.
-_FLAG_KNOBS = ("ttft", "tps", "faults", "seed", "retry_after", "step_time")
+_FLAG_KNOBS = ("ttft", "tps", "faults", "seed", "retry_after", "step_time", "rpm", "rpm_period")
 
 
 class SimulatorError(ServiceError):

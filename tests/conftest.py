@@ -89,6 +89,17 @@ def s3_bucket(s3_server: MotoS3Server) -> str:
     return name
 
 
+# Pool-wide provider limits of the models of tests/integration/test_provider_limits.py, one
+# model per test, periods of seconds; every other model has none.
+TEST_PROVIDER_LIMITS: dict[str, dict[str, float]] = {
+    "pl-rpm": {"rpm": 3, "period": 4},
+    "pl-wait": {"rpm": 1, "period": 6},
+    "pl-tpm": {"tpm": 300, "period": 5},
+    "pl-pause": {"rpm": 4, "period": 5},
+    "pl-breaker": {"failures": 2, "cooldown": 3},
+}
+
+
 @pytest.fixture(scope="session")
 def broker_url(redis_server: RedisServer) -> Iterator[str | None]:
     """The session's Celery broker: Redis (None: the broker is the Redis of the events), or a
@@ -121,6 +132,7 @@ def settings(
         # The simulator serves ComfyUI's API at its root too.
         comfyui_url=simulator.base_url.removesuffix("/v1"),
         artifact_dir=tmp_path_factory.mktemp("artifacts"),
+        provider_limits=TEST_PROVIDER_LIMITS,
     )
 
 

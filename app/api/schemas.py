@@ -213,6 +213,15 @@ class Usage(BaseModel):
     cost_usd: Usd
 
 
+class JobWaiting(BaseModel):
+    reason: Literal["provider_rate_limit", "provider_paused", "circuit_open"] = Field(
+        description="The model endpoint's request or token limit is used up; the provider "
+        "answered 429 and the endpoint is paused; its circuit breaker is open"
+    )
+    endpoint: str | None = Field(description="The model endpoint waited for")
+    until: datetime | None = Field(description="The job's turn: when it is expected to start")
+
+
 class JobLinks(BaseModel):
     self: str
     result: str
@@ -243,6 +252,11 @@ class JobOut(BaseModel):
     )
     timeout_seconds: int | None = Field(
         description="The job's own time limit per attempt; null: the deployment's"
+    )
+    waiting: JobWaiting | None = Field(
+        None,
+        description="A queued job waiting for a provider's capacity: why and until when "
+        "(docs/reliability.md#provider-limits); null otherwise",
     )
     max_cost_usd: Usd | None = Field(
         None, description="The job's own spend limit in US dollars; null: none"
@@ -279,6 +293,7 @@ class JobOut(BaseModel):
             run_at=job.run_at,
             expires_at=job.expires_at,
             timeout_seconds=job.timeout_seconds,
+            waiting=_waiting(job),
             max_cost_usd=getattr(job, "max_cost_usd", None),
             created_at=job.created_at,
             updated_at=job.updated_at,
@@ -286,6 +301,13 @@ class JobOut(BaseModel):
             finished_at=job.finished_at,
             links=JobLinks(self=base, result=f"{base}/result", events=f"{base}/events"),
         )
+
+
+def _waiting(job: Job | Row[Any]) -> JobWaiting | None:
+    reason = getattr(job, "wait_reason", None)
+    if reason is None or job.status != JobStatus.QUEUED:
+        return None
+    return JobWaiting(reason=reason, endpoint=getattr(job, "wait_endpoint", None), until=job.run_at)
 
 
 class JobDetail(JobOut):

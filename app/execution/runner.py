@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from enum import StrEnum
 
 from pydantic import ValidationError
 
 from app import logs
+from app.execution.capacity import Deferred, admit_before_claim
 from app.execution.leases import active_jobs
 from app.jobs import transitions
 from app.jobs.payloads import CanceledPayload, EventError, FailedPayload, SucceededPayload
@@ -25,6 +27,7 @@ from app.kinds import KindError, get_kind
 from app.kinds.context import JobBudgetExceeded, JobCanceled, JobContext, JobTimedOut
 from app.llm.client import ModelClient
 from app.llm.errors import ModelError
+from app.llm.limits import CapacityWait, WaitReason
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class Outcome(StrEnum):
     RETRYING = "retrying"
     CANCELED = "canceled"
     LEASE_LOST = "lease_lost"
+    WAITING = "waiting"  # queued again for a provider's capacity, no attempt consumed
 
 
 def worker_name() -> str:
@@ -43,14 +47,24 @@ def worker_name() -> str:
 
 
 def execute_job(job_id: uuid.UUID, jobs: Jobs, model_client: ModelClient) -> Outcome:
+    limits = model_client.limits
+    ticket = None
+    if limits is not None:
+        admission = admit_before_claim(job_id, jobs, limits)
+        if isinstance(admission, Deferred):
+            return Outcome.WAITING
+        ticket = admission
     claim = jobs.claim_job(job_id, worker_name())
     if claim is None:
+        if ticket is not None and limits is not None:
+            limits.release(ticket)
         logger.info(
             "not claimable (duplicate delivery, canceled or early retry)", extra={"job_id": job_id}
         )
         return Outcome.SKIPPED
     active_jobs.ensure_started(jobs)
     ctx = JobContext(claim, jobs, model_client)
+    ctx.prepaid = ticket
     active_jobs.track(ctx)
     try:
         with logs.job_context(job_id, claim.attempt, claim.kind, claim.owner):
@@ -89,6 +103,8 @@ def _run_attempt(ctx: JobContext) -> Outcome:
             CanceledPayload(reason="requested", attempt=claim.attempt), output=partial_output(ctx)
         )
         return Outcome.CANCELED
+    except CapacityWait as exc:
+        return _wait_for_capacity(ctx, exc)
     except ModelError as exc:
         return _model_failure(ctx, exc)
     except (ValidationError, KindError) as exc:
@@ -125,6 +141,31 @@ def _model_failure(ctx: JobContext, exc: ModelError) -> Outcome:
         message = f"{message} (gave up after {ctx.attempt} attempts)"
     _fail(ctx, exc.code, message)
     return Outcome.FAILED
+
+
+def _wait_for_capacity(ctx: JobContext, exc: CapacityWait) -> Outcome:
+    """Back to `queued` until the job's turn, its attempt given back, unless it has been given
+    back too often already (a provider that answers nothing but 429): then the wait is an
+    ordinary retryable failure, which consumes the attempt."""
+    limits = ctx.llm.client.limits
+    wait = exc.wait
+    if limits is None or ctx.attempt > ctx.settings.provider_max_requeues:
+        delay = max(0.0, wait.until - time.time())
+        return _model_failure(
+            ctx, ModelError("model_rate_limited", exc.message, retryable=True, retry_after=delay)
+        )
+    # A call the provider refused had been admitted in its turn: the job comes back when the
+    # pause ends, in its turn still, rather than at the end of the line. A wait for capacity
+    # that never came takes a turn.
+    until = wait.until if wait.reason is WaitReason.PAUSED else limits.reserve_turn(wait, 0)
+    ctx.requeue_for_capacity(wait.reason.value, until, wait.endpoint, exc.message)
+    logger.info(
+        "queued again for %s of %s, attempt given back",
+        wait.reason.value,
+        wait.endpoint,
+        extra={"job_id": ctx.job_id},
+    )
+    return Outcome.WAITING
 
 
 def partial_output(ctx: JobContext) -> dict[str, str] | None:

@@ -55,7 +55,7 @@ WITH claimed AS (
     SET status = 'running', attempt = attempt + 1,
         lease_expires_at = now() + make_interval(secs => :lease_seconds), worker = :worker,
         progress = 0, retry_at = NULL, started_at = coalesce(started_at, now()),
-        updated_at = now(), last_seq = last_seq + 1
+        updated_at = now(), last_seq = last_seq + 1, wait_reason = NULL, wait_endpoint = NULL
     WHERE id = :id AND status = 'queued' AND (retry_at IS NULL OR retry_at <= now())
       AND (run_at IS NULL OR run_at <= now()) AND (expires_at IS NULL OR expires_at > now())
       AND attempt < max_attempts

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from app.config import Settings
 from app.db import Database
+from app.jobs import waiting
 from app.jobs.artifacts import SavedArtifact, publish_effect
 from app.jobs.events import Event
 from app.jobs.payloads import (
@@ -38,6 +39,7 @@ from app.jobs.transitions import Checkpoint, Claim, Jobs, LeaseLost, call_cost
 from app.kinds.base import Step
 from app.llm.client import CallRecord, Completion, Interrupted, ModelClient
 from app.llm.errors import ModelError
+from app.llm.limits import CapacityWait, Ticket
 from app.storage import StoreError
 
 logger = logging.getLogger(__name__)
@@ -128,6 +130,9 @@ class JobContext:
         self.done = False
         self.tokens_streamed = 0
         self.llm = JobLLM(self, model_client)
+        # The admission of the job's first call under its endpoint's provider limits, taken
+        # before the claim (app/execution/capacity.py): the first call to that model uses it.
+        self.prepaid: Ticket | None = None
         self.steps: tuple[Step, ...] = ()
         self.step: RunningStep | None = None
         self._steps_run: set[str] = set()
@@ -435,6 +440,22 @@ class JobContext:
         )
         self.done = True
 
+    def requeue_for_capacity(self, reason: str, until: float, endpoint: str, message: str) -> None:
+        """Back to `queued` until `until` to wait for a provider's capacity, this attempt given
+        back (app/jobs/waiting.py)."""
+        self.flush()
+        waiting.requeue(
+            self._jobs,
+            self.claim,
+            self.next_seq(),
+            reason=reason,
+            until=until,
+            endpoint=endpoint,
+            message=message,
+            calls=self.take_calls(),
+        )
+        self.done = True
+
     def take_calls(self) -> list[dict[str, Any]]:
         calls, self.pending_calls = self.pending_calls, []
         return calls
@@ -506,8 +527,12 @@ class JobLLM:
                 ctx.progress(progress_of(streamed))
 
         record: CallRecord | None = None
+        ticket = ctx.prepaid if ctx.prepaid is not None and ctx.prepaid.endpoint == model else None
+        if ticket is not None:
+            ctx.prepaid = None
         try:
             completion = self._models.stream_chat(
+                ticket=ticket,
                 model=model,
                 messages=messages,
                 step=step.spec.name if step is not None else None,
@@ -527,6 +552,9 @@ class JobLLM:
             raise
         except Exception as exc:
             record = getattr(exc, "record", None)
+            if isinstance(exc, CapacityWait):
+                # A job canceled while it waited for capacity ends canceled, not queued again.
+                ctx.check()
             raise
         finally:
             if record is not None:

@@ -27,9 +27,12 @@ import openai
 
 from app.config import Settings
 from app.llm.errors import ModelError, classify_status_error, classify_transport_error
+from app.llm.limits import CapacityWait, ProviderLimits, Ticket
 from app.llm.pricing import PriceTable
 
 if TYPE_CHECKING:
+    import redis
+
     from app.llm.comfyui import ComfyUIClient
 
 logger = logging.getLogger(__name__)
@@ -95,7 +98,7 @@ class Interrupted(Exception):
 
 
 class ModelClient:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, redis_client: redis.Redis | None = None) -> None:
         self._settings = settings
         self._client: openai.OpenAI | None = None
         self._comfyui: ComfyUIClient | None = None
@@ -106,6 +109,8 @@ class ModelClient:
             if settings.openai_base_url
             else DEFAULT_PROVIDER
         )
+        # None unless CONVEYOR_PROVIDER_LIMITS names an endpoint: no Redis work per call then.
+        self.limits = ProviderLimits.of(settings, redis_client, self.provider)
 
     @property
     def comfyui(self) -> ComfyUIClient:
@@ -153,6 +158,54 @@ class ModelClient:
         *,
         model: str,
         messages: list[dict[str, Any]],
+        interrupted: Callable[[], bool],
+        max_tokens: int | None = None,
+        ticket: Ticket | None = None,
+        **options: Any,
+    ) -> Completion:
+        """One streamed chat completion, its `record` always filled in (`exc.record` if raised).
+
+        Under the endpoint's provider limits (if it has any), the call is admitted first (or
+        comes with the `ticket` admitted for it before the job was claimed) and settled after:
+        CapacityWait when it must wait longer than a slot may, or when the provider answered
+        429 (the endpoint is then paused for the whole pool)."""
+        limits = self.limits
+        if limits is None or limits.governs(model) is None:
+            return self._stream_chat(
+                model=model,
+                messages=messages,
+                interrupted=interrupted,
+                max_tokens=max_tokens,
+                **options,
+            )
+        if ticket is None:
+            ticket = limits.acquire(model, limits.estimate(messages, max_tokens), interrupted)
+        else:
+            ticket = limits.stamp(ticket)
+        try:
+            completion = self._stream_chat(
+                model=model,
+                messages=messages,
+                interrupted=interrupted,
+                max_tokens=max_tokens,
+                **options,
+            )
+        except (ModelError, Interrupted) as exc:
+            record: CallRecord = exc.record  # type: ignore[attr-defined]
+            paused = limits.settle(ticket, _tokens_of(record), exc)
+            if paused is not None:
+                wait = CapacityWait(paused, exc.message if isinstance(exc, ModelError) else None)
+                wait.record = record  # type: ignore[attr-defined]
+                raise wait from exc
+            raise
+        limits.settle(ticket, _tokens_of(completion.record), None)
+        return completion
+
+    def _stream_chat(
+        self,
+        *,
+        model: str,
+        messages: list[dict[str, Any]],
         on_delta: Callable[[str], None],
         interrupted: Callable[[], bool],
         register_closer: Callable[[Callable[[], None] | None], None],
@@ -162,7 +215,6 @@ class ModelClient:
         step: str | None = None,
         role: str | None = None,
     ) -> Completion:
-        """One streamed chat completion, its `record` always filled in (`exc.record` if raised)."""
         record = CallRecord(model=model, provider=self.provider, step=step, role=role)
         started = time.perf_counter()
         request = _request(model, messages, response_format, max_tokens, temperature, step)
@@ -216,6 +268,11 @@ class ModelClient:
             yield response.iter_lines()
         finally:
             manager.__exit__(None, None, None)
+
+
+def _tokens_of(record: CallRecord) -> int | None:
+    """The tokens a call used, as its usage reported them; None for a refused call."""
+    return None if record.refused else record.tokens_in + record.tokens_out
 
 
 def _consume(

@@ -60,6 +60,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"seconds per sampling step of a ComfyUI prompt ({DEFAULT_STEP_TIME:g})",
     )
     parser.add_argument(
+        "--rpm",
+        type=int,
+        help="answer 429 (with Retry-After) past this many requests per --rpm-period, "
+        "any model (SIM_RPM)",
+    )
+    parser.add_argument(
+        "--rpm-period", type=float, help="the --rpm window, seconds (SIM_RPM_PERIOD, 60)"
+    )
+    parser.add_argument(
         "--exit-with-parent",
         type=int,
         metavar="PID",
@@ -86,7 +95,18 @@ def config_from(args: argparse.Namespace, env: Mapping[str, str]) -> SimConfig:
         retry_after=_number(args.retry_after, env, "SIM_RETRY_AFTER", DEFAULT_RETRY_AFTER),
         step_time=_number(args.step_time, env, "SIM_STEP_TIME", DEFAULT_STEP_TIME),
         seed=int(seed) if seed is not None else None,
+        rate_limits=_rate_limits(args, env),
     )
+
+
+def _rate_limits(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, tuple[int, float]]:
+    rpm = args.rpm if args.rpm is not None else int(env.get("SIM_RPM", "").strip() or 0)
+    if rpm < 0:
+        raise ValueError("--rpm must be >= 0")
+    period = _number(args.rpm_period, env, "SIM_RPM_PERIOD", 60.0)
+    if period <= 0:
+        raise ValueError("--rpm-period must be > 0")
+    return {"*": (rpm, period)} if rpm else {}
 
 
 def raise_open_file_limit() -> None:

@@ -37,14 +37,16 @@ async def post_config(request: web.Request) -> web.Response:
     """Change run defaults.
 
     Body: any of {"ttft": s, "tps": n, "faults": "429=0.1", "retry_after": s, "step_time": s,
-    "seed": n}.
+    "seed": n, "rate_limits": {model or "*": {"rpm": n, "period": s}}} (rate_limits replaces
+    the run's; {} removes them).
     """
     config = request.app[STATE].config
     try:
         changes = await request.json()
         if not isinstance(changes, dict):
             raise ValueError("the body must be a JSON object")
-        unknown = set(changes) - {"ttft", "tps", "faults", "retry_after", "step_time", "seed"}
+        known = {"ttft", "tps", "faults", "retry_after", "step_time", "seed", "rate_limits"}
+        unknown = set(changes) - known
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         # Validate everything before changing anything, so a bad request changes nothing.
@@ -53,10 +55,14 @@ async def post_config(request: web.Request) -> web.Response:
         retry_after = _seconds(changes, "retry_after", config.retry_after)
         step_time = _seconds(changes, "step_time", config.step_time)
         faults = _fault_rates(changes.get("faults"), config.faults)
+        rate_limits = _rate_limits(changes.get("rate_limits"), config.rate_limits)
     except (ValueError, FaultSpecError) as error:
         return web.json_response({"error": {"message": str(error)}}, status=400)
     config.ttft, config.tps, config.retry_after, config.faults = ttft, tps, retry_after, faults
     config.step_time = step_time
+    if rate_limits is not config.rate_limits:
+        config.rate_limits = rate_limits
+        request.app[STATE].admitted.clear()
     if "seed" in changes:
         config.seed = changes["seed"]
         config.rng = random.Random(config.seed)
@@ -80,6 +86,24 @@ def _fault_rates(value: Any, current: FaultRates) -> FaultRates:
     if not isinstance(value, str):
         raise ValueError('faults must be a string like "429=0.05,500=0.02"')
     return FaultRates.parse(value)
+
+
+def _rate_limits(value: Any, current: dict[str, tuple[int, float]]) -> dict[str, tuple[int, float]]:
+    if value is None:
+        return current
+    if not isinstance(value, dict):
+        raise ValueError('rate_limits must be an object like {"*": {"rpm": 60, "period": 60}}')
+    limits: dict[str, tuple[int, float]] = {}
+    for model, limit in value.items():
+        if not isinstance(limit, dict) or set(limit) - {"rpm", "period"}:
+            raise ValueError(f"rate_limits.{model} must be {{'rpm': n, 'period': s}}")
+        rpm, period = limit.get("rpm"), limit.get("period", 60)
+        if isinstance(rpm, bool) or not isinstance(rpm, int) or rpm < 1:
+            raise ValueError(f"rate_limits.{model}.rpm must be an integer >= 1")
+        if isinstance(period, bool) or not isinstance(period, int | float) or period <= 0:
+            raise ValueError(f"rate_limits.{model}.period must be a number > 0")
+        limits[model] = (rpm, float(period))
+    return limits
 
 
 def add_routes(app: web.Application) -> None:

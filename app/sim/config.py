@@ -24,6 +24,9 @@ class SimConfig:
     retry_after: float = DEFAULT_RETRY_AFTER
     step_time: float = DEFAULT_STEP_TIME
     seed: int | None = None
+    # model (or "*" for every model) -> (requests, period in seconds): more requests than that
+    # in any period are answered 429 with the Retry-After of the window's next free place.
+    rate_limits: dict[str, tuple[int, float]] = field(default_factory=dict)
     # Seeded once so a run with the same seed and request order injects the same faults.
     rng: random.Random = field(init=False, repr=False)
 
@@ -38,4 +41,8 @@ class SimConfig:
             "retry_after": self.retry_after,
             "step_time": self.step_time,
             "seed": self.seed,
+            "rate_limits": {
+                model: {"rpm": requests, "period": period}
+                for model, (requests, period) in self.rate_limits.items()
+            },
         }

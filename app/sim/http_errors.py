@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from aiohttp import web
 
 from app.sim.directives import Directives
@@ -35,3 +37,10 @@ def fault_response(fault: str, knobs: Directives, state: SimState) -> web.Respon
     if status == 429:
         headers = {"Retry-After": f"{state.retry_after(knobs):g}"}
     return error_response(status, message, error_type, code, headers)
+
+
+def rate_limited(retry_after: float) -> web.Response:
+    """The run's rate limit (SimConfig.rate_limits) is used up: a 429 as OpenAI's."""
+    status, error_type, code, message = HTTP_FAULTS["429"]
+    seconds = max(1, math.ceil(retry_after))
+    return error_response(status, message, error_type, code, {"Retry-After": str(seconds)})

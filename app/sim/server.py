@@ -21,7 +21,7 @@ from app.sim.directives import (
     request_directives,
 )
 from app.sim.faults import HTTP_FAULTS
-from app.sim.http_errors import fault_response, invalid_request
+from app.sim.http_errors import fault_response, invalid_request, rate_limited
 from app.sim.images import generate_images
 from app.sim.pacing import schedule
 from app.sim.state import STATE, SimState
@@ -76,6 +76,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             message = "We could not parse the JSON body of your request."
         return invalid_request(message)
 
+    if (retry_after := state.over_rate_limit(chat.model, time.time())) is not None:
+        stats.by_outcome["rate_limited"] += 1
+        state.requests.append(_logged(chat, knobs, "rate_limited"))
+        return rate_limited(retry_after)
     messages_hash = seed_for(chat.messages)
     fault = state.choose_fault(knobs, fault_key(chat.messages))
     stats.by_outcome[fault or "ok"] += 1
@@ -136,4 +140,6 @@ def _logged(chat: ChatRequest, knobs: Directives, fault: str | None) -> dict[str
         "tag": knobs.tag,
         "system": system[:120],
         "outcome": fault or "ok",
+        # When it arrived (epoch seconds): benchmarks count the requests of any window.
+        "at": time.time(),
     }

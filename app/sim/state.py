@@ -22,6 +22,24 @@ class SimState:
     fault_counter: FaultCounter = field(default_factory=FaultCounter)
     # The latest requests (GET /_sim/requests), bounded so a benchmark cannot grow it forever.
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=REQUEST_LOG))
+    # Arrival times of the requests each rate limit let through, by the limit's key.
+    admitted: dict[str, deque[float]] = field(default_factory=dict)
+
+    def over_rate_limit(self, model: str, now: float) -> float | None:
+        """None if the run's rate limit of `model` (or `*`) lets the request through (it is
+        then counted), else the seconds until the window has room: its Retry-After."""
+        key = model if model in self.config.rate_limits else "*"
+        limit = self.config.rate_limits.get(key)
+        if limit is None:
+            return None
+        requests, period = limit
+        times = self.admitted.setdefault(key, deque())
+        while times and times[0] <= now - period:
+            times.popleft()
+        if len(times) >= requests:
+            return times[len(times) - requests] + period - now
+        times.append(now)
+        return None
 
     def choose_fault(self, knobs: Directives, messages_hash: int) -> str | None:
         """The fault for one request: its own directive if any, else the run's random rates."""
@@ -41,6 +59,7 @@ class SimState:
         self.stats.reset()
         self.fault_counter.reset()
         self.requests.clear()
+        self.admitted.clear()
 
 
 STATE = web.AppKey("sim_state", SimState)

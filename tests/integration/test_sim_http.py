@@ -423,4 +423,5 @@ def test_usage_reports_a_cost_from_the_tokens_as_openrouter_does(
     ).usage.model_dump()
     assert "cost" not in none
     (logged,) = sim.requests(tag)
+    assert time.time() - 60 < logged.pop("at") <= time.time()
     assert logged == {"model": "sim-small", "tag": tag, "system": "You are terse.", "outcome": "ok"}

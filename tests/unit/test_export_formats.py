@@ -85,7 +85,9 @@ def test_the_job_columns_follow_the_job_model() -> None:
         formats.JOB_COLUMNS
     )
     assert "error" not in formats.JOB_COLUMNS and "links.self" not in formats.JOB_COLUMNS
-    assert len(formats.JOB_COLUMNS) == len(JobOut.model_fields) - 3 + 2 + 3
+    # error, usage, waiting and links flattened (links left out): 2, 3 and 3 columns.
+    assert len(formats.JOB_COLUMNS) == len(JobOut.model_fields) - 4 + 2 + 3 + 3
+    assert {"waiting.reason", "waiting.endpoint", "waiting.until"} <= set(formats.JOB_COLUMNS)
     # A nested value that is null leaves its columns empty.
     record = {"error": None, "usage": {"tokens_in": 3}}
     assert formats.csv_row(record, ["error.code", "usage.tokens_in"]) == ["", "3"]

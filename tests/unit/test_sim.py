@@ -444,3 +444,16 @@ def test_unusable_schema_is_an_invalid_request() -> None:
     )
     with pytest.raises(InvalidRequest):
         compose_answer(request, 1, None, None)
+
+
+def test_the_simulators_rate_limit_counts_admitted_requests_per_model() -> None:
+    from app.sim.config import SimConfig
+    from app.sim.state import SimState
+
+    state = SimState(SimConfig(rate_limits={"limited": (2, 10.0)}))
+    assert state.over_rate_limit("limited", 100.0) is None
+    assert state.over_rate_limit("limited", 101.0) is None
+    # The third within 10 s waits for the first to leave the window.
+    assert state.over_rate_limit("limited", 105.0) == pytest.approx(5.0)
+    assert state.over_rate_limit("other", 105.0) is None
+    assert state.over_rate_limit("limited", 110.5) is None
