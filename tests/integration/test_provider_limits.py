@@ -115,9 +115,11 @@ def test_the_request_limit_holds_across_the_pool_and_costs_no_attempt(
     assert all(job["waiting"] is None for job in jobs)
     times = [item["at"] for item in arrivals(simulator, tag)]
     assert len(times) == 12
-    # The limiter stamps a call when it sends it; the simulator sees it a network hop later,
-    # so a window a little shorter than the period is what it can be held to.
-    assert most_in_any_window(times, 3.8) <= 3
+    # The limiter stamps a call when it sends it; the simulator sees it a network hop and a
+    # scheduling delay later, which on a loaded test machine has reached a few hundred ms: so
+    # the simulator is held to a window 1 s shorter than the period (unlimited, all twelve
+    # would arrive within about a second), and the span below shows the pacing.
+    assert most_in_any_window(times, 3.0) <= 3
     assert times[-1] - times[0] >= 11.5  # four windows: 0, 4, 8 and 12 s
     processes = {job_row(uuid.UUID(job_id)).worker for job_id in ids}
     assert len(processes) == 2, processes
