@@ -213,6 +213,22 @@ class Usage(BaseModel):
     cost_usd: Usd
 
 
+class JobWaiting(BaseModel):
+    reason: Literal["tenant_concurrency", "scheduled"] = Field(
+        description="`tenant_concurrency`: held until its owner's dispatch window (concurrency "
+        "cap, weight) has room; `scheduled`: its run_at has not come"
+    )
+
+    @classmethod
+    def of(cls, job: Any) -> JobWaiting | None:
+        """For a queued job not yet published (dispatched_at NULL), from its row alone."""
+        if job.status != JobStatus.QUEUED or getattr(job, "dispatched_at", True) is not None:
+            return None
+        if job.run_at is not None and job.run_at > datetime.now(UTC):
+            return cls(reason="scheduled")
+        return cls(reason="tenant_concurrency")
+
+
 class JobLinks(BaseModel):
     self: str
     result: str
@@ -247,6 +263,11 @@ class JobOut(BaseModel):
     max_cost_usd: Usd | None = Field(
         None, description="The job's own spend limit in US dollars; null: none"
     )
+    waiting: JobWaiting | None = Field(
+        None,
+        description="Why a queued job is not published to the workers yet; null: it is (or "
+        "it is not queued)",
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -280,6 +301,7 @@ class JobOut(BaseModel):
             expires_at=job.expires_at,
             timeout_seconds=job.timeout_seconds,
             max_cost_usd=getattr(job, "max_cost_usd", None),
+            waiting=JobWaiting.of(job),
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,
@@ -548,17 +570,52 @@ class TenantPut(BaseModel):
         description="The same per UTC month; null or left out: no limit",
         examples=["100.00"],
     )
+    weight: Decimal | None = Field(
+        None,
+        gt=0,
+        le=100,
+        max_digits=5,
+        decimal_places=2,
+        description="Scales the tenant's dispatch window: under contention, tenants share the "
+        "worker slots in proportion to their weights (0.01 to 100); null or left out: 1",
+        examples=[2],
+    )
+    max_concurrency: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        strict=True,
+        description="The most jobs of the tenant running (or published to the workers) at once "
+        "(1 to 100000); null or left out: the deployment's default cap, if any",
+        examples=[10],
+    )
 
 
 class TenantOut(BudgetOut):
     owner: str
+    weight: float = Field(description="Its dispatch window's weight (1: the default)")
+    max_concurrency: int | None = Field(
+        description="Its own cap on jobs running at once; null: the deployment's default"
+    )
+    window: int | None = Field(
+        description="Jobs it may have published and unfinished now: the deployment's window "
+        "times its weight, under its cap; null: fair dispatch is off"
+    )
+    outstanding: int = Field(description="Its jobs published and not finished (running too)")
+    held: int = Field(description="Its queued jobs held until its window has room")
     created_at: datetime | None = Field(description="When its settings were first set")
     updated_at: datetime | None
 
     @classmethod
-    def of(cls, owner: str, tenant: Any, budget: Any) -> TenantOut:
+    def of(cls, owner: str, tenant: Any, budget: Any, dispatch: Any) -> TenantOut:
+        """`dispatch`: the domain's `fairness.TenantDispatch`."""
         return cls(
             owner=owner,
+            weight=float(dispatch.weight),
+            max_concurrency=tenant.max_concurrency if tenant is not None else None,
+            window=dispatch.window,
+            outstanding=dispatch.outstanding,
+            held=dispatch.held,
             created_at=tenant.created_at if tenant is not None else None,
             updated_at=tenant.updated_at if tenant is not None else None,
             **BudgetOut.fields_of(budget),
@@ -633,7 +690,8 @@ class SweeperHealth(Component):
     last_sweep_age_s: float | None
     last_sweep: dict[str, int] | None = Field(
         description="what the last sweep did: republished, recovered, failed, canceled, "
-        "artifacts_swept, scheduled (due scheduled jobs published), expired"
+        "artifacts_swept, scheduled (due scheduled jobs published), expired, released (held jobs "
+        "published: their owner's window had room)"
     )
 
 

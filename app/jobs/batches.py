@@ -249,7 +249,9 @@ class Batches:
             "idempotency_key": idempotency_key,
             "request_hash": fingerprint,
             "at": at,
-            "jobs": _jobs_json(jobs),
+            # With fair dispatch on, every job is stored held and then released through its
+            # owner's window, as many as it has room for (app/jobs/fairness.py).
+            "jobs": _jobs_json(jobs, held=self.intake.window.enabled),
             "event_type": QueuedPayload.event_type.value,
         }
         with self.db.engine.begin() as connection:
@@ -257,7 +259,10 @@ class Batches:
         if stored is None:
             return self._replay(owner, idempotency_key, fingerprint)
         self.bus.publish([job.queued_event() for job in jobs])
-        self.intake.dispatch([job for job in jobs if not job.scheduled])
+        if self.intake.window.enabled:
+            self.intake.release_quietly([owner])
+        else:
+            self.intake.dispatch([job for job in jobs if not job.scheduled])
         summary = BatchSummary()
         summary.counts[JobStatus.QUEUED] = len(jobs)
         batch = Batch(**{column: getattr(stored, column) for column in stored._fields})
@@ -299,10 +304,12 @@ class Batches:
             [Event(row.id, row.owner, row.last_seq, payload, at, batch_id) for row in canceled]
         )
         self.bus.signal_cancels(stopping)
+        if canceled:
+            self.intake.release_quietly([owner])
         return CancelOutcome(canceled=len(canceled), stopping=len(stopping))
 
 
-def _jobs_json(jobs: list[NewJob]) -> str:
+def _jobs_json(jobs: list[NewJob], held: bool) -> str:
     return json.dumps(
         [
             {
@@ -316,7 +323,7 @@ def _jobs_json(jobs: list[NewJob]) -> str:
                 "run_at": job.run_at,
                 "expires_at": job.expires_at,
                 "timeout_seconds": job.timeout_seconds,
-                "dispatched_at": job.dispatched_at,
+                "dispatched_at": None if held else job.dispatched_at,
                 "webhook": job.webhook,
                 "event": job.queued_event().data,
                 "batch_item": job.batch_item,
