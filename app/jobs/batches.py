@@ -249,8 +249,6 @@ class Batches:
             "idempotency_key": idempotency_key,
             "request_hash": fingerprint,
             "at": at,
-            # With fair dispatch on, every job is stored held and then released through its
-            # owner's window, as many as it has room for (app/jobs/fairness.py).
             "jobs": _jobs_json(jobs, held=self.intake.window.enabled),
             "event_type": QueuedPayload.event_type.value,
         }
@@ -259,14 +257,19 @@ class Batches:
         if stored is None:
             return self._replay(owner, idempotency_key, fingerprint)
         self.bus.publish([job.queued_event() for job in jobs])
-        if self.intake.window.enabled:
-            self.intake.release_quietly([owner])
-        else:
-            self.intake.dispatch([job for job in jobs if not job.scheduled])
+        self._dispatch(owner, jobs)
         summary = BatchSummary()
         summary.counts[JobStatus.QUEUED] = len(jobs)
         batch = Batch(**{column: getattr(stored, column) for column in stored._fields})
         return StoredBatch(batch, summary, replayed=False)
+
+    def _dispatch(self, owner: str, jobs: list[NewJob]) -> None:
+        """With fair dispatch on, the jobs were stored held: as many as the owner's window has
+        room for are released now (app/jobs/fairness.py), the others as its jobs finish."""
+        if self.intake.window.enabled:
+            self.intake.release_quietly([owner])
+        else:
+            self.intake.dispatch([job for job in jobs if not job.scheduled])
 
     def _replay(self, owner: str, key: str | None, fingerprint: str | None) -> StoredBatch:
         with self.db.transaction() as session:

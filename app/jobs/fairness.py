@@ -35,7 +35,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -217,3 +217,46 @@ def tenant_dispatch(
 ) -> TenantDispatch:
     row = connection.execute(TENANT_DISPATCH, {**window, "owner": owner}).one()
     return TenantDispatch(Decimal(row.weight), row.window, row.outstanding, row.held)
+
+
+class Releaser:
+    """Releases held jobs off the caller's thread: `poke(owner)` returns at once, and one
+    thread per process releases every owner poked since its last pass, in one pass.
+
+    Why not in the finishing worker's own thread: when a wave of a tenant's jobs ends
+    together (5,000 submitted at once start, and end, in waves of every slot), each finisher
+    would take the tenant's lock in turn while holding its slot and a pooled database
+    connection; at 100 slots that stalled the worker for most of a second per wave and cost
+    the tenant 40 % of its throughput. One thread coalesces the wave into a few releases. A
+    poke lost to a crash is released by the next sweep."""
+
+    def __init__(self, release: Callable[[list[str]], object]) -> None:
+        self._release = release
+        self._owners: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poke(self, owner: str) -> None:
+        with self._lock:
+            self._owners.add(owner)
+            # Started on first use (no import-time work), and again in a forked child.
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="conveyor-fair-release", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                owners, self._owners = self._owners, set()
+            if not owners:
+                continue
+            try:
+                self._release(sorted(owners))
+            except Exception as exc:  # a database or broker outage; the sweeper retries
+                logger.warning("release of held jobs failed, the sweeper will retry: %s", exc)

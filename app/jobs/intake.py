@@ -137,6 +137,7 @@ class JobIntake:
         self._bus = bus
         self._celery = celery
         self.window = window
+        self._releaser = fairness.Releaser(self.release)
         self._group = GroupCommit("job-intake", self.store_and_dispatch, max_batch=MAX_BATCH)
 
     def create(self, job: NewJob) -> Row[Any] | None:
@@ -193,6 +194,11 @@ class JobIntake:
                 if len(rows) < batch:
                     break
         return released
+
+    def release_soon(self, owner: str) -> None:
+        """`release` on the process's releaser thread, coalesced with other owners' (what a
+        worker calls as a job finishes: its slot is not held while the tenant's lock is)."""
+        self._releaser.poke(owner)
 
     def release_quietly(self, owners: Iterable[str]) -> None:
         """`release` for a caller whose own work is done and must not fail now (a finished

@@ -618,7 +618,7 @@ class Jobs:
             lease_expires_at=None,
             **values,
         )
-        self.intake.release_quietly([claim.owner])
+        self.intake.release_soon(claim.owner)
         return event
 
     def schedule_retry(
