@@ -68,14 +68,25 @@ SELECT count(pg_advisory_xact_lock(:namespace, k)) FROM (
 """)
 
 
+def window_sql(tenant: str) -> str:
+    """The window of the owner whose `tenants` row is aliased `tenant` (possibly NULL): the
+    base window (parameter `window`, not NULL) times its weight, under its cap (else the
+    parameter `default_cap`)."""
+    return f"""least(coalesce({tenant}.max_concurrency, CAST(:default_cap AS int), {UNLIMITED}),
+              greatest(1, ceil(CAST(:window AS int) * coalesce({tenant}.weight, 1))))::int"""
+
+
 def room_sql(owner: str, tenant: str) -> str:
     """How many more jobs the owner (SQL expression `owner`, its `tenants` row aliased
-    `tenant`, possibly NULL) may publish now: its window less its outstanding jobs. Takes the
-    parameters `window` (NULL: fair dispatch off, no limit) and `default_cap`."""
+    `tenant`) may publish now: its window less its outstanding jobs. Takes the parameters
+    `window` (NULL: fair dispatch off, no limit) and `default_cap`. The count stops at the
+    window: a tenant with thousands outstanding (the window lowered, or just turned on) costs
+    no more to check than one at its window."""
+    window = window_sql(tenant)
     return f"""CASE WHEN CAST(:window AS int) IS NULL THEN {UNLIMITED} ELSE
-        least(coalesce({tenant}.max_concurrency, CAST(:default_cap AS int), {UNLIMITED}),
-              greatest(1, ceil(CAST(:window AS int) * coalesce({tenant}.weight, 1))))::int
-        - (SELECT count(*) FROM jobs WHERE jobs.owner = {owner} AND ({OUTSTANDING}))::int
+        {window} - (SELECT count(*) FROM (
+            SELECT 1 FROM jobs WHERE jobs.owner = {owner} AND ({OUTSTANDING}) LIMIT {window}
+        ) AS outstanding)::int
     END"""
 
 
@@ -191,10 +202,7 @@ def release_held(
 # A tenant's window now, and how much of it is used, for the admin's view of the tenant.
 TENANT_DISPATCH = text(f"""
 SELECT coalesce(t.weight, 1) AS weight,
-       CASE WHEN CAST(:window AS int) IS NULL THEN NULL
-            ELSE {room_sql("o.owner", "t")}
-                 + (SELECT count(*) FROM jobs WHERE jobs.owner = o.owner AND ({OUTSTANDING}))::int
-       END AS window,
+       CASE WHEN CAST(:window AS int) IS NOT NULL THEN {window_sql("t")} END AS window,
        (SELECT count(*) FROM jobs WHERE jobs.owner = o.owner AND ({OUTSTANDING})) AS outstanding,
        (SELECT count(*) FROM jobs
         WHERE jobs.owner = o.owner AND status = 'queued' AND dispatched_at IS NULL

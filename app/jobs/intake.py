@@ -5,7 +5,8 @@ by one Redis pipeline (kombu's `Producer.batch()`).
 Each job still follows the design's rule, row first and then publish: nothing is published
 before the commit that stores it, and a publish that fails leaves the job `queued` with its
 `dispatched_at`, for the sweeper to publish again. A request thread waits for its own job's
-row, so a 202 still means the job is committed.
+row, so a 202 still means the job is committed. A job past its owner's dispatch window is
+stored held and published later, on release (app/jobs/fairness.py): the same INSERT decides.
 
 Why: per request, the commit, the Redis round trips and kombu's per-publish client were most
 of what `POST /jobs` cost beyond Flask itself (docs/performance.md); shared by a batch they

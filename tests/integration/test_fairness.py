@@ -166,20 +166,32 @@ def test_a_second_tenant_starts_before_the_first_ones_backlog(
 ) -> None:
     a, b = new_tenant(), new_tenant()
     backlog = 72
-    a_ids = [a.submit("chat", slow(0.5))["id"] for _ in range(backlog)]
+    items = [{"kind": "chat", "input": slow(0.5)} for _ in range(backlog)]
+    batch = a.post("/api/v1/batches", json={"items": items})  # all at once
+    assert batch.status_code == 202, batch.get_json()
     assert counts(a.owner)[1] <= WINDOW  # the rest is held, not in the broker
     b_ids = [b.submit("chat", slow(0.5))["id"] for _ in range(2)]
     wait_all(b, b_ids)
     with runtime().db.transaction() as session:
-        b_started = session.scalar(
-            sa.select(sa.func.max(Job.started_at)).where(Job.owner == b.owner)
-        )
-        a_before = session.scalar(
-            sa.select(sa.func.count()).where(Job.owner == a.owner, Job.started_at < b_started)
-        )
-    # B waited behind at most A's window (32), not behind A's whole backlog of 72.
-    assert a_before <= WINDOW + SLOTS, a_before
-    assert {job["status"] for job in wait_all(a, a_ids, timeout=120)} == {"succeeded"}
+        b_submitted, b_started = session.execute(
+            sa.select(sa.func.min(Job.created_at), sa.func.max(Job.started_at)).where(
+                Job.owner == b.owner
+            )
+        ).one()
+
+        def a_started(*where: Any) -> int:
+            return session.scalar(sa.select(sa.func.count()).where(Job.owner == a.owner, *where))
+
+        a_between = a_started(Job.started_at > b_submitted, Job.started_at < b_started)
+        a_after = a_started(sa.or_(Job.started_at.is_(None), Job.started_at > b_started))
+    # B waited behind at most A's window (the messages of A already in the broker), not
+    # behind A's whole backlog: A's releases since are published behind B's jobs.
+    assert a_between <= WINDOW, a_between
+    assert a_after >= backlog - WINDOW - SLOTS, a_after
+    wait_until(lambda: counts(a.owner) == (0, 0), timeout=120)
+    with runtime().db.transaction() as session:
+        statuses = session.scalars(sa.select(Job.status).where(Job.owner == a.owner)).all()
+    assert set(statuses) == {"succeeded"} and len(statuses) == backlog
 
 
 # Releases -------------------------------------------------------------------------------------
@@ -187,9 +199,12 @@ def test_a_second_tenant_starts_before_the_first_ones_backlog(
 
 def test_a_failed_job_releases_the_next_held_one(admin: Tenant, tenant: Tenant) -> None:
     put_tenant(admin, tenant.owner, max_concurrency=1)
-    failing = tenant.submit("chat", {"prompt": f"[[sim fault=400 duration=0.5]] {uuid.uuid4()}"})
+    first = tenant.submit("chat", slow(1))
+    # Held behind the first; the failing one fails at once (a 400 is not retried).
+    failing = tenant.submit("chat", {"prompt": f"[[sim fault=400]] {uuid.uuid4()}"})
     held = tenant.submit("chat", slow(0.1))
-    assert held["waiting"] == {"reason": "tenant_concurrency"}
+    assert failing["waiting"] == held["waiting"] == {"reason": "tenant_concurrency"}
+    assert tenant.wait_for(first["id"])["status"] == "succeeded"
     assert tenant.wait_for(failing["id"])["status"] == "failed"
     assert tenant.wait_for(held["id"])["status"] == "succeeded"
 
