@@ -745,10 +745,8 @@ class Jobs:
         (app/jobs/fairness.py). The safety net of the releases at finish and cancel, which a
         crash or a race can miss."""
         with self.db.engine.begin() as connection:
-            owners = connection.execute(
-                fairness.HELD_OWNERS, {"limit": batch * MAX_TIMED_BATCHES}
-            ).scalars()
-            owners = list(owners)
+            limit = {"limit": batch * MAX_TIMED_BATCHES}
+            owners = connection.execute(fairness.HELD_OWNERS, limit).scalars().all()
         released = self.intake.release(owners, batch)
         report.scheduled += sum(1 for row in released if row.run_at is not None)
         report.released += sum(1 for row in released if row.run_at is None)
