@@ -299,3 +299,31 @@ def test_the_limits_of_weight_and_cap_are_accepted(
     response = put_tenant(admin, tenant.owner, weight=weight, max_concurrency=cap)
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["weight"] == weight
+
+
+def test_a_bulk_retry_goes_through_the_window(admin: Tenant, tenant: Tenant) -> None:
+    failed = [tenant.submit("chat", {"prompt": f"[[sim fault=400]] {n}"}) for n in range(3)]
+    for job in failed:
+        assert tenant.wait_for(job["id"])["status"] == "failed"
+    put_tenant(admin, tenant.owner, max_concurrency=1)
+    body = {"filter": {"owner": tenant.owner, "status": "failed"}}
+    with peaks(tenant.owner) as seen:
+        retried = admin.post("/api/v1/admin/jobs/retry", json=body)
+        assert retried.status_code == 200, retried.get_json()
+        ids = retried.get_json()["jobs"]
+        assert len(ids) == 3
+        jobs = wait_all(tenant, ids)
+    assert {job["status"] for job in jobs} == {"failed"}  # the same fault again
+    assert seen["outstanding"] <= 1
+
+
+def test_a_running_job_canceled_in_bulk_releases_held_jobs(admin: Tenant, tenant: Tenant) -> None:
+    put_tenant(admin, tenant.owner, max_concurrency=1)
+    running = tenant.submit("chat", slow(20))
+    wait_until(lambda: counts(tenant.owner)[0] == 1, timeout=30)
+    held = tenant.submit("chat", slow(0.1))
+    assert held["waiting"] == {"reason": "tenant_concurrency"}
+    body = {"filter": {"owner": tenant.owner, "status": "running"}}
+    assert admin.post("/api/v1/admin/jobs/cancel", json=body).get_json()["stopping"] == 1
+    assert tenant.wait_for(running["id"])["status"] == "canceled"
+    assert tenant.wait_for(held["id"])["status"] == "succeeded"
