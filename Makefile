@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test soak lint format bench-dispatch bench-concurrency bench-events bench-provider-limits migrate clean
+.PHONY: dev test soak lint format bench-dispatch bench-concurrency bench-events bench-provider-limits bench-fairness migrate clean
 
 $(STAMP): pyproject.toml app/web/package-lock.json tests/node_reader/package-lock.json
 	tools/require npm
@@ -62,6 +62,9 @@ bench-events: $(STAMP)
 
 bench-provider-limits: $(STAMP)
 	$(BIN)/python -m bench.provider_limits
+
+bench-fairness: $(STAMP)
+	$(BIN)/python -m bench.fairness
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -17,6 +17,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     from app.jobs.artifacts import Artifacts
     from app.jobs.batches import Batches
     from app.jobs.events import EventBus
+    from app.jobs.fairness import DispatchWindow
     from app.jobs.intake import JobIntake
     from app.jobs.transitions import Jobs
     from app.llm.client import ModelClient
@@ -38,7 +39,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     bus = EventBus(settings, redis_client)
     celery = make_celery(app, settings)
     celery.steps["worker"].add(worker_heartbeat_step(app))
-    intake = JobIntake(db, bus, celery)
+    intake = JobIntake(db, bus, celery, DispatchWindow(settings, redis_client))
     artifacts = Artifacts(settings, db, build_store(settings))
     Runtime(
         settings,

@@ -178,6 +178,17 @@ class Settings(BaseSettings):
 
     # Worker
     worker_concurrency: int = Field(200, ge=1)
+
+    # Fair dispatch (docs/architecture.md#fair-dispatch)
+    tenant_window: Literal["auto", "off"] | Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        "auto",
+        description="jobs a tenant may have published and unfinished at once; `auto`: every "
+        "live worker slot plus a quarter, at least tenant_window_min; `off`: no windows or caps",
+    )
+    tenant_window_min: int = Field(32, ge=1, le=1_000_000)
+    tenant_max_concurrency: int | None = Field(
+        None, ge=1, le=1_000_000, description="the cap of a tenant that sets none of its own"
+    )
     broker_visibility_timeout: int | None = Field(
         None,
         ge=1,

@@ -37,6 +37,10 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSONB, datetime: DateTime(timezone=True)}
 
 
+# A job that holds a place in its tenant's dispatch window: published and not finished.
+OUTSTANDING = "status = 'running' OR (status = 'queued' AND dispatched_at IS NOT NULL)"
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -80,6 +84,16 @@ class Job(Base):
             "jobs_queued_expiry",
             "expires_at",
             postgresql_where=text("status = 'queued' AND expires_at IS NOT NULL"),
+        ),
+        # Fair dispatch (app/jobs/fairness.py): a tenant's published and unfinished jobs,
+        # counted against its window, and its held jobs, in the order they are released.
+        Index("jobs_owner_outstanding", "owner", postgresql_where=text(OUTSTANDING)),
+        Index(
+            "jobs_owner_held",
+            "owner",
+            text("priority DESC"),
+            "created_at",
+            postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
         ),
     )
 
@@ -465,11 +479,19 @@ class Tenant(Base):
             "monthly_budget_usd IS NULL OR monthly_budget_usd >= 0",
             name="tenants_monthly_budget",
         ),
+        CheckConstraint("weight IS NULL OR weight > 0", name="tenants_weight"),
+        CheckConstraint(
+            "max_concurrency IS NULL OR max_concurrency >= 1", name="tenants_max_concurrency"
+        ),
     )
 
     owner: Mapped[str] = mapped_column(String(200), primary_key=True)
     daily_budget_usd: Mapped[Decimal | None] = mapped_column(Numeric(16, 8))
     monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Numeric(16, 8))
+    # Fair dispatch: the window is scaled by `weight` (NULL: 1) and never passes
+    # `max_concurrency` (NULL: the deployment's default cap, if any).
+    weight: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
+    max_concurrency: Mapped[int | None] = mapped_column(Integer)
     # Reserved for a retention feature; nothing reads it yet.
     retention_days: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -75,8 +75,9 @@ def cancel_jobs(body: BulkRequest) -> Response:
     canceled at once, running ones are told to stop (a running job told before is not counted
     again). Call again while `more` is true."""
     _status_among(body, CANCELABLE)
+    rt = runtime()
     outcome = bulk.cancel_jobs(
-        runtime().db, runtime().bus, body.filter.to_filter(), body.limit, transitions.now()
+        rt.db, rt.bus, rt.intake, body.filter.to_filter(), body.limit, transitions.now()
     )
     return json_response(
         BulkCancelOut(canceled=outcome.canceled, stopping=outcome.stopping, more=outcome.more)

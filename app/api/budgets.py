@@ -1,4 +1,5 @@
-"""Budgets at the API: the admin's tenant settings (spend limits), and the check of a job's
+"""Budgets at the API: the admin's tenant settings (spend limits, dispatch weight and
+concurrency cap), and the check of a job's
 estimated cost against its own `max_cost_usd` and its owner's remaining budget at submit."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.api.problems import ApiProblem, FieldError
 from app.api.schemas import TenantOut, TenantPut, usd
 from app.api.spec import json_response, operation
-from app.jobs import budgets
+from app.jobs import budgets, fairness
 from app.keys.api_keys import ADMIN
 from app.kinds import Kind
 from app.runtime import runtime
@@ -28,7 +29,7 @@ OWNER_PATH = "/admin/tenants/<string(maxlength=200):owner>"
 
 @bp.get(OWNER_PATH)
 @operation(
-    summary="Get a tenant's budgets and spend",
+    summary="Get a tenant's budgets, spend and dispatch window",
     tag="admin",
     scope=ADMIN,
     responses={200: (TenantOut, "Its limits (null: none) and what it spent today and this month")},
@@ -41,24 +42,27 @@ def get_tenant(owner: str) -> Response:
 
 @bp.put(OWNER_PATH)
 @operation(
-    summary="Set a tenant's budgets",
+    summary="Set a tenant's budgets, dispatch weight and concurrency cap",
     tag="admin",
     scope=ADMIN,
     body=TenantPut,
     responses={200: (TenantOut, "The tenant's settings, as stored, and its spend")},
 )
 def put_tenant(owner: str, body: TenantPut) -> Response:
-    """Replaces the owner's settings: a field left out or null is no limit. Takes effect at
-    once for new jobs, and for running ones within one worker heartbeat."""
+    """Replaces the owner's settings: a field left out or null is no limit (weight: 1).
+    Budgets take effect at once for new jobs, and for running ones within one worker
+    heartbeat; a raised window or cap releases held jobs at once, a lowered one binds as the
+    tenant's published jobs finish."""
     with runtime().db.transaction() as session:
         budgets.put_tenant(session, owner, body.model_dump())
-        out = _tenant_out(session, owner)
-    return json_response(out)
+    runtime().intake.release_quietly([owner])
+    return json_response(_tenant_out(runtime().db.request_session, owner))
 
 
 def _tenant_out(session: Session, owner: str) -> TenantOut:
     tenant = budgets.get_tenant(session, owner)
-    return TenantOut.of(owner, tenant, budgets.budget_of(session, owner))
+    dispatch = fairness.tenant_dispatch(session, owner, runtime().intake.window.params())
+    return TenantOut.of(owner, tenant, budgets.budget_of(session, owner), dispatch)
 
 
 # The check at submit ---------------------------------------------------------------------------

@@ -214,12 +214,35 @@ class Usage(BaseModel):
 
 
 class JobWaiting(BaseModel):
-    reason: Literal["provider_rate_limit", "provider_paused", "circuit_open"] = Field(
-        description="The model endpoint's request or token limit is used up; the provider "
-        "answered 429 and the endpoint is paused; its circuit breaker is open"
+    reason: Literal[
+        "provider_rate_limit", "provider_paused", "circuit_open", "tenant_concurrency", "scheduled"
+    ] = Field(
+        description="`provider_rate_limit`: the model endpoint's request or token limit is used "
+        "up; `provider_paused`: the provider answered 429 and the endpoint is paused; "
+        "`circuit_open`: its circuit breaker is open (docs/reliability.md#provider-limits); "
+        "`tenant_concurrency`: held until its owner's dispatch window (concurrency cap, weight) "
+        "has room; `scheduled`: its run_at has not come"
     )
-    endpoint: str | None = Field(description="The model endpoint waited for")
-    until: datetime | None = Field(description="The job's turn: when it is expected to start")
+    endpoint: str | None = Field(None, description="The model endpoint waited for, if any")
+    until: datetime | None = Field(
+        None, description="When it is expected to start (its turn, or its run_at), if known"
+    )
+
+    @classmethod
+    def of(cls, job: Any) -> JobWaiting | None:
+        """For a queued job, from its row alone: a provider's wait (wait_reason), else a job
+        not yet published (dispatched_at NULL), scheduled or held by its owner's window."""
+        if job.status != JobStatus.QUEUED:
+            return None
+        reason = getattr(job, "wait_reason", None)
+        if reason is not None:
+            endpoint = getattr(job, "wait_endpoint", None)
+            return cls(reason=reason, endpoint=endpoint, until=job.run_at)
+        if getattr(job, "dispatched_at", True) is not None:
+            return None
+        if job.run_at is not None and job.run_at > datetime.now(UTC):
+            return cls(reason="scheduled", until=job.run_at)
+        return cls(reason="tenant_concurrency")
 
 
 class JobLinks(BaseModel):
@@ -253,13 +276,13 @@ class JobOut(BaseModel):
     timeout_seconds: int | None = Field(
         description="The job's own time limit per attempt; null: the deployment's"
     )
-    waiting: JobWaiting | None = Field(
-        None,
-        description="A queued job waiting for a provider's capacity: why and until when "
-        "(docs/reliability.md#provider-limits); null otherwise",
-    )
     max_cost_usd: Usd | None = Field(
         None, description="The job's own spend limit in US dollars; null: none"
+    )
+    waiting: JobWaiting | None = Field(
+        None,
+        description="Why a queued job is not published to the workers yet; null: it is (or "
+        "it is not queued)",
     )
     created_at: datetime
     updated_at: datetime
@@ -293,21 +316,14 @@ class JobOut(BaseModel):
             run_at=job.run_at,
             expires_at=job.expires_at,
             timeout_seconds=job.timeout_seconds,
-            waiting=_waiting(job),
             max_cost_usd=getattr(job, "max_cost_usd", None),
+            waiting=JobWaiting.of(job),
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
             links=JobLinks(self=base, result=f"{base}/result", events=f"{base}/events"),
         )
-
-
-def _waiting(job: Job | Row[Any]) -> JobWaiting | None:
-    reason = getattr(job, "wait_reason", None)
-    if reason is None or job.status != JobStatus.QUEUED:
-        return None
-    return JobWaiting(reason=reason, endpoint=getattr(job, "wait_endpoint", None), until=job.run_at)
 
 
 class JobDetail(JobOut):
@@ -570,17 +586,52 @@ class TenantPut(BaseModel):
         description="The same per UTC month; null or left out: no limit",
         examples=["100.00"],
     )
+    weight: Decimal | None = Field(
+        None,
+        gt=0,
+        le=100,
+        max_digits=5,
+        decimal_places=2,
+        description="Scales the tenant's dispatch window: under contention, tenants share the "
+        "worker slots in proportion to their weights (0.01 to 100); null or left out: 1",
+        examples=[2],
+    )
+    max_concurrency: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        strict=True,
+        description="The most jobs of the tenant running (or published to the workers) at once "
+        "(1 to 100000); null or left out: the deployment's default cap, if any",
+        examples=[10],
+    )
 
 
 class TenantOut(BudgetOut):
     owner: str
+    weight: float = Field(description="Its dispatch window's weight (1: the default)")
+    max_concurrency: int | None = Field(
+        description="Its own cap on jobs running at once; null: the deployment's default"
+    )
+    window: int | None = Field(
+        description="Jobs it may have published and unfinished now: the deployment's window "
+        "times its weight, under its cap; null: fair dispatch is off"
+    )
+    outstanding: int = Field(description="Its jobs published and not finished (running too)")
+    held: int = Field(description="Its queued jobs held until its window has room")
     created_at: datetime | None = Field(description="When its settings were first set")
     updated_at: datetime | None
 
     @classmethod
-    def of(cls, owner: str, tenant: Any, budget: Any) -> TenantOut:
+    def of(cls, owner: str, tenant: Any, budget: Any, dispatch: Any) -> TenantOut:
+        """`dispatch`: the domain's `fairness.TenantDispatch`."""
         return cls(
             owner=owner,
+            weight=float(dispatch.weight),
+            max_concurrency=tenant.max_concurrency if tenant is not None else None,
+            window=dispatch.window,
+            outstanding=dispatch.outstanding,
+            held=dispatch.held,
             created_at=tenant.created_at if tenant is not None else None,
             updated_at=tenant.updated_at if tenant is not None else None,
             **BudgetOut.fields_of(budget),
@@ -655,7 +706,8 @@ class SweeperHealth(Component):
     last_sweep_age_s: float | None
     last_sweep: dict[str, int] | None = Field(
         description="what the last sweep did: republished, recovered, failed, canceled, "
-        "artifacts_swept, scheduled (due scheduled jobs published), expired"
+        "artifacts_swept, scheduled (due scheduled jobs published), expired, released (held jobs "
+        "published: their owner's window had room)"
     )
 
 

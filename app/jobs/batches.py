@@ -249,7 +249,7 @@ class Batches:
             "idempotency_key": idempotency_key,
             "request_hash": fingerprint,
             "at": at,
-            "jobs": _jobs_json(jobs),
+            "jobs": _jobs_json(jobs, held=self.intake.window.enabled),
             "event_type": QueuedPayload.event_type.value,
         }
         with self.db.engine.begin() as connection:
@@ -257,11 +257,19 @@ class Batches:
         if stored is None:
             return self._replay(owner, idempotency_key, fingerprint)
         self.bus.publish([job.queued_event() for job in jobs])
-        self.intake.dispatch([job for job in jobs if not job.scheduled])
+        self._dispatch(owner, jobs)
         summary = BatchSummary()
         summary.counts[JobStatus.QUEUED] = len(jobs)
         batch = Batch(**{column: getattr(stored, column) for column in stored._fields})
         return StoredBatch(batch, summary, replayed=False)
+
+    def _dispatch(self, owner: str, jobs: list[NewJob]) -> None:
+        """With fair dispatch on, the jobs were stored held: as many as the owner's window has
+        room for are released now (app/jobs/fairness.py), the others as its jobs finish."""
+        if self.intake.window.enabled:
+            self.intake.release_quietly([owner])
+        else:
+            self.intake.dispatch([job for job in jobs if not job.scheduled])
 
     def _replay(self, owner: str, key: str | None, fingerprint: str | None) -> StoredBatch:
         with self.db.transaction() as session:
@@ -299,10 +307,12 @@ class Batches:
             [Event(row.id, row.owner, row.last_seq, payload, at, batch_id) for row in canceled]
         )
         self.bus.signal_cancels(stopping)
+        if canceled:
+            self.intake.release_quietly([owner])
         return CancelOutcome(canceled=len(canceled), stopping=len(stopping))
 
 
-def _jobs_json(jobs: list[NewJob]) -> str:
+def _jobs_json(jobs: list[NewJob], held: bool) -> str:
     return json.dumps(
         [
             {
@@ -316,7 +326,7 @@ def _jobs_json(jobs: list[NewJob]) -> str:
                 "run_at": job.run_at,
                 "expires_at": job.expires_at,
                 "timeout_seconds": job.timeout_seconds,
-                "dispatched_at": job.dispatched_at,
+                "dispatched_at": None if held else job.dispatched_at,
                 "webhook": job.webhook,
                 "event": job.queued_event().data,
                 "batch_item": job.batch_item,

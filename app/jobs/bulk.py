@@ -31,7 +31,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import aliased
 
 from app.db import Database
-from app.jobs import sql
+from app.jobs import fairness, sql
 from app.jobs.events import Event, EventBus
 from app.jobs.intake import JobIntake, NewJob, create_params
 from app.jobs.listing import JobFilter, newest_first
@@ -80,7 +80,7 @@ def _retryable() -> ColumnElement[bool]:
 
 
 def cancel_jobs(
-    db: Database, bus: EventBus, where: JobFilter, limit: int, at: datetime
+    db: Database, bus: EventBus, intake: JobIntake, where: JobFilter, limit: int, at: datetime
 ) -> CancelOutcome:
     """Cancels up to `limit` matching jobs in one statement, as `Jobs.cancel_job` would each:
     queued ones end `canceled` with their event, running ones get `cancel_requested_at` and a
@@ -126,6 +126,8 @@ def cancel_jobs(
         [Event(row.id, row.owner, row.last_seq, payload, at, row.batch_id) for row in canceled]
     )
     bus.signal_cancels([row.id for row in rows if row.status == RUNNING])
+    # Their owners' windows may have room now (a job held by its window was canceled too).
+    intake.release_quietly({row.owner for row in canceled})
     return CancelOutcome(len(canceled), len(rows) - len(canceled), more)
 
 
@@ -134,18 +136,23 @@ def retry_jobs(
 ) -> RetryOutcome:
     """Retries up to `limit` matching failed or canceled jobs, as `Jobs.retry_job` would each
     (a new job from the old one's request, `retry_of` set), stored by one statement with
-    their job.queued events, then published and dispatched together."""
+    their job.queued events, then published and dispatched together, each through its owner's
+    dispatch window as a new job is (app/jobs/fairness.py)."""
     chosen = newest_first(select(*RETRIED_COLUMNS).where(*where.conditions(), _retryable()))
     with db.engine.begin() as connection:
         connection.execute(select(func.pg_advisory_xact_lock(RETRY_LOCK)))
         originals = connection.execute(chosen.limit(limit)).all()
         jobs = [_retry_of(row, at) for row in originals]
+        stored = []
         if jobs:
-            connection.execute(sql.CREATE, create_params(jobs))
+            window = intake.window.params()
+            if window["window"] is not None:
+                fairness.lock_owners(connection, (job.owner for job in jobs))
+            stored = connection.execute(sql.CREATE, create_params(jobs, window)).all()
         more = _exists(connection, where, _retryable())
     if jobs:
         bus.publish([job.queued_event() for job in jobs])
-        intake.dispatch(jobs)
+        intake.dispatch([row for row in stored if row.dispatched_at is not None])
     return RetryOutcome(len(jobs), [job.id for job in jobs], more)
 
 

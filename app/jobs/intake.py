@@ -5,7 +5,8 @@ by one Redis pipeline (kombu's `Producer.batch()`).
 Each job still follows the design's rule, row first and then publish: nothing is published
 before the commit that stores it, and a publish that fails leaves the job `queued` with its
 `dispatched_at`, for the sweeper to publish again. A request thread waits for its own job's
-row, so a 202 still means the job is committed.
+row, so a 202 still means the job is committed. A job past its owner's dispatch window is
+stored held and published later, on release (app/jobs/fairness.py): the same INSERT decides.
 
 Why: per request, the commit, the Redis round trips and kombu's per-publish client were most
 of what `POST /jobs` cost beyond Flask itself (docs/performance.md); shared by a batch they
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -26,12 +27,13 @@ from typing import Any, Protocol
 
 from celery import Celery
 from sqlalchemy import Row
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from app.batching import GroupCommit
 from app.db import Database
-from app.jobs import sql
+from app.jobs import fairness, sql
 from app.jobs.events import Event, EventBus
+from app.jobs.fairness import DispatchWindow
 from app.jobs.payloads import QueuedPayload
 from app.queue import message_priority
 
@@ -78,7 +80,8 @@ class NewJob:
     @property
     def dispatched_at(self) -> datetime | None:
         """NULL for a scheduled job (no message exists yet): the unclaimed-job republish
-        never sees it, and the due scan (`sql.DISPATCH_DUE`) does."""
+        never sees it, and the release of held jobs (app/jobs/fairness.py) does. A job due
+        now may still be stored held, when its owner's dispatch window is full."""
         return None if self.scheduled else self.at
 
     def queued_event(self) -> Event:
@@ -104,8 +107,11 @@ class Dispatchable(Protocol):
 StoreOutcome = Row[Any] | None | Exception
 
 
-def create_params(jobs: Sequence[NewJob]) -> dict[str, str]:
-    """The parameters of `sql.CREATE` that store `jobs` with their job.queued events."""
+def create_params(
+    jobs: Sequence[NewJob], window: dict[str, int | None]
+) -> dict[str, str | int | None]:
+    """The parameters of `sql.CREATE` that store `jobs` with their job.queued events, under
+    the dispatch `window` (fairness.DispatchWindow.params())."""
     rows = [
         {
             **vars(job),
@@ -118,14 +124,17 @@ def create_params(jobs: Sequence[NewJob]) -> dict[str, str]:
     return {
         "jobs": json.dumps(rows, default=str, separators=(",", ":")),
         "event_type": QueuedPayload.event_type.value,
+        **window,
     }
 
 
 class JobIntake:
-    def __init__(self, db: Database, bus: EventBus, celery: Celery) -> None:
+    def __init__(self, db: Database, bus: EventBus, celery: Celery, window: DispatchWindow) -> None:
         self._db = db
         self._bus = bus
         self._celery = celery
+        self.window = window
+        self._releaser = fairness.Releaser(self.release)
         self._group = GroupCommit("job-intake", self.store_and_dispatch, max_batch=MAX_BATCH)
 
     def create(self, job: NewJob) -> Row[Any] | None:
@@ -142,7 +151,8 @@ class JobIntake:
         created = [job for job, row in zip(batch, stored, strict=True) if isinstance(row, Row)]
         if created:
             self._bus.publish([job.queued_event() for job in created])
-            self.dispatch([job for job in created if not job.scheduled])
+            # A job its owner's window held has no dispatched_at: it is published on release.
+            self.dispatch([row for row in stored if isinstance(row, Row) and row.dispatched_at])
         return stored
 
     def _store(self, batch: list[NewJob]) -> list[StoreOutcome]:
@@ -156,9 +166,44 @@ class JobIntake:
         return [rows.get(job.id) for job in batch]
 
     def _insert(self, batch: Sequence[NewJob]) -> dict[uuid.UUID, Row[Any]]:
+        window = self.window.params()
         with self._db.engine.begin() as connection:
-            rows = connection.execute(sql.CREATE, create_params(batch)).all()
+            if window["window"] is not None:
+                fairness.lock_owners(connection, (job.owner for job in batch))
+            rows = connection.execute(sql.CREATE, create_params(batch, window)).all()
         return {row.id: row for row in rows}
+
+    def release(self, owners: Iterable[str], batch: int = 500) -> list[Row[Any]]:
+        """Publishes the held jobs of `owners` that their windows now have room for (one cheap
+        probe for an owner that holds none). Called when an owner's outstanding jobs leave its
+        window (a finish, a cancel, a raised window) and by every sweep; a failure leaves them
+        held for the next sweep. Returns their rows (id, priority, run_at)."""
+        released: list[Row[Any]] = []
+        for owner in sorted(set(owners)):
+            while True:
+                window = self.window.params()
+                with self._db.engine.begin() as connection:
+                    rows = fairness.release_held(connection, owner, window, batch)
+                # A publish that fails leaves them queued with their dispatched_at set: the
+                # unclaimed-job republish sends them again after the grace period.
+                self.dispatch(rows)
+                released.extend(rows)
+                if len(rows) < batch:
+                    break
+        return released
+
+    def release_soon(self, owner: str) -> None:
+        """`release` on the process's releaser thread, coalesced with other owners' (what a
+        worker calls as a job finishes: its slot is not held while the tenant's lock is)."""
+        self._releaser.poke(owner)
+
+    def release_quietly(self, owners: Iterable[str]) -> None:
+        """`release` for a caller whose own work is done and must not fail now (a finished
+        job, a cancel): the sweeper releases what this could not."""
+        try:
+            self.release(owners)
+        except SQLAlchemyError as exc:
+            logger.warning("release of held jobs failed, the sweeper will retry: %s", exc)
 
     def dispatch(self, jobs: Sequence[Dispatchable]) -> None:
         """Their Celery messages through one pipeline (kombu flushes it every 1,000). Jobs

@@ -71,6 +71,7 @@ class SweepRecord:
     artifacts_swept: int = 0
     scheduled: int = 0
     expired: int = 0
+    released: int = 0
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.at)

@@ -15,11 +15,16 @@ from typing import Any
 
 from sqlalchemy import TextClause, text
 
+from app.jobs.fairness import room_sql
+
 # Any number of jobs (a group commit of concurrent POSTs) with their job.queued events, in one
 # statement: the rows travel as one JSON array, each with its event's payload (`event`). An
 # Idempotency-Key already used by the owner (in the table or earlier in the same array) inserts
-# nothing and returns no row.
-CREATE = text("""
+# nothing and returns no row. A job due now keeps its `dispatched_at` (to be published) only
+# while its owner's dispatch window has room, by priority then position; the others are stored
+# held (app/jobs/fairness.py). Run after the owners' locks (fairness.lock_owners) when the
+# window is on; `window` and `default_cap` are fairness.DispatchWindow.params().
+CREATE = text(f"""
 WITH new AS (
     SELECT * FROM jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(
         id uuid, owner text, kind text, input jsonb, priority int, max_attempts int,
@@ -27,6 +32,14 @@ WITH new AS (
         webhook jsonb, at timestamptz, run_at timestamptz, expires_at timestamptz,
         timeout_seconds int, dispatched_at timestamptz, event jsonb, ord int,
         max_cost_usd numeric)
+), room AS (
+    SELECT o.owner, {room_sql("o.owner", "t")} AS room
+    FROM (SELECT DISTINCT owner FROM new) AS o LEFT JOIN tenants t ON t.owner = o.owner
+), ranked AS (
+    SELECT new.*, room.room, row_number() OVER (
+        PARTITION BY new.owner, new.dispatched_at IS NULL ORDER BY new.priority DESC, new.ord
+    ) AS place
+    FROM new JOIN room ON room.owner = new.owner
 ), job AS (
     INSERT INTO jobs (id, owner, kind, status, input, priority, max_attempts, idempotency_key,
                       request_hash, model, models, retry_of, webhook, last_seq, created_at,
@@ -34,8 +47,8 @@ WITH new AS (
                       max_cost_usd)
     SELECT id, owner, kind, 'queued', input, priority, max_attempts, idempotency_key,
            request_hash, model, models, retry_of, webhook, 1, at, at, run_at, expires_at,
-           timeout_seconds, dispatched_at, max_cost_usd
-    FROM new ORDER BY ord
+           timeout_seconds, CASE WHEN place <= room THEN dispatched_at END, max_cost_usd
+    FROM ranked ORDER BY ord
     ON CONFLICT (owner, idempotency_key) DO NOTHING
     RETURNING *
 ), queued AS (
@@ -244,24 +257,10 @@ FROM batch LEFT JOIN changed ON true
 """)
 
 
-# The sweeper's two passes over queued jobs with a time of their own, each one statement for a
-# batch of jobs (not one per job), reading a partial index that holds only those jobs.
+# The sweeper's pass over queued jobs past their expiry, one statement for a batch of jobs
+# (not one per job), reading a partial index that holds only those jobs. (Scheduled jobs whose
+# run_at has come are released by app/jobs/fairness.py, through their owner's window.)
 #
-# Scheduled jobs whose run_at has come: marked published (dispatched_at) and returned, for the
-# caller to publish through one pipeline. From then on they are ordinary queued jobs, which the
-# unclaimed-job republish covers if the message is lost.
-DISPATCH_DUE = text("""
-UPDATE jobs SET dispatched_at = now()
-WHERE id IN (
-    SELECT id FROM jobs
-    WHERE status = 'queued' AND dispatched_at IS NULL AND run_at <= now()
-    ORDER BY run_at
-    LIMIT :batch
-    FOR UPDATE SKIP LOCKED
-)
-RETURNING id, priority
-""")
-
 # Queued jobs past their expires_at: failed `expired`, each with its job.failed event, whose
 # `attempt` is each job's own (0 for a job that never started).
 EXPIRE = text("""

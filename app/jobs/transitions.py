@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, literal_column, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.jobs import budgets, presence, sql
+from app.jobs import budgets, fairness, presence, sql
 from app.jobs.events import Event, record_event
 from app.jobs.intake import RUN_JOB_TASK, NewJob
 from app.jobs.payloads import (
@@ -254,6 +254,7 @@ class SweepReport:
     canceled: int = 0
     artifacts_swept: int = 0
     scheduled: int = 0  # scheduled jobs published because their run_at came
+    released: int = 0  # held jobs published because their owner's window had room
     expired: int = 0  # queued jobs failed `expired`
 
 
@@ -461,6 +462,7 @@ class Jobs:
                 event = None
         if event is not None:
             self.bus.publish([event])
+            self.intake.release_quietly([owner])
         else:
             self.bus.signal_cancel(job_id)
         return job
@@ -606,8 +608,9 @@ class Jobs:
         return event
 
     def finish_job(self, claim: Claim, seq: int, payload: TerminalPayload, **values: Any) -> Event:
-        """The attempt's outcome: the job ends in the status of the payload's event type."""
-        return self.fenced_update(
+        """The attempt's outcome: the job ends in the status of the payload's event type, and
+        its owner's next held job, if any, takes its place in the dispatch window."""
+        event = self.fenced_update(
             claim,
             seq,
             payload,
@@ -616,6 +619,8 @@ class Jobs:
             lease_expires_at=None,
             **values,
         )
+        self.intake.release_soon(claim.owner)
+        return event
 
     def schedule_retry(
         self,
@@ -736,17 +741,16 @@ class Jobs:
         return len(rows)
 
     def _dispatch_due(self, report: SweepReport, batch: int) -> None:
-        """Scheduled jobs whose run_at has come: marked published and published, a batch per
-        statement and per Redis pipeline, until none is left (or MAX_TIMED_BATCHES)."""
-        for _ in range(MAX_TIMED_BATCHES):
-            with self.db.engine.begin() as connection:
-                due = connection.execute(sql.DISPATCH_DUE, {"batch": batch}).all()
-            # A publish that fails leaves them queued with their dispatched_at set: the
-            # unclaimed-job republish sends them again after the grace period.
-            self.intake.dispatch(due)
-            report.scheduled += len(due)
-            if len(due) < batch:
-                return
+        """Held jobs (scheduled ones whose run_at has come, and jobs past their owner's window)
+        that their owner's window has room for: marked published and published, owner by owner
+        (app/jobs/fairness.py). The safety net of the releases at finish and cancel, which a
+        crash or a race can miss."""
+        with self.db.engine.begin() as connection:
+            limit = {"limit": batch * MAX_TIMED_BATCHES}
+            owners = connection.execute(fairness.HELD_OWNERS, limit).scalars().all()
+        released = self.intake.release(owners, batch)
+        report.scheduled += sum(1 for row in released if row.run_at is not None)
+        report.released += sum(1 for row in released if row.run_at is None)
 
     def _recover_expired_leases(self, report: SweepReport, batch: int) -> None:
         events: list[Event] = []

@@ -2,9 +2,9 @@
 `queued`, consume no attempt and say why in the API (`waiting`).
 
 A wait longer than a slot may hold is a deferral through the scheduled-job machinery: `run_at`
-becomes the job's turn, `dispatched_at` NULL, and the sweeper's due scan (`sql.DISPATCH_DUE`,
-ordered by `run_at`) publishes it when its turn comes, so the job keeps its place and no message
-waits in the broker meanwhile. The claim clears the reason.
+becomes the job's turn, `dispatched_at` NULL, and the sweeper's release of due held jobs
+(app/jobs/fairness.py, by priority then age, through its owner's window) publishes it when its
+turn comes, so no message waits in the broker meanwhile. The claim clears the reason.
 """
 
 from __future__ import annotations

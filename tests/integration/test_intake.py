@@ -94,7 +94,7 @@ def test_a_publish_that_fails_after_commit_leaves_the_job_for_the_sweeper(
     config["broker_url"] = "redis://127.0.0.1:9/0"  # nothing listens on port 9
     config["broker_transport_options"] = {**config["broker_transport_options"], "max_retries": 0}
     dead_broker.conf.update(config, broker_connection_timeout=0.5)
-    intake = JobIntake(rt.db, rt.bus, dead_broker)
+    intake = JobIntake(rt.db, rt.bus, dead_broker, rt.intake.window)
     job = new_job(tenant.owner)
 
     [row] = intake.store_and_dispatch([job])  # does not raise: the row is what counts
