@@ -142,18 +142,22 @@ def test_a_batch_goes_through_the_window(admin: Tenant, tenant: Tenant) -> None:
     assert seen["running"] <= 2 and seen["outstanding"] <= 2
 
 
+HELD = {"reason": "tenant_concurrency", "endpoint": None, "until": None}
+
+
 def test_a_due_scheduled_job_waits_for_its_window(admin: Tenant, tenant: Tenant) -> None:
     put_tenant(admin, tenant.owner, max_concurrency=1)
     first = tenant.submit("chat", slow(3))
     run_at = datetime.now(UTC) + timedelta(seconds=0.5)
     later = tenant.submit("chat", slow(0.1), run_at=run_at.isoformat())
-    assert later["waiting"] == {"reason": "scheduled"}
+    assert later["waiting"]["reason"] == "scheduled"
+    assert datetime.fromisoformat(later["waiting"]["until"]) == run_at
     wait_until(lambda: datetime.now(UTC) > run_at + timedelta(seconds=0.2))
     wait_until(lambda: counts(tenant.owner)[0] == 1, timeout=30)
     runtime().jobs.sweep()
     shown = tenant.get(f"/api/v1/jobs/{later['id']}").get_json()
     assert shown["status"] == "queued", shown
-    assert shown["waiting"] == {"reason": "tenant_concurrency"}
+    assert shown["waiting"] == HELD
     assert tenant.wait_for(first["id"])["status"] == "succeeded"
     assert tenant.wait_for(later["id"])["status"] == "succeeded"
 
@@ -203,7 +207,7 @@ def test_a_failed_job_releases_the_next_held_one(admin: Tenant, tenant: Tenant) 
     # Held behind the first; the failing one fails at once (a 400 is not retried).
     failing = tenant.submit("chat", {"prompt": f"[[sim fault=400]] {uuid.uuid4()}"})
     held = tenant.submit("chat", slow(0.1))
-    assert failing["waiting"] == held["waiting"] == {"reason": "tenant_concurrency"}
+    assert failing["waiting"] == held["waiting"] == HELD
     assert tenant.wait_for(first["id"])["status"] == "succeeded"
     assert tenant.wait_for(failing["id"])["status"] == "failed"
     assert tenant.wait_for(held["id"])["status"] == "succeeded"
@@ -242,9 +246,7 @@ def test_the_sweeper_releases_a_held_job_whose_release_was_lost(tenant: Tenant) 
             )
             .returning(Job.id)
         ).scalar_one()
-    assert tenant.get(f"/api/v1/jobs/{lost}").get_json()["waiting"] == {
-        "reason": "tenant_concurrency"
-    }
+    assert tenant.get(f"/api/v1/jobs/{lost}").get_json()["waiting"] == HELD
     report = runtime().jobs.sweep()
     assert report.released >= 1
     assert tenant.wait_for(str(lost))["status"] == "succeeded"
@@ -322,7 +324,7 @@ def test_a_running_job_canceled_in_bulk_releases_held_jobs(admin: Tenant, tenant
     running = tenant.submit("chat", slow(20))
     wait_until(lambda: counts(tenant.owner)[0] == 1, timeout=30)
     held = tenant.submit("chat", slow(0.1))
-    assert held["waiting"] == {"reason": "tenant_concurrency"}
+    assert held["waiting"] == HELD
     body = {"filter": {"owner": tenant.owner, "status": "running"}}
     assert admin.post("/api/v1/admin/jobs/cancel", json=body).get_json()["stopping"] == 1
     assert tenant.wait_for(running["id"])["status"] == "canceled"
