@@ -121,7 +121,7 @@ WHERE id IN (
     )))
     FOR UPDATE SKIP LOCKED
 )
-RETURNING id, priority, run_at
+RETURNING id, priority, run_at, kind, attempt
 """)
 
 

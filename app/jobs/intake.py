@@ -92,6 +92,19 @@ class NewJob:
         return Event(self.id, self.owner, 1, payload, self.at, self.batch_id)
 
 
+def message_labels(job_id: str, kind: str | None, attempt: int | None) -> dict[str, str]:
+    """What Flower and the workers' logs show of a job's message, never its input: the task
+    name with the job's kind (Celery's `shadow`: `conveyor.run_job:chat`; the task run is
+    still conveyor.run_job) and, as its arguments, the job's id and the attempt the message is
+    for (the job's attempts so far, plus one)."""
+    labels = {"argsrepr": f"['{job_id}']", "kwargsrepr": "{}"}
+    if kind is not None:
+        labels["shadow"] = f"{RUN_JOB_TASK}:{kind}"
+    if attempt is not None:
+        labels["argsrepr"] = f"['{job_id}'] attempt {attempt + 1}"
+    return labels
+
+
 class Dispatchable(Protocol):
     """What a Celery message is made from: a new job, or a row the sweeper found due."""
 
@@ -221,11 +234,11 @@ class JobIntake:
             with self._celery.producer_or_acquire() as producer, producer.batch():
                 for position, job in enumerate(jobs):
                     job_id = str(job.id)
+                    kind, attempt = getattr(job, "kind", None), getattr(job, "attempt", 0)
                     self._celery.send_task(
                         RUN_JOB_TASK,
                         args=[job_id],
-                        argsrepr=f"['{job_id}']",
-                        kwargsrepr="{}",
+                        **message_labels(job_id, kind, attempt),
                         priority=message_priority(broker, job.priority),
                         producer=producer,
                         **({} if position == 0 else {"declare": []}),

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from app.jobs import budgets, fairness, presence, sql
 from app.jobs.events import Event, record_event
-from app.jobs.intake import RUN_JOB_TASK, NewJob
+from app.jobs.intake import RUN_JOB_TASK, NewJob, message_labels
 from app.jobs.payloads import (
     CanceledPayload,
     EventError,
@@ -420,13 +420,21 @@ class Jobs:
         return Created(row, replayed=False)
 
     def dispatch(
-        self, job_id: uuid.UUID, priority: int = 0, countdown: float | None = None
+        self,
+        job_id: uuid.UUID,
+        priority: int = 0,
+        countdown: float | None = None,
+        *,
+        kind: str | None = None,
+        attempt: int | None = None,
     ) -> bool:
-        """Publish the task. The row is already committed, so a failure here loses nothing."""
+        """Publish the task (labelled with the job's kind and `attempt`, its attempts so far).
+        The row is already committed, so a failure here loses nothing."""
         try:
             self.celery.send_task(
                 RUN_JOB_TASK,
                 args=[str(job_id)],
+                **message_labels(str(job_id), kind, attempt),
                 countdown=countdown,
                 priority=message_priority(self.celery.conf.broker_url, priority),
             )
@@ -633,7 +641,9 @@ class Jobs:
     ) -> Event:
         payload, values = _retry_transition(claim.attempt, delay, code, message)
         event = self.fenced_update(claim, seq, payload, calls=calls, **values)
-        self.dispatch(claim.job_id, claim.priority, countdown=delay)
+        self.dispatch(
+            claim.job_id, claim.priority, countdown=delay, kind=claim.kind, attempt=claim.attempt
+        )
         return event
 
     def record_model_calls(self, claim: Claim, calls: list[dict[str, Any]]) -> None:
@@ -754,7 +764,7 @@ class Jobs:
 
     def _recover_expired_leases(self, report: SweepReport, batch: int) -> None:
         events: list[Event] = []
-        to_dispatch: list[tuple[uuid.UUID, int, float]] = []
+        to_dispatch: list[tuple[uuid.UUID, int, float, str, int]] = []
         with self.db.transaction() as session:
             expired = session.scalars(
                 select(Job)
@@ -769,10 +779,10 @@ class Jobs:
                 event, retry_in = self._take_back(session, job, report)
                 events.append(event)
                 if retry_in is not None:
-                    to_dispatch.append((job.id, job.priority, retry_in))
+                    to_dispatch.append((job.id, job.priority, retry_in, job.kind, job.attempt))
         self.bus.publish(events)
-        for job_id, priority, delay in to_dispatch:
-            self.dispatch(job_id, priority, countdown=delay)
+        for job_id, priority, delay, kind, attempt in to_dispatch:
+            self.dispatch(job_id, priority, countdown=delay, kind=kind, attempt=attempt)
 
     def _take_back(
         self, session: Session, job: Job, report: SweepReport
@@ -821,8 +831,8 @@ class Jobs:
                 update(Job)
                 .where(Job.id.in_(stale))
                 .values(dispatched_at=func.now())
-                .returning(Job.id, Job.priority)
+                .returning(Job.id, Job.priority, Job.kind, Job.attempt)
             ).all()
         for row in rows:
-            if self.dispatch(row.id, row.priority):
+            if self.dispatch(row.id, row.priority, kind=row.kind, attempt=row.attempt):
                 report.republished += 1

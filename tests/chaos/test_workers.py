@@ -204,7 +204,8 @@ def test_a_job_outliving_the_visibility_timeout_is_not_run_twice(cluster: Cluste
     assert job["status"] == "succeeded" and job["attempt"] == 1
     # The message was delivered again while the job ran, and that delivery did nothing.
     logs = cluster.log("w1") + cluster.log("w2")
-    assert logs.count("conveyor.run_job[") >= 3  # received twice, succeeded once
+    # Named by the job's kind (message_labels): received twice, succeeded once.
+    assert logs.count("conveyor.run_job:chat[") >= 3
     assert "not claimable" in logs, logs[-3000:]
     assert cluster.sim.stats()["requests"] == 1  # no second model call
     cluster.assert_sound(job_id)

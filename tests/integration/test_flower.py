@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +20,7 @@ import pytest
 from app.config import Settings
 from app.migrate import ROOT
 from devtools.processes import free_port
+from tests.conftest import Tenant, wait_until
 
 CREDENTIALS = ("operator", "flower-test-password")
 
@@ -131,3 +134,42 @@ def test_flower_refuses_to_start_without_credentials(settings: Settings) -> None
         stop(process)
     assert process.returncode != 0
     assert b"FLOWER_BASIC_AUTH" in output
+
+
+def test_flower_names_a_job_task_by_its_kind_attempt_and_id_never_its_input(
+    flower: str, worker: object, tenant: Tenant
+) -> None:
+    def seeing_workers() -> bool:
+        found = httpx.get(f"{flower}/api/workers?refresh=1", auth=CREDENTIALS, timeout=10)
+        return found.status_code == 200 and bool(found.json())
+
+    wait_until(seeing_workers, timeout=60)  # Flower receives the workers' events now
+    assert seeing_workers()
+    canary = f"canary-{uuid.uuid4().hex}"
+    job_id = tenant.submit("chat", {"prompt": f"{canary} [[sim fault=500 times=1]]"})["id"]
+    assert tenant.wait_for(job_id, timeout=60)["status"] == "succeeded"
+
+    def tasks_of_the_job() -> list[dict[str, Any]]:
+        listed = httpx.get(f"{flower}/api/tasks", auth=CREDENTIALS, timeout=10).json()
+        return [task for task in listed.values() if job_id in (task.get("args") or "")]
+
+    try:
+        tasks = wait_until(lambda: len(tasks_of_the_job()) >= 2 and tasks_of_the_job(), timeout=60)
+    except AssertionError:
+        raise AssertionError(f"Flower's tasks of the job: {tasks_of_the_job()}") from None
+    assert {task["name"] for task in tasks} == {"conveyor.run_job:chat"}
+    assert sorted(task["args"] for task in tasks) == [
+        f"['{job_id}'] attempt 1",
+        f"['{job_id}'] attempt 2",
+    ]
+    listed = httpx.get(f"{flower}/api/tasks", auth=CREDENTIALS, timeout=10).text
+    assert canary not in listed
+
+
+def test_flowers_prometheus_metrics_are_served_as_documented(flower: str) -> None:
+    """docs/architecture.md: Flower's /metrics is Prometheus text, served without credentials
+    (which is why Flower's port stays on loopback)."""
+    metrics = httpx.get(f"{flower}/metrics", timeout=10)
+    assert metrics.status_code == 200
+    assert metrics.headers["Content-Type"].startswith("text/plain")
+    assert "# TYPE flower_events_total counter" in metrics.text
