@@ -81,6 +81,13 @@ class Job(Base):
             "expires_at",
             postgresql_where=text("status = 'queued' AND expires_at IS NOT NULL"),
         ),
+        # The retention purge's scan: an owner's finished jobs, oldest first.
+        Index(
+            "jobs_owner_finished",
+            "owner",
+            "finished_at",
+            postgresql_where=text("status IN ('succeeded', 'failed', 'canceled')"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -449,8 +456,9 @@ class WebhookAttempt(Base):
 
 
 class Tenant(Base):
-    """An owner's settings: spend limits in USD per UTC day and month (NULL: no limit).
-    An owner without a row has no limits."""
+    """An owner's settings: spend limits in USD per UTC day and month (NULL: no limit), and
+    how many days its finished jobs are kept (NULL: the deployment's CONVEYOR_RETENTION_DAYS;
+    0: forever). An owner without a row has no limits and the deployment's retention."""
 
     __tablename__ = "tenants"
     __table_args__ = (
@@ -461,12 +469,15 @@ class Tenant(Base):
             "monthly_budget_usd IS NULL OR monthly_budget_usd >= 0",
             name="tenants_monthly_budget",
         ),
+        CheckConstraint(
+            "retention_days IS NULL OR retention_days BETWEEN 0 AND 36500",
+            name="tenants_retention_days",
+        ),
     )
 
     owner: Mapped[str] = mapped_column(String(200), primary_key=True)
     daily_budget_usd: Mapped[Decimal | None] = mapped_column(Numeric(16, 8))
     monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Numeric(16, 8))
-    # Reserved for a retention feature; nothing reads it yet.
     retention_days: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -1,5 +1,6 @@
-"""Budgets at the API: the admin's tenant settings (spend limits), and the check of a job's
-estimated cost against its own `max_cost_usd` and its owner's remaining budget at submit."""
+"""Budgets at the API: the admin's tenant settings (spend limits, retention), and the check
+of a job's estimated cost against its own `max_cost_usd` and its owner's remaining budget at
+submit."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ OWNER_PATH = "/admin/tenants/<string(maxlength=200):owner>"
 
 @bp.get(OWNER_PATH)
 @operation(
-    summary="Get a tenant's budgets and spend",
+    summary="Get a tenant's budgets, spend and retention",
     tag="admin",
     scope=ADMIN,
     responses={200: (TenantOut, "Its limits (null: none) and what it spent today and this month")},
@@ -41,15 +42,16 @@ def get_tenant(owner: str) -> Response:
 
 @bp.put(OWNER_PATH)
 @operation(
-    summary="Set a tenant's budgets",
+    summary="Set a tenant's budgets and retention",
     tag="admin",
     scope=ADMIN,
     body=TenantPut,
     responses={200: (TenantOut, "The tenant's settings, as stored, and its spend")},
 )
 def put_tenant(owner: str, body: TenantPut) -> Response:
-    """Replaces the owner's settings: a field left out or null is no limit. Takes effect at
-    once for new jobs, and for running ones within one worker heartbeat."""
+    """Replaces the owner's settings: a budget left out or null is no limit, a retention left
+    out or null is the deployment's default. Budgets take effect at once for new jobs, and for
+    running ones within one worker heartbeat; a retention at the next retention run."""
     with runtime().db.transaction() as session:
         budgets.put_tenant(session, owner, body.model_dump())
         out = _tenant_out(session, owner)
@@ -58,7 +60,8 @@ def put_tenant(owner: str, body: TenantPut) -> Response:
 
 def _tenant_out(session: Session, owner: str) -> TenantOut:
     tenant = budgets.get_tenant(session, owner)
-    return TenantOut.of(owner, tenant, budgets.budget_of(session, owner))
+    default_retention = runtime().settings.retention_days
+    return TenantOut.of(owner, tenant, budgets.budget_of(session, owner), default_retention)
 
 
 # The check at submit ---------------------------------------------------------------------------
