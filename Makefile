@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test soak lint format bench-dispatch bench-concurrency bench-events migrate clean
+.PHONY: dev test soak lint format bench-dispatch bench-concurrency bench-events bench-retention migrate clean
 
 $(STAMP): pyproject.toml app/web/package-lock.json tests/node_reader/package-lock.json
 	tools/require npm
@@ -56,6 +56,9 @@ bench-concurrency: $(STAMP)
 
 bench-events: $(STAMP)
 	$(BIN)/python -m bench.events
+
+bench-retention: $(STAMP)
+	$(BIN)/python -m bench.retention
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

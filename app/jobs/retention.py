@@ -13,9 +13,10 @@ the foreign keys do the rest (ON DELETE CASCADE: steps, webhook deliveries and t
 SET NULL: artifacts, canvas objects, a retry's `retry_of`). Then, outside the transaction:
 the batches left with no job are deleted, the jobs' Redis streams are unlinked, and the
 artifacts whose job went are swept (blob, then row) by `Artifacts.sweep_orphans`, the path a
-deleted job's artifacts always take. The run sleeps `pause` between batches and stops after
-`max_jobs`, so a purge of a large backlog is spread over several runs and never holds locks or
-the disk for long: POST /jobs keeps its latency (docs/performance.md#retention).
+deleted job's artifacts always take. Between two batches the run sleeps as long as the batch
+took (at least `pause`), and it stops after `max_jobs`: a large backlog is spread over time and
+over several runs, never holding locks, a core or the disk for long, and POST /jobs keeps its
+latency (docs/performance.md#retention).
 """
 
 from __future__ import annotations
@@ -150,11 +151,14 @@ def purge(db: Database, bus: EventBus, artifacts: Artifacts, policy: Policy) -> 
         report.owners += 1
         while not report.capped:
             batch = min(policy.batch_size, policy.max_jobs - report.jobs)
+            batch_began = time.monotonic()
             deleted = _purge_batch(db, bus, artifacts, owner, days, batch, report)
             report.capped = report.jobs >= policy.max_jobs
             if deleted < batch:
                 break
-            time.sleep(policy.pause)
+            # At least as long as the batch took: a run keeps the database busy half the time
+            # at most, and slows down by itself when a loaded database makes batches slower.
+            time.sleep(max(policy.pause, time.monotonic() - batch_began))
         if report.capped:
             break
     report.seconds = round(time.monotonic() - began, 3)
