@@ -241,7 +241,14 @@ class Settings(BaseSettings):
         500, ge=1, le=10_000, description="jobs deleted per transaction"
     )
     retention_pause: float = Field(
-        0.05, ge=0, le=60, description="seconds a retention run waits between two batches"
+        0.05, ge=0, le=60, description="the least a retention run waits between two batches, s"
+    )
+    retention_max_busy: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="the share of the time a retention run may keep the database busy: after "
+        "a batch that took t seconds it waits t * (1 - share) / share",
     )
     retention_max_jobs: int = Field(
         200_000, ge=1, description="jobs one retention run deletes at most; the next goes on"

@@ -13,10 +13,11 @@ the foreign keys do the rest (ON DELETE CASCADE: steps, webhook deliveries and t
 SET NULL: artifacts, canvas objects, a retry's `retry_of`). Then, outside the transaction:
 the batches left with no job are deleted, the jobs' Redis streams are unlinked, and the
 artifacts whose job went are swept (blob, then row) by `Artifacts.sweep_orphans`, the path a
-deleted job's artifacts always take. Between two batches the run sleeps as long as the batch
-took (at least `pause`), and it stops after `max_jobs`: a large backlog is spread over time and
-over several runs, never holding locks, a core or the disk for long, and POST /jobs keeps its
-latency (docs/performance.md#retention).
+deleted job's artifacts always take. Between two batches the run waits in proportion to the
+batch's duration (`Policy.pause_after`: by default three times as long, at least `pause`), and it
+stops after `max_jobs`: a large backlog is spread over time and over several runs, never
+holding locks, a core or the disk for long, and POST /jobs keeps its latency
+(docs/performance.md#retention).
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class Policy:
     batch_size: int
     pause: float
     max_jobs: int
+    # The share of the time a run keeps the database busy, at most (see `purge`).
+    max_busy: float = 0.25
 
     @classmethod
     def of(cls, settings: Settings) -> Policy:
@@ -109,7 +112,13 @@ class Policy:
             settings.retention_batch_size,
             settings.retention_pause,
             settings.retention_max_jobs,
+            settings.retention_max_busy,
         )
+
+    def pause_after(self, batch_seconds: float) -> float:
+        """A batch of t seconds is followed by a wait of t (1 - max_busy) / max_busy: a run
+        slows down by itself when a loaded database makes its batches slower."""
+        return max(self.pause, batch_seconds * (1 - self.max_busy) / self.max_busy)
 
 
 @dataclass
@@ -156,9 +165,7 @@ def purge(db: Database, bus: EventBus, artifacts: Artifacts, policy: Policy) -> 
             report.capped = report.jobs >= policy.max_jobs
             if deleted < batch:
                 break
-            # At least as long as the batch took: a run keeps the database busy half the time
-            # at most, and slows down by itself when a loaded database makes batches slower.
-            time.sleep(max(policy.pause, time.monotonic() - batch_began))
+            time.sleep(policy.pause_after(time.monotonic() - batch_began))
         if report.capped:
             break
     report.seconds = round(time.monotonic() - began, 3)

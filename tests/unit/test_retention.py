@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from app import config
-from app.jobs.retention import retention_days
+from app.jobs.retention import Policy, retention_days
 from app.queue import RETENTION_TASK, WEBHOOK_QUEUE, celery_config
 
 
@@ -47,6 +47,8 @@ def test_the_beat_schedules_the_purge_off_the_job_queue() -> None:
         ("retention_pause", -0.1),
         ("retention_max_jobs", 0),
         ("retention_interval", 0),
+        ("retention_max_busy", 0),
+        ("retention_max_busy", 1.01),
     ],
 )
 def test_a_retention_setting_out_of_range_is_refused(name: str, value: object) -> None:
@@ -58,3 +60,12 @@ def test_the_settings_limits_are_accepted() -> None:
     settings = config.testing_settings(retention_days=36_500, retention_batch_size=10_000)
     assert settings.retention_days == 36_500
     assert config.testing_settings().retention_days is None
+
+
+def test_a_run_waits_in_proportion_to_its_batches() -> None:
+    half = Policy(None, 500, pause=0.05, max_jobs=1000, max_busy=0.5)
+    assert half.pause_after(0.2) == pytest.approx(0.2)
+    assert half.pause_after(0.01) == 0.05  # never less than the pause
+    quarter = Policy(None, 500, pause=0.0, max_jobs=1000, max_busy=0.25)
+    assert quarter.pause_after(0.2) == pytest.approx(0.6)
+    assert Policy(None, 500, pause=0.0, max_jobs=1000, max_busy=1.0).pause_after(0.2) == 0
