@@ -13,15 +13,15 @@ load process that runs through every phase, and the phases alternate:
 
   base    --baseline-seconds of load alone
   purge   the load while a retention run (app/jobs/retention.py, the deployment's settings:
-          batches of CONVEYOR_RETENTION_BATCH_SIZE, CONVEYOR_RETENTION_PAUSE between them) deletes
-          1/--runs of the expired jobs, in a process of its own as a worker would; the phase
-          lasts as long as the run
+          batches of CONVEYOR_RETENTION_BATCH_SIZE paced by CONVEYOR_RETENTION_MAX_BUSY; --env
+          changes them) deletes 1/--runs of the expired jobs, in a process of its own as a
+          worker would; the phase lasts as long as the run
 
 --runs times each (3: together the purge runs delete all the expired jobs). Printed: p50 and
 p99 of POST /jobs per phase, their medians, the ratio purge p99 / base p99 (target <= 2.0) and
 the purge's rate (jobs and rows a second). No Celery worker runs: the job messages wait in Redis.
 
-    python -m bench.retention                          # 1M jobs; about 10 minutes here
+    python -m bench.retention                          # 1M jobs; 12 to 20 minutes here
     python -m bench.retention --jobs 100000 --runs 1   # a quick look
 """
 

@@ -16,8 +16,8 @@ artifacts whose job went are swept (blob, then row) by `Artifacts.sweep_orphans`
 deleted job's artifacts always take. Between two batches the run waits in proportion to the
 batch's duration (`Policy.pause_after`: by default three times as long, at least `pause`), and it
 stops after `max_jobs`: a large backlog is spread over time and over several runs, never
-holding locks, a core or the disk for long, and POST /jobs keeps its latency
-(docs/performance.md#retention).
+holding locks, a core or the disk for long. What a purge still costs POST /jobs is measured in
+docs/performance.md#retention.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class Policy:
     batch_size: int
     pause: float
     max_jobs: int
-    # The share of the time a run keeps the database busy, at most (see `purge`).
+    # The share of the time a run keeps the database busy, at most (see `pause_after`).
     max_busy: float = 0.25
 
     @classmethod
