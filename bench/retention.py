@@ -33,6 +33,7 @@ import json
 import multiprocessing
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -85,6 +86,11 @@ def parse_args() -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="extra env, e.g. CONVEYOR_RETENTION_BATCH_SIZE=1000 (the server's and the purge's)",
+    )
+    parser.add_argument(
+        "--purge-jobs",
+        type=int,
+        help="expired jobs the purge runs delete in all (default: every one, half of --jobs)",
     )
     parser.add_argument("--purge-child", type=int, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -252,6 +258,8 @@ class Phase:
     start: float
     end: float
     purge: dict[str, Any] | None = None
+    # The share of the phase an autovacuum worker was busy.
+    autovacuum: float = float("nan")
 
 
 def start_server(services: Services, env: dict[str, str], workers: int) -> tuple[Child, str]:
@@ -303,7 +311,9 @@ def run_phases(
     )
     loader.start()
     phases: list[Phase] = []
-    expired = args.jobs // 2
+    expired = min(args.jobs // 2, args.purge_jobs or args.jobs)
+    vacuums = AutovacuumWatch(services)
+    vacuums.start()
     try:
         time.sleep(args.warmup)
         for run in range(args.runs):
@@ -319,9 +329,37 @@ def run_phases(
             )
     finally:
         stop.set()
+        vacuums.stop.set()
         samples = receive.recv() if loader.is_alive() or receive.poll(5) else []
         loader.join(30)
+        vacuums.join(5)
+    for phase in phases:
+        phase.autovacuum = vacuums.share(phase.start, phase.end)
     return phases, samples
+
+
+class AutovacuumWatch(threading.Thread):
+    """Samples twice a second whether an autovacuum worker is busy, to tell which phases
+    shared the machine with one."""
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(daemon=True)
+        self.conninfo = services.pg.conninfo()
+        self.stop = threading.Event()
+        self.samples: list[tuple[float, bool]] = []
+
+    def run(self) -> None:
+        import psycopg
+
+        query = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
+        with psycopg.connect(self.conninfo, autocommit=True) as conn:
+            while not self.stop.wait(0.5):
+                row = conn.execute(query).fetchone()
+                self.samples.append((time.time(), bool(row and row[0])))
+
+    def share(self, start: float, end: float) -> float:
+        inside = [busy for at, busy in self.samples if start <= at < end]
+        return sum(inside) / len(inside) if inside else float("nan")
 
 
 def phase_stats(phase: Phase, samples: list[tuple[float, float, int]]) -> dict[str, Any]:
@@ -337,6 +375,7 @@ def phase_stats(phase: Phase, samples: list[tuple[float, float, int]]) -> dict[s
         "p99_ms": 1000 * percentile(latencies, 99),
         "max_ms": 1000 * max(latencies, default=float("nan")),
         "bad": sum(1 for s in inside if s[2] != 202),
+        "autovacuum": 100 * phase.autovacuum,
         "statuses": dict(Counter(s[2] for s in inside)),
     }
     if phase.purge:
@@ -362,6 +401,7 @@ def report(args: argparse.Namespace, stats: list[dict[str, Any]]) -> float:
             s["p99_ms"],
             s["max_ms"],
             s["bad"],
+            s["autovacuum"],
             s.get("jobs", ""),
             s.get("jobs_per_s", float("nan")),
             s.get("rows_per_s", float("nan")),
@@ -379,6 +419,7 @@ def report(args: argparse.Namespace, stats: list[dict[str, Any]]) -> float:
             "p99 ms",
             "max ms",
             "non-202",
+            "autovacuum %",
             "jobs purged",
             "jobs/s",
             "rows/s",
