@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test soak lint format bench-dispatch bench-concurrency bench-events bench-provider-limits bench-fairness migrate clean
+.PHONY: dev test soak lint format bench-dispatch bench-concurrency bench-events bench-provider-limits bench-fairness bench-retention migrate clean
 
 $(STAMP): pyproject.toml app/web/package-lock.json tests/node_reader/package-lock.json
 	tools/require npm
@@ -65,6 +65,9 @@ bench-provider-limits: $(STAMP)
 
 bench-fairness: $(STAMP)
 	$(BIN)/python -m bench.fairness
+
+bench-retention: $(STAMP)
+	$(BIN)/python -m bench.retention
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -12,6 +12,9 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# The longest retention a deployment or a tenant may set: 100 years.
+MAX_RETENTION_DAYS = 36_500
+
 
 def _alias(name: str) -> AliasChoices:
     """Accept the conventional unprefixed name as well as the CONVEYOR_ one."""
@@ -257,6 +260,34 @@ class Settings(BaseSettings):
             if "/" in entry or ":" in entry:
                 ipaddress.ip_network(entry, strict=False)
         return entries
+
+    # Retention (docs/reliability.md#retention)
+    retention_days: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_RETENTION_DAYS,
+        description="days a finished job is kept, unless its tenant sets its own; "
+        "unset or 0: forever",
+    )
+    retention_interval: float = Field(
+        3600.0, gt=0, description="seconds between two retention runs (a beat task)"
+    )
+    retention_batch_size: int = Field(
+        500, ge=1, le=10_000, description="jobs deleted per transaction"
+    )
+    retention_pause: float = Field(
+        0.05, ge=0, le=60, description="the least a retention run waits between two batches, s"
+    )
+    retention_max_busy: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="the share of the time a retention run may keep the database busy: after "
+        "a batch that took t seconds it waits t * (1 - share) / share",
+    )
+    retention_max_jobs: int = Field(
+        200_000, ge=1, description="jobs one retention run deletes at most; the next goes on"
+    )
 
     # Testing switches a test config may set; never set in production.
     testing: bool = False

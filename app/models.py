@@ -95,6 +95,13 @@ class Job(Base):
             "created_at",
             postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
         ),
+        # The retention purge's scan: an owner's finished jobs, oldest first.
+        Index(
+            "jobs_owner_finished",
+            "owner",
+            "finished_at",
+            postgresql_where=text("status IN ('succeeded', 'failed', 'canceled')"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -467,8 +474,9 @@ class WebhookAttempt(Base):
 
 
 class Tenant(Base):
-    """An owner's settings: spend limits in USD per UTC day and month (NULL: no limit).
-    An owner without a row has no limits."""
+    """An owner's settings: spend limits in USD per UTC day and month (NULL: no limit), and
+    how many days its finished jobs are kept (NULL: the deployment's CONVEYOR_RETENTION_DAYS;
+    0: forever). An owner without a row has no limits and the deployment's retention."""
 
     __tablename__ = "tenants"
     __table_args__ = (
@@ -483,6 +491,10 @@ class Tenant(Base):
         CheckConstraint(
             "max_concurrency IS NULL OR max_concurrency >= 1", name="tenants_max_concurrency"
         ),
+        CheckConstraint(
+            "retention_days IS NULL OR retention_days BETWEEN 0 AND 36500",
+            name="tenants_retention_days",
+        ),
     )
 
     owner: Mapped[str] = mapped_column(String(200), primary_key=True)
@@ -492,7 +504,7 @@ class Tenant(Base):
     # `max_concurrency` (NULL: the deployment's default cap, if any).
     weight: Mapped[Decimal | None] = mapped_column(Numeric(6, 2))
     max_concurrency: Mapped[int | None] = mapped_column(Integer)
-    # Reserved for a retention feature; nothing reads it yet.
+    # Days its finished jobs are kept (app/jobs/retention.py): NULL the default, 0 forever.
     retention_days: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -17,6 +17,9 @@ QUEUE = "conveyor"
 WEBHOOK_QUEUE = "webhooks"
 WEBHOOK_SEND_TASK = "conveyor.webhooks.send"
 WEBHOOK_DISPATCH_TASK = "conveyor.webhooks.dispatch"
+# Runs on the webhooks queue too: it is the deployment's worker for everything that is not a
+# job, and a purge run that holds a job slot for minutes would take one from the jobs.
+RETENTION_TASK = "conveyor.retention"
 PRIORITY_STEPS = list(range(10))
 QUEUE_SEP = ":"
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "librabbitmq"})
@@ -134,6 +137,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "beat_schedule": {
             "sweep": {"task": SWEEP_TASK, "schedule": settings.sweeper_interval},
             "webhooks": webhook_dispatch_schedule(settings),
+            "retention": retention_schedule(settings),
         },
         "include": ["workers.tasks"],
         **webhook_routing(settings),
@@ -153,6 +157,7 @@ def webhook_routing(settings: Settings) -> dict[str, object]:
         "task_routes": {
             WEBHOOK_SEND_TASK: {"queue": WEBHOOK_QUEUE},
             WEBHOOK_DISPATCH_TASK: {"queue": WEBHOOK_QUEUE},
+            RETENTION_TASK: {"queue": WEBHOOK_QUEUE},
         },
         # An attempt bounds itself (CONVEYOR_WEBHOOK_TIMEOUT); these only catch a stuck one.
         "task_annotations": {
@@ -167,4 +172,14 @@ def webhook_dispatch_schedule(settings: Settings) -> dict[str, object]:
         "schedule": settings.webhook_dispatch_interval,
         # Not piled up while no worker consumes the queue: the next scan does the same work.
         "options": {"expires": max(10.0, settings.webhook_dispatch_interval * 5)},
+    }
+
+
+def retention_schedule(settings: Settings) -> dict[str, object]:
+    return {
+        "task": RETENTION_TASK,
+        "schedule": settings.retention_interval,
+        # Runs missed while no worker consumed the queue are not all run later: the next run
+        # does what they would have done.
+        "options": {"expires": settings.retention_interval},
     }

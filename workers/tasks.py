@@ -7,8 +7,8 @@ import uuid
 from celery import shared_task
 
 from app.execution.runner import execute_job
-from app.jobs import transitions, webhooks
-from app.queue import SWEEP_TASK, WEBHOOK_DISPATCH_TASK, WEBHOOK_SEND_TASK
+from app.jobs import retention, transitions, webhooks
+from app.queue import RETENTION_TASK, SWEEP_TASK, WEBHOOK_DISPATCH_TASK, WEBHOOK_SEND_TASK
 from app.runtime import runtime
 
 
@@ -32,3 +32,11 @@ def dispatch_webhooks() -> int:
 def send_webhook(delivery_id: str, attempt: int) -> str:
     policy = webhooks.Policy.of(runtime().settings)
     return webhooks.deliver(runtime().db, policy, uuid.UUID(delivery_id), attempt)
+
+
+# A run stops by itself after CONVEYOR_RETENTION_MAX_JOBS; the limits only catch a stuck one.
+@shared_task(name=RETENTION_TASK, ignore_result=True, soft_time_limit=3600, time_limit=3660)
+def purge_expired_jobs() -> dict[str, object]:
+    policy = retention.Policy.of(runtime().settings)
+    report = retention.purge(runtime().db, runtime().bus, runtime().artifacts, policy)
+    return vars(report)

@@ -1,6 +1,6 @@
 """Budgets at the API: the admin's tenant settings (spend limits, dispatch weight and
-concurrency cap), and the check of a job's
-estimated cost against its own `max_cost_usd` and its owner's remaining budget at submit."""
+concurrency cap, retention), and the check of a job's estimated cost against its own
+`max_cost_usd` and its owner's remaining budget at submit."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ OWNER_PATH = "/admin/tenants/<string(maxlength=200):owner>"
 
 @bp.get(OWNER_PATH)
 @operation(
-    summary="Get a tenant's budgets, spend and dispatch window",
+    summary="Get a tenant's budgets, spend, dispatch window and retention",
     tag="admin",
     scope=ADMIN,
     responses={200: (TenantOut, "Its limits (null: none) and what it spent today and this month")},
@@ -42,17 +42,18 @@ def get_tenant(owner: str) -> Response:
 
 @bp.put(OWNER_PATH)
 @operation(
-    summary="Set a tenant's budgets, dispatch weight and concurrency cap",
+    summary="Set a tenant's budgets, dispatch weight, concurrency cap and retention",
     tag="admin",
     scope=ADMIN,
     body=TenantPut,
     responses={200: (TenantOut, "The tenant's settings, as stored, and its spend")},
 )
 def put_tenant(owner: str, body: TenantPut) -> Response:
-    """Replaces the owner's settings: a field left out or null is no limit (weight: 1).
-    Budgets take effect at once for new jobs, and for running ones within one worker
-    heartbeat; a raised window or cap releases held jobs at once, a lowered one binds as the
-    tenant's published jobs finish."""
+    """Replaces the owner's settings: a budget left out or null is no limit, a weight 1, a
+    cap the deployment's default, a retention the deployment's default. Budgets take effect at
+    once for new jobs, and for running ones within one worker heartbeat; a raised window or
+    cap releases held jobs at once, a lowered one binds as the tenant's published jobs finish;
+    a retention applies at the next retention run."""
     with runtime().db.transaction() as session:
         budgets.put_tenant(session, owner, body.model_dump())
     runtime().intake.release_quietly([owner])
@@ -62,7 +63,9 @@ def put_tenant(owner: str, body: TenantPut) -> Response:
 def _tenant_out(session: Session, owner: str) -> TenantOut:
     tenant = budgets.get_tenant(session, owner)
     dispatch = fairness.tenant_dispatch(session, owner, runtime().intake.window.params())
-    return TenantOut.of(owner, tenant, budgets.budget_of(session, owner), dispatch)
+    default_retention = runtime().settings.retention_days
+    budget = budgets.budget_of(session, owner)
+    return TenantOut.of(owner, tenant, budget, dispatch, default_retention)
 
 
 # The check at submit ---------------------------------------------------------------------------

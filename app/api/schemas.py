@@ -24,6 +24,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 from sqlalchemy import Row
 
+from app.config import MAX_RETENTION_DAYS
 from app.jobs.batches import BatchSummary
 from app.jobs.canvas_shapes import (
     MAX_CANVAS_SIDE,
@@ -34,6 +35,7 @@ from app.jobs.canvas_shapes import (
 from app.jobs.events import MAX_SEQ
 from app.jobs.listing import JobFilter
 from app.jobs.payloads import EventEnvelope
+from app.jobs.retention import retention_days
 from app.jobs.states import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS, JobStatus
 from app.models import Batch, Canvas, Job, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from app.webhooks.guard import MAX_URL_LENGTH
@@ -605,6 +607,15 @@ class TenantPut(BaseModel):
         "(1 to 100000); null or left out: the deployment's default cap, if any",
         examples=[10],
     )
+    retention_days: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_RETENTION_DAYS,
+        description="Days the tenant's finished jobs are kept (their events, model calls, "
+        f"artifacts and webhook deliveries with them), 1 to {MAX_RETENTION_DAYS}; 0: forever; "
+        "null or left out: the deployment's default (CONVEYOR_RETENTION_DAYS)",
+        examples=[30],
+    )
 
 
 class TenantOut(BudgetOut):
@@ -619,12 +630,28 @@ class TenantOut(BudgetOut):
     )
     outstanding: int = Field(description="Its jobs published and not finished (running too)")
     held: int = Field(description="Its queued jobs held until its window has room")
+    retention_days: int | None = Field(
+        description="As set: days its finished jobs are kept, 0 forever, null the "
+        "deployment's default"
+    )
+    effective_retention_days: int | None = Field(
+        description="The retention that applies: `retention_days`, else the deployment's "
+        "default; null: its jobs are kept forever"
+    )
     created_at: datetime | None = Field(description="When its settings were first set")
     updated_at: datetime | None
 
     @classmethod
-    def of(cls, owner: str, tenant: Any, budget: Any, dispatch: Any) -> TenantOut:
+    def of(
+        cls,
+        owner: str,
+        tenant: Any,
+        budget: Any,
+        dispatch: Any,
+        default_retention: int | None,
+    ) -> TenantOut:
         """`dispatch`: the domain's `fairness.TenantDispatch`."""
+        days = tenant.retention_days if tenant is not None else None
         return cls(
             owner=owner,
             weight=float(dispatch.weight),
@@ -632,6 +659,8 @@ class TenantOut(BudgetOut):
             window=dispatch.window,
             outstanding=dispatch.outstanding,
             held=dispatch.held,
+            retention_days=days,
+            effective_retention_days=retention_days(days, default_retention),
             created_at=tenant.created_at if tenant is not None else None,
             updated_at=tenant.updated_at if tenant is not None else None,
             **BudgetOut.fields_of(budget),

@@ -227,7 +227,7 @@ def test_tenant_budgets_are_set_and_read_by_an_admin_only(admin: Tenant, tenant:
         ({"daily_budget_usd": "lots"}, "daily_budget_usd"),
         ({"monthly_budget_usd": "1.123456789"}, "monthly_budget_usd"),
         ({"monthly_budget_usd": "1e9"}, "monthly_budget_usd"),
-        ({"retention_days": 3}, "retention_days"),
+        ({"retention_days": -1}, "retention_days"),
     ],
 )
 def test_a_bad_budget_is_a_422_naming_the_field(
