@@ -231,6 +231,7 @@ def test_health_reports_the_last_sweep(tenant: Tenant, worker) -> None:
         "canceled",
         "artifacts_swept",
         "scheduled",
+        "released",
         "expired",
     }
 
