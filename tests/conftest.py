@@ -221,6 +221,20 @@ def tenant(new_tenant: Callable[[], Tenant]) -> Tenant:
     return new_tenant()
 
 
+@pytest.fixture
+def admin(app: Flask) -> Tenant:
+    """A key with the admin scope, of an owner of its own."""
+    from app.keys.api_keys import create_api_key
+
+    owner = f"ops-{uuid.uuid4().hex[:8]}"
+    return Tenant(owner, create_api_key(runtime().db, owner, scopes=["admin"]), app.test_client())
+
+
+def put_tenant(admin: Tenant, owner: str, **settings: Any) -> Any:
+    """PUT /admin/tenants/<owner>: budgets, dispatch weight and cap, retention."""
+    return admin.client.put(f"/api/v1/admin/tenants/{owner}", headers=admin.headers, json=settings)
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -11,21 +11,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
 
 from app.jobs.bulk import MAX_BULK
-from app.keys.api_keys import create_api_key
 from app.models import Job, JobEvent
 from app.runtime import runtime
 from tests.conftest import Tenant, undispatched_job
 
 pytestmark = pytest.mark.usefixtures("worker")
-
-
-@pytest.fixture
-def admin(app: Flask) -> Tenant:
-    owner = f"ops-{uuid.uuid4().hex[:8]}"
-    return Tenant(owner, create_api_key(runtime().db, owner, scopes=["admin"]), app.test_client())
 
 
 def finished_job(owner: str, status: str, code: str | None = None, ago: float = 0) -> uuid.UUID:

@@ -10,28 +10,16 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
 
-from app.keys.api_keys import create_api_key
 from app.models import ModelCall, TenantSpend
 from app.runtime import runtime
-from tests.conftest import Tenant
+from tests.conftest import Tenant, put_tenant
 
 pytestmark = pytest.mark.usefixtures("worker")
 
 # The test configuration's model is gpt-4o-mini: $0.60 per million output tokens. A job that
 # sets no max_tokens is estimated at 1,024 output tokens (about $0.00062 with its input).
 LONG = "[[sim tokens=3000 tps=3000]] write at length"
-
-
-@pytest.fixture
-def admin(app: Flask) -> Tenant:
-    owner = f"ops-{uuid.uuid4().hex[:8]}"
-    return Tenant(owner, create_api_key(runtime().db, owner, scopes=["admin"]), app.test_client())
-
-
-def put_budget(admin: Tenant, owner: str, **limits: Any) -> Any:
-    return admin.client.put(f"/api/v1/admin/tenants/{owner}", headers=admin.headers, json=limits)
 
 
 def post_job(tenant: Tenant, job_input: dict[str, Any], **fields: Any) -> Any:
@@ -103,7 +91,7 @@ def test_a_tenant_budget_used_by_earlier_jobs_refuses_the_next(
 
     # A daily budget a little above what was spent: the next job's estimate passes it.
     daily = spent + Decimal("0.0001")
-    assert put_budget(admin, tenant.owner, daily_budget_usd=str(daily)).status_code == 200
+    assert put_tenant(admin, tenant.owner, daily_budget_usd=str(daily)).status_code == 200
     response = post_job(tenant, {"prompt": "more"})
     assert response.status_code == 402
     problem = response.get_json()
@@ -120,7 +108,7 @@ def test_a_tenant_budget_used_by_earlier_jobs_refuses_the_next(
     # A retry is checked as a new job is.
     retry = tenant.post(f"/api/v1/jobs/{job['id']}/retry")
     assert retry.status_code == 409  # it succeeded: nothing to retry
-    put_budget(admin, tenant.owner, monthly_budget_usd=str(spent))
+    put_tenant(admin, tenant.owner, monthly_budget_usd=str(spent))
     refused = post_job(tenant, {"prompt": "more"}).get_json()
     assert refused["limit"] == "monthly" and refused["remaining_usd"] == "0.00000000"
 
@@ -128,7 +116,7 @@ def test_a_tenant_budget_used_by_earlier_jobs_refuses_the_next(
 def test_a_batch_is_refused_when_its_items_together_pass_the_budget(
     admin: Tenant, tenant: Tenant
 ) -> None:
-    put_budget(admin, tenant.owner, daily_budget_usd="0.001")
+    put_tenant(admin, tenant.owner, daily_budget_usd="0.001")
     one = {"kind": "chat", "input": {"prompt": "[[sim tokens=3]] x"}}
     ok = tenant.post("/api/v1/batches", json={"items": [one]})
     assert ok.status_code == 202
@@ -168,7 +156,7 @@ def test_a_streaming_job_is_stopped_at_its_max_cost_with_its_partial_output(
 def test_a_streaming_job_is_stopped_when_its_owner_passes_a_budget(
     admin: Tenant, tenant: Tenant, period: str
 ) -> None:
-    put_budget(admin, tenant.owner, **{f"{period}_budget_usd": "0.0008"})
+    put_tenant(admin, tenant.owner, **{f"{period}_budget_usd": "0.0008"})
     job = tenant.wait_for(tenant.submit("chat", {"prompt": LONG})["id"])
     assert job["status"] == "failed", job
     assert job["error"]["code"] == "budget_exceeded"
@@ -201,7 +189,7 @@ def test_tenant_budgets_are_set_and_read_by_an_admin_only(admin: Tenant, tenant:
     shown = admin.get(path).get_json()
     assert shown["owner"] == tenant.owner
     assert shown["daily_budget_usd"] is None and shown["created_at"] is None
-    stored = put_budget(admin, tenant.owner, daily_budget_usd="5", monthly_budget_usd=100)
+    stored = put_tenant(admin, tenant.owner, daily_budget_usd="5", monthly_budget_usd=100)
     assert stored.status_code == 200
     body = stored.get_json()
     assert body["daily_budget_usd"] == "5.00000000"
@@ -210,7 +198,7 @@ def test_tenant_budgets_are_set_and_read_by_an_admin_only(admin: Tenant, tenant:
     assert admin.get(path).get_json()["monthly_budget_usd"] == "100.00000000"
     # Replaced as a whole: a field left out is no limit.
     assert (
-        put_budget(admin, tenant.owner, daily_budget_usd="1").get_json()["monthly_budget_usd"]
+        put_tenant(admin, tenant.owner, daily_budget_usd="1").get_json()["monthly_budget_usd"]
         is None
     )
 
@@ -233,7 +221,7 @@ def test_tenant_budgets_are_set_and_read_by_an_admin_only(admin: Tenant, tenant:
 def test_a_bad_budget_is_a_422_naming_the_field(
     admin: Tenant, tenant: Tenant, body: dict[str, Any], field: str
 ) -> None:
-    response = put_budget(admin, tenant.owner, **body)
+    response = put_tenant(admin, tenant.owner, **body)
     assert response.status_code == 422, response.get_json()
     assert [e["field"] for e in response.get_json()["errors"]] == [field]
 
@@ -242,11 +230,11 @@ def test_a_retry_is_checked_against_the_budget_left(admin: Tenant, tenant: Tenan
     created = tenant.submit("chat", {"prompt": LONG}, max_cost_usd="0.0008")
     failed = tenant.wait_for(created["id"])
     assert failed["error"]["code"] == "budget_exceeded"
-    put_budget(admin, tenant.owner, daily_budget_usd=failed["usage"]["cost_usd"])
+    put_tenant(admin, tenant.owner, daily_budget_usd=failed["usage"]["cost_usd"])
     refused = tenant.post(f"/api/v1/jobs/{failed['id']}/retry")
     assert refused.status_code == 402
     assert refused.get_json()["limit"] == "daily"
-    put_budget(admin, tenant.owner)
+    put_tenant(admin, tenant.owner)
     retried = tenant.post(f"/api/v1/jobs/{failed['id']}/retry")
     assert retried.status_code == 202
     assert retried.get_json()["max_cost_usd"] == "0.00080000"

@@ -14,12 +14,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
 
-from app.keys.api_keys import create_api_key
 from app.models import OUTSTANDING, Job
 from app.runtime import runtime
-from tests.conftest import Tenant, job_row, wait_until
+from tests.conftest import Tenant, job_row, put_tenant, wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -29,16 +27,6 @@ WINDOW = 32  # CONVEYOR_TENANT_WINDOW=auto: max(tenant_window_min 32, 8 + 2)
 
 def slow(seconds: float) -> dict[str, Any]:
     return {"prompt": f"[[sim tokens=5 duration={seconds}]] {uuid.uuid4()}"}
-
-
-@pytest.fixture
-def admin(app: Flask) -> Tenant:
-    owner = f"ops-{uuid.uuid4().hex[:8]}"
-    return Tenant(owner, create_api_key(runtime().db, owner, scopes=["admin"]), app.test_client())
-
-
-def put_tenant(admin: Tenant, owner: str, **settings: Any) -> Any:
-    return admin.client.put(f"/api/v1/admin/tenants/{owner}", headers=admin.headers, json=settings)
 
 
 def counts(owner: str, db: Any = None) -> tuple[int, int]:

@@ -15,13 +15,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
 
 from app.jobs import retention
 from app.jobs.artifacts import publish_effect
 from app.jobs.events import stream_key
 from app.jobs.payloads import SucceededPayload
-from app.keys.api_keys import create_api_key
 from app.models import (
     Artifact,
     Batch,
@@ -34,21 +32,11 @@ from app.models import (
 )
 from app.queue import RETENTION_TASK
 from app.runtime import runtime
-from tests.conftest import Tenant, undispatched_job, wait_until
+from tests.conftest import Tenant, put_tenant, undispatched_job, wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
-
-
-@pytest.fixture
-def admin(app: Flask) -> Tenant:
-    owner = f"ops-{uuid.uuid4().hex[:8]}"
-    return Tenant(owner, create_api_key(runtime().db, owner, scopes=["admin"]), app.test_client())
-
-
-def put_tenant(admin: Tenant, owner: str, **settings: Any) -> Any:
-    return admin.client.put(f"/api/v1/admin/tenants/{owner}", headers=admin.headers, json=settings)
 
 
 def policy(default_days: int | None = None, batch_size: int = 500, max_jobs: int = 10**6) -> Any:
