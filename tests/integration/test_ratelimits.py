@@ -116,3 +116,16 @@ def test_the_one_round_trip_hit_agrees_with_the_library_strategy() -> None:
         answers.append((allowed, remaining))
         assert reset_at - time.time() <= 61
     assert answers == [(True, 3), (True, 2), (True, 1), (True, 0), (False, 0), (False, 0)]
+
+
+def test_a_redis_that_lost_its_scripts_is_given_them_again() -> None:
+    """The one-round-trip hit runs the scripts by their digest; after a Redis restart (or a
+    SCRIPT FLUSH) they are loaded again and the request is still counted."""
+    storage = SlidingWindowStorage(runtime().settings.redis_url, key_prefix="conveyor:rl-test")
+    limit = parse("2/minute")
+    identity = ("read", str(uuid.uuid4()))
+    assert storage.hit(limit, *identity)[0]
+    runtime().redis.script_flush()
+    allowed, window = storage.hit(limit, *identity)
+    assert allowed and window.verdict(limit).remaining == 0
+    assert storage.hit(limit, *identity)[0] is False
