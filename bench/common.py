@@ -437,3 +437,16 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
         if index == 0:
             print("  " + "  ".join("-" * w for w in widths))
     sys.stdout.flush()
+
+
+def answers_live(url: str, server: Child) -> bool:
+    """Whether the gunicorn `server` at `url` answers GET /api/v1/live (raises if it exited)."""
+    import urllib.request
+
+    if not server.alive():
+        raise RuntimeError(f"gunicorn exited:\n{server.log_tail()}")
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/live", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False

@@ -58,6 +58,7 @@ from bench.common import (
     Profile,
     Rule,
     Services,
+    answers_live,
     descendants,
     have_pyspy,
     median,
@@ -393,25 +394,13 @@ def start_server(
     server = Child("gunicorn", cmd, env, services.workdir).start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(url, server), 60, "gunicorn answering /api/v1/live")
+        wait_until(lambda: answers_live(url, server), 60, "gunicorn answering /api/v1/live")
         # Every worker must have booted, or the first phase measures one of them.
         wait_until(lambda: len(descendants(server.pid)) >= args.workers, 30, "gunicorn workers")
     except TimeoutError:
         print(server.log_tail())
         raise
     return server, url
-
-
-def _answers(url: str, server: Child) -> bool:
-    import urllib.request
-
-    if not server.alive():
-        raise RuntimeError(f"gunicorn exited:\n{server.log_tail()}")
-    try:
-        with urllib.request.urlopen(f"{url}/api/v1/live", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def http_request(bench: Bench, phase: str) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from bench.common import (
     BIN,
     Child,
     Services,
+    answers_live,
     descendants,
     fmt,
     median,
@@ -271,21 +272,9 @@ def start_server(services: Services, env: dict[str, str], workers: int) -> tuple
     cmd += ["--graceful-timeout", "20", "app:create_app()"]
     server = Child("gunicorn", cmd, env, services.workdir).start()
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _answers(url, server), 60, "gunicorn answering /api/v1/live")
+    wait_until(lambda: answers_live(url, server), 60, "gunicorn answering /api/v1/live")
     wait_until(lambda: len(descendants(server.pid)) >= workers, 30, "gunicorn workers")
     return server, url
-
-
-def _answers(url: str, server: Child) -> bool:
-    import urllib.request
-
-    if not server.alive():
-        raise RuntimeError(f"gunicorn exited:\n{server.log_tail()}")
-    try:
-        with urllib.request.urlopen(f"{url}/api/v1/live", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def create_key(settings: Any) -> str:
