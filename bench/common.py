@@ -450,3 +450,16 @@ def answers_live(url: str, server: Child) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def create_key(settings: Any, owner: str) -> str:
+    """An API key for `owner`, made through the app as an operator's tooling makes one."""
+    from app import create_app
+    from app.keys.api_keys import create_api_key
+    from app.runtime import runtime
+
+    app = create_app(settings)
+    with app.app_context():
+        key = create_api_key(runtime().db, owner, "bench")
+    app.extensions["conveyor"].db.dispose()
+    return key

@@ -59,6 +59,7 @@ from bench.common import (
     Rule,
     Services,
     answers_live,
+    create_key,
     descendants,
     have_pyspy,
     median,
@@ -359,18 +360,6 @@ class PhaseResult:
     cpu: dict[str, float]  # percent of one core per process tree; machine: % of all cores
     redis_per_op: float = float("nan")
     pg_xacts_per_op: float = float("nan")
-
-
-def create_key(settings: Any) -> str:
-    from app import create_app
-    from app.keys.api_keys import create_api_key
-    from app.runtime import runtime
-
-    app = create_app(settings)
-    with app.app_context():
-        key = create_api_key(runtime().db, OWNER, "bench")
-    app.extensions["conveyor"].db.dispose()
-    return key
 
 
 def start_server(
@@ -717,7 +706,7 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         services = stack.enter_context(private_services())
         settings = services.settings(openai_api_key="x")
-        key = create_key(settings)
+        key = create_key(settings, OWNER)
         server, url = start_server(services, args, UNREACHED_LIMITS)
         stack.callback(server.stop)
         url_off, off_root = None, {}

@@ -45,6 +45,7 @@ from bench.common import (
     Child,
     Services,
     answers_live,
+    create_key,
     descendants,
     fmt,
     median,
@@ -277,18 +278,6 @@ def start_server(services: Services, env: dict[str, str], workers: int) -> tuple
     return server, url
 
 
-def create_key(settings: Any) -> str:
-    from app import create_app
-    from app.keys.api_keys import create_api_key
-    from app.runtime import runtime
-
-    app = create_app(settings)
-    with app.app_context():
-        key = create_api_key(runtime().db, OWNER, "bench")
-    app.extensions["conveyor"].db.dispose()
-    return key
-
-
 def run_phases(
     args: argparse.Namespace, services: Services, env: dict[str, str], url: str, key: str
 ) -> tuple[list[Phase], list[tuple[float, float, int]]]:
@@ -460,7 +449,7 @@ def main() -> int:
             **UNREACHED_LIMITS,
         )
         env.update(kv.split("=", 1) for kv in args.env)
-        key = create_key(services.settings())
+        key = create_key(services.settings(), OWNER)
         server, url = start_server(services, env, args.workers)
         try:
             phases, samples = run_phases(args, services, env, url, key)
