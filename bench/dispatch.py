@@ -18,7 +18,8 @@ peers measured in the same run on the same private PostgreSQL and Redis:
 
 Each phase: --warmup seconds, then --duration seconds measured, with --concurrency
 connections held busy by an aiohttp client (one event loop in its own process; its CPU is
-reported). Phases interleave within each of --runs runs; medians are printed. No Celery worker
+reported). Phases interleave within each of --runs runs (post and postoff swap places on
+every second run, so neither server is always measured second); medians are printed. No Celery worker
 runs: tasks pile up in Redis and are deleted, with the jobs, before every phase. A final POST
 phase runs under py-spy to show where a POST's time goes.
 
@@ -43,6 +44,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -679,11 +681,22 @@ def print_profiles(cpu: Profile, wall: Profile, cpu_ms_per_post: float) -> None:
 # Main ---------------------------------------------------------------------------------------
 
 
+def run_order(phases: Sequence[str], run: int) -> list[str]:
+    """The phases of one run, with post and postoff swapped on every second run: the server
+    measured second was measured faster (an A/A run, both servers the same, gave 0.86), so a
+    fixed order would bias their ratio."""
+    order = list(phases)
+    if run % 2 == 0 and "post" in order and "postoff" in order:
+        i, j = order.index("post"), order.index("postoff")
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
 def run_all(bench: Bench) -> list[PhaseResult]:
     args = bench.args
     results = []
     for run in range(1, args.runs + 1):
-        for phase in args.phases:
+        for phase in run_order(args.phases, run):
             result = run_phase(bench, phase, args.warmup, args.duration)
             results.append(result)
             print(
