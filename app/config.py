@@ -261,6 +261,17 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(entry, strict=False)
         return entries
 
+    # The response cache (docs/api.md#response-cache)
+    response_cache_ttl: int = Field(
+        86_400,
+        ge=0,
+        le=30 * 86_400,
+        description="seconds a cached answer is kept (input.cache); 0 turns the cache off",
+    )
+    response_cache_max_bytes: int = Field(
+        1_048_576, ge=1, description="the largest answer the response cache stores, bytes"
+    )
+
     # Retention (docs/reliability.md#retention)
     retention_days: int | None = Field(
         None,

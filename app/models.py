@@ -159,6 +159,8 @@ class Job(Base):
     cost_usd: Mapped[Decimal] = mapped_column(
         Numeric(16, 8), default=Decimal(0), server_default="0"
     )
+    # Succeeded with every model call answered from the response cache (input.cache).
+    cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class Batch(Base):

@@ -267,6 +267,10 @@ class JobOut(BaseModel):
     )
     error: JobError | None
     usage: Usage
+    cached: bool = Field(
+        description="Succeeded with its answer from the response cache (input.cache): it cost "
+        "nothing"
+    )
     cancel_requested: bool
     retry_of: uuid.UUID | None
     batch_id: uuid.UUID | None = Field(description="The batch the job was created in, if any")
@@ -311,6 +315,7 @@ class JobOut(BaseModel):
             if job.error_code and job.status == JobStatus.FAILED
             else None,
             usage=Usage(tokens_in=job.tokens_in, tokens_out=job.tokens_out, cost_usd=job.cost_usd),
+            cached=job.cached,
             cancel_requested=job.cancel_requested_at is not None,
             retry_of=job.retry_of,
             batch_id=job.batch_id,
@@ -667,6 +672,11 @@ class TenantOut(BudgetOut):
         )
 
 
+class CacheStats(BaseModel):
+    requests: int = Field(description="Succeeded jobs that asked for the response cache")
+    hits: int = Field(description="Of those, the ones answered from it (`cached: true`)")
+
+
 class Stats(BaseModel):
     by_status: dict[str, int]
     by_kind: dict[str, dict[str, int]]
@@ -674,6 +684,7 @@ class Stats(BaseModel):
     tokens_out: int
     cost_usd: Usd
     duration_seconds: dict[str, float | int | None]
+    cache: CacheStats = Field(description="The response cache (input.cache)")
     budget: BudgetOut = Field(
         description="Your limits and spend today and this month (UTC), from every model call"
     )

@@ -93,6 +93,7 @@ def _run_attempt(ctx: JobContext) -> Outcome:
             progress=100.0,
             error_code=None,
             error_message=None,
+            cached=ctx.llm.all_cached,
         )
         return Outcome.SUCCEEDED
     except LeaseLost:

@@ -289,6 +289,10 @@ def job_stats(session: Session, owner: str) -> dict[str, Any]:
             func.coalesce(func.sum(Job.tokens_in), 0),
             func.coalesce(func.sum(Job.tokens_out), 0),
             func.coalesce(func.sum(Job.cost_usd), 0),
+            func.count().filter(
+                Job.status == JobStatus.SUCCEEDED.value, Job.input["cache"].as_boolean()
+            ),
+            func.count().filter(Job.cached),
         ).where(Job.owner == owner)
     ).one()
     seconds = func.extract("epoch", Job.finished_at - Job.started_at)
@@ -313,6 +317,7 @@ def job_stats(session: Session, owner: str) -> dict[str, Any]:
         "tokens_out": int(totals[1]),
         "cost_usd": Decimal(totals[2]),
         "duration_seconds": {"p50": p50, "p90": p90, "p99": p99, "count": percentiles[1]},
+        "cache": {"requests": totals[3], "hits": totals[4]},
     }
 
 

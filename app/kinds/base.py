@@ -7,7 +7,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -98,12 +106,40 @@ class PromptInput(BaseModel):
     system: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     max_tokens: int | None = Field(None, ge=1, le=32_768)
     temperature: float | None = Field(None, ge=0, le=2)
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**63 - 1,
+        description="Sent to the model: providers that support it answer the same request "
+        "the same way",
+    )
+    cache: bool = Field(
+        False,
+        strict=True,
+        description="Answer from the owner's response cache when an identical call (model, "
+        "messages, max_tokens, temperature, seed) was answered within its TTL; the job then "
+        "costs nothing and records `cached: true`. Only with temperature 0 or a seed.",
+    )
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> Self:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_is_deterministic(cls, cache: bool, info: ValidationInfo) -> bool:
+        # A cached answer stands in for a new one only where the caller asked for the same
+        # answer every time; at a temperature above 0 it would hide the variety asked for.
+        # (A field validator, not a model one, so that the error names `cache`.)
+        if cache and info.data.get("temperature") != 0 and info.data.get("seed") is None:
+            raise PydanticCustomError(
+                "cache_not_deterministic",
+                "'cache' needs 'temperature': 0 or a 'seed': a cached answer replaces a new "
+                "one only where the same answer is asked for every time",
+            )
+        return cache
 
     def as_messages(self) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
@@ -121,4 +157,8 @@ class PromptInput(BaseModel):
             options["max_tokens"] = self.max_tokens
         if self.temperature is not None:
             options["temperature"] = self.temperature
+        if self.seed is not None:
+            options["seed"] = self.seed
+        if self.cache:
+            options["cache"] = True
         return options

@@ -37,6 +37,8 @@ from app.jobs.payloads import (
 from app.jobs.sql import Effect
 from app.jobs.transitions import Checkpoint, Claim, Jobs, LeaseLost, call_cost
 from app.kinds.base import Step
+from app.llm.cache import CachedAnswer, ResponseCache
+from app.llm.cache import cache_key as response_cache_key
 from app.llm.client import CallRecord, Completion, Interrupted, ModelClient
 from app.llm.errors import ModelError
 from app.llm.limits import CapacityWait, Ticket
@@ -465,6 +467,16 @@ class JobContext:
         self._jobs.record_model_calls(self.claim, self.take_calls())
 
 
+@dataclass
+class DeltaSink:
+    """A call's delta handler and what it counts; the budget guard is set once the call is
+    known to be made (a cached answer has none)."""
+
+    on_delta: Callable[[str], None] = lambda _: None
+    over_budget: Callable[[int], bool] = lambda _: False
+    streamed: int = 0
+
+
 class JobLLM:
     """Model calls bound to one job attempt: every call is recorded with its tokens and cost,
     whatever its outcome, and stops when the job is canceled or its lease is lost."""
@@ -472,6 +484,14 @@ class JobLLM:
     def __init__(self, ctx: JobContext, models: ModelClient) -> None:
         self._ctx = ctx
         self._models = models
+        # Chat calls of this attempt, and how many of them the response cache answered.
+        self.calls = 0
+        self.cache_hits = 0
+
+    @property
+    def all_cached(self) -> bool:
+        """Whether every chat call of the attempt was answered from the response cache."""
+        return self.calls > 0 and self.cache_hits == self.calls
 
     @property
     def client(self) -> ModelClient:
@@ -513,19 +533,59 @@ class JobLLM:
         step = ctx.step
         role = options.pop("role", None) or (step.spec.role if step is not None else None)
         model = options.pop("model", None) or self.model_for_role(role)
-        over_budget = self._budget_guard(model, messages)
-        streamed = 0
+        cache = self._models.cache if options.pop("cache", False) else None
+        self.calls += 1
+        if cache is None:
+            sink = self._sink(stream_deltas, progress_of)
+            return self._call(model, messages, step, role, sink, **options)
+        key = response_cache_key(ctx.claim.owner, model, messages, options)
+        if (hit := cache.get(key)) is not None:
+            self._release_prepaid(model)
+            # A cached answer costs nothing: no budget can stop it.
+            return self._replay(hit, model, step, role, self._sink(stream_deltas, progress_of))
+        deltas: list[str] = []
+        sink = self._sink(stream_deltas, progress_of, deltas)
+        completion = self._call(model, messages, step, role, sink, **options)
+        self._store_on_success(cache, key, deltas, completion.finish_reason)
+        return completion
+
+    def _sink(
+        self,
+        stream_deltas: bool,
+        progress_of: Callable[[int], float] | None,
+        deltas: list[str] | None = None,
+    ) -> DeltaSink:
+        """Where a call's deltas go: the job's events (unless `stream_deltas` is off), its
+        progress, and `deltas` when the answer is to be cached; none past the budget."""
+        ctx = self._ctx
+        sink = DeltaSink()
 
         def on_delta(text: str) -> None:
-            nonlocal streamed
-            streamed += 1
-            if over_budget(streamed):
+            sink.streamed += 1
+            if sink.over_budget(sink.streamed):
                 return
+            if deltas is not None:
+                deltas.append(text)
             if stream_deltas:
                 ctx.delta(text)
             if progress_of is not None:
-                ctx.progress(progress_of(streamed))
+                ctx.progress(progress_of(sink.streamed))
 
+        sink.on_delta = on_delta
+        return sink
+
+    def _call(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        step: RunningStep | None,
+        role: str | None,
+        sink: DeltaSink,
+        **options: Any,
+    ) -> Completion:
+        """One call to the model, recorded whatever its outcome."""
+        ctx = self._ctx
+        sink.over_budget = self._budget_guard(model, messages)
         record: CallRecord | None = None
         ticket = ctx.prepaid if ctx.prepaid is not None and ctx.prepaid.endpoint == model else None
         if ticket is not None:
@@ -537,7 +597,7 @@ class JobLLM:
                 messages=messages,
                 step=step.spec.name if step is not None else None,
                 role=role,
-                on_delta=on_delta,
+                on_delta=sink.on_delta,
                 interrupted=lambda: ctx.interrupted,
                 register_closer=ctx.set_closer,
                 **options,
@@ -559,6 +619,55 @@ class JobLLM:
         finally:
             if record is not None:
                 self.record(record)
+
+    def _replay(
+        self,
+        hit: CachedAnswer,
+        model: str,
+        step: RunningStep | None,
+        role: str | None,
+        sink: DeltaSink,
+    ) -> Completion:
+        """A cache hit streams its deltas as the call did, and is recorded as a model call of
+        outcome `cached` that used no tokens and cost nothing."""
+        started = time.perf_counter()
+        for text in hit.deltas:
+            self._ctx.check()
+            sink.on_delta(text)
+        record = CallRecord(
+            model=model,
+            provider=self._models.provider,
+            step=step.spec.name if step is not None else None,
+            role=role,
+            fixed_cost=Decimal(0),
+            outcome="cached",
+        )
+        record.latency_ms = (time.perf_counter() - started) * 1000
+        self.cache_hits += 1
+        self.record(record)
+        return Completion(hit.text, hit.finish_reason, record)
+
+    def _release_prepaid(self, model: str) -> None:
+        """The admission taken for the job's first call, under its endpoint's provider limits,
+        given back: a cached answer makes no call."""
+        ticket, limits = self._ctx.prepaid, self._models.limits
+        if ticket is not None and ticket.endpoint == model and limits is not None:
+            self._ctx.prepaid = None
+            limits.release(ticket)
+
+    def _store_on_success(
+        self, cache: ResponseCache, key: str, deltas: list[str], finish_reason: str | None
+    ) -> None:
+        """The answer is cached once the job has succeeded, not when the call returns: an
+        answer its kind then rejected (JSON that fails the schema) would otherwise be served
+        again to every retry."""
+        answer = CachedAnswer(list(deltas), finish_reason)
+
+        def store(payload: TerminalPayload) -> None:
+            if isinstance(payload, SucceededPayload):
+                cache.put(key, answer)
+
+        self._ctx.after_finish(store)
 
     def _budget_guard(self, model: str, messages: list[dict[str, Any]]) -> Callable[[int], bool]:
         """`over(streamed)`: whether the call, having streamed that many tokens, passed the

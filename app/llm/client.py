@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import openai
 
 from app.config import Settings
+from app.llm.cache import ResponseCache
 from app.llm.errors import ModelError, classify_status_error, classify_transport_error
 from app.llm.limits import CapacityWait, ProviderLimits, Ticket
 from app.llm.pricing import PriceTable
@@ -111,6 +112,14 @@ class ModelClient:
         )
         # None unless CONVEYOR_PROVIDER_LIMITS names an endpoint: no Redis work per call then.
         self.limits = ProviderLimits.of(settings, redis_client, self.provider)
+        # Answers of calls that asked for the cache (input.cache); None when it is off.
+        self.cache = (
+            ResponseCache(
+                redis_client, settings.response_cache_ttl, settings.response_cache_max_bytes
+            )
+            if redis_client is not None and settings.response_cache_ttl > 0
+            else None
+        )
 
     @property
     def comfyui(self) -> ComfyUIClient:
@@ -212,12 +221,13 @@ class ModelClient:
         response_format: dict[str, Any] | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        seed: int | None = None,
         step: str | None = None,
         role: str | None = None,
     ) -> Completion:
         record = CallRecord(model=model, provider=self.provider, step=step, role=role)
         started = time.perf_counter()
-        request = _request(model, messages, response_format, max_tokens, temperature, step)
+        request = _request(model, messages, response_format, max_tokens, temperature, seed, step)
         parts: list[str] = []
         try:
             with self._open_stream(request, register_closer) as lines:
@@ -368,6 +378,7 @@ def _request(
     response_format: dict[str, Any] | None,
     max_tokens: int | None,
     temperature: float | None,
+    seed: int | None,
     step: str | None,
 ) -> dict[str, Any]:
     """The arguments of one streamed chat completion; options left unset are not sent."""
@@ -379,6 +390,7 @@ def _request(
         "response_format": response_format,
         "max_tokens": max_tokens,
         "temperature": temperature,
+        "seed": seed,
     }
     request = {name: value for name, value in request.items() if value is not None}
     if step is not None:
