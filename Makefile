@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test soak lint format bench-dispatch bench-concurrency bench-events bench-provider-limits bench-fairness bench-retention migrate clean
+.PHONY: dev test soak lint format bench-dispatch bench-concurrency bench-events bench-provider-limits bench-fairness bench-retention bench-cpu migrate clean
 
 $(STAMP): pyproject.toml app/web/package-lock.json tests/node_reader/package-lock.json
 	tools/require npm
@@ -68,6 +68,9 @@ bench-fairness: $(STAMP)
 
 bench-retention: $(STAMP)
 	$(BIN)/python -m bench.retention
+
+bench-cpu: $(STAMP)
+	$(BIN)/python -m bench.cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -19,9 +19,9 @@ peers measured in the same run on the same private PostgreSQL and Redis:
 Each phase: --warmup seconds, then --duration seconds measured, with --concurrency
 connections held busy by an aiohttp client (one event loop in its own process; its CPU is
 reported). Phases interleave within each of --runs runs (post and postoff swap places on
-every second run, so neither server is always measured second); medians are printed. No Celery worker
-runs: tasks pile up in Redis and are deleted, with the jobs, before every phase. A final POST
-phase runs under py-spy to show where a POST's time goes.
+every second run, so neither server is always measured second); medians are printed. No
+Celery worker runs: tasks pile up in Redis and are deleted, with the jobs, before every
+phase. A final POST phase runs under py-spy to show where a POST's time goes.
 
     python -m bench.dispatch                    # about 2.5 minutes
     python -m bench.dispatch --runs 1 --duration 5 --profile-seconds 0
