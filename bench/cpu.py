@@ -41,6 +41,7 @@ from bench.common import (
     BIN,
     RESULTS,
     Child,
+    Profile,
     Services,
     have_pyspy,
     median,
@@ -52,6 +53,7 @@ from bench.common import (
     stop_on_sigterm,
     tree_cpu_seconds,
 )
+from bench.concurrency import TX_RULES, WORKER_RULES
 
 OWNER = "bench-cpu"
 MODEL = "gpt-4o-mini"
@@ -260,7 +262,26 @@ def start_profile(bench: Bench, worker: Child, tokens: int) -> Any:
     bench.args.profile_dir.mkdir(parents=True, exist_ok=True)
     (bench.args.profile_dir / ".gitignore").write_text("*\n")
     print(f"  py-spy on the worker for {seconds:.0f} s -> {out}")
-    return start_pyspy(worker.pid, out, seconds, mode="gil")
+    return start_pyspy(worker.pid, out, seconds, mode="gil", rate=250)
+
+
+def print_profile(args: argparse.Namespace, tokens: int) -> None:
+    path = args.profile_dir / f"cpu-conveyor-{tokens}.txt"
+    profile = Profile.load([path])
+    if not profile.total():
+        print(f"(no samples in {path})")
+        return
+    rows = [[n, f"{share:.1f}", count] for n, count, share in profile.breakdown(WORKER_RULES)]
+    print_table(
+        f"Conveyor worker, {tokens} tokens: CPU by category ({profile.total()} samples; {path})",
+        ["category", "%", "samples"],
+        rows,
+    )
+    rows = [
+        [n, f"{share:.1f}", count]
+        for n, count, share in profile.breakdown(TX_RULES, "transitions.py")
+    ]
+    print_table("Inside the state changes (transitions.py)", ["category", "%", "samples"], rows)
 
 
 # Report -----------------------------------------------------------------------------------
@@ -368,6 +389,8 @@ def main() -> int:
                     results.append(result)
                     print(progress_line(result), flush=True)
         report(results, args)
+        if args.profile:
+            print_profile(args, args.tokens[0])
     print(f"\ntotal {time.monotonic() - began:.0f} s")
     return 0
 
