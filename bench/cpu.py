@@ -74,6 +74,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=50, help="S slots of each worker")
     parser.add_argument("--duration", type=float, default=1.0, help="D: seconds per answer")
     parser.add_argument("--idle", type=float, default=2.0, help="seconds of idle CPU read")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Conveyor worker env, e.g. CONVEYOR_DELTA_FLUSH_INTERVAL=0.25",
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy one Conveyor run")
     parser.add_argument("--profile-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -105,11 +112,13 @@ class Bench:
     def prompt(self, tokens: int) -> str:
         return f"[[sim tokens={tokens} duration={self.args.duration:g}]] Write a short note."
 
-    def env(self) -> dict[str, str]:
+    def env(self, peer: str) -> dict[str, str]:
+        extra = dict(kv.split("=", 1) for kv in self.args.env) if peer == "conveyor" else {}
         return self.services.env(
             OPENAI_BASE_URL=self.sim.base_url,
             OPENAI_API_KEY="sim",
             BARE_CONNINFO=self.services.pg.conninfo(),
+            **extra,
         )
 
     def start_worker(self, peer: str, name: str) -> Child:
@@ -119,7 +128,7 @@ class Bench:
         cmd = [str(BIN / "celery"), "-A", app, "worker", "--pool", self.args.pool]
         cmd += ["--concurrency", str(self.args.concurrency), "-Q", queue]
         cmd += ["--loglevel", "WARNING", "-n", f"{name}@%h", "--without-mingle", "--without-gossip"]
-        return Child(name, cmd, self.env(), self.services.workdir).start()
+        return Child(name, cmd, self.env(peer), self.services.workdir).start()
 
 
 # One measurement --------------------------------------------------------------------------
