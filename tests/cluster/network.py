@@ -110,7 +110,8 @@ def links() -> list[str]:
 
 
 def remove_leftovers() -> list[str]:
-    """Removes the namespaces and links of runs whose process is gone; returns their names."""
+    """Removes what runs whose process is gone left: their namespaces (and what still runs
+    there), links and stores; returns what it removed."""
     removed = []
     for namespace in namespaces():
         if (match := _OURS.match(namespace)) and not pid_alive(int(match.group(1))):
@@ -120,7 +121,28 @@ def remove_leftovers() -> list[str]:
         if (match := _OURS.match(link)) and not pid_alive(int(match.group(1))):
             ip("link", "del", link, check=False)
             removed.append(link)
+    # The stores of the root namespace outlive a killed run, listening on its bridge's
+    # address, which no interface holds once the bridge is gone.
+    held = {line.split()[3].split("/")[0] for line in ip("-o", "-4", "addr").splitlines()}
+    for pid, address in listeners():
+        if address in held or address in ("*", "::"):
+            continue
+        if ipaddress.ip_address(address) in SUPERNET:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            removed.append(f"pid {pid} on {address}")
     return removed
+
+
+def listeners() -> list[tuple[int, str]]:
+    """(pid, address) of every TCP listener of the root namespace, IPv4 and IPv6 (`*` and
+    `[::]` both as they are: listening everywhere)."""
+    table = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in table.splitlines():
+        address = line.split()[3].rsplit(":", 1)[0].strip("[]").split("%")[0]
+        found += [(int(pid), address) for pid in re.findall(r"pid=(\d+)", line)]
+    return found
 
 
 def free_subnet() -> ipaddress.IPv4Network:

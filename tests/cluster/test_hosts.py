@@ -5,8 +5,6 @@ cannot write once it is back, and a killed web replica's clients resume on the o
 
 from __future__ import annotations
 
-import re
-import subprocess
 import time
 import uuid
 from typing import Any
@@ -16,30 +14,19 @@ import redis
 from app.jobs.events import stream_key
 from tests.chaos.conftest import Cluster
 from tests.cluster.conftest import WEB_HOSTS, WORKER_HOSTS, Follower, Hosts, wait_for
+from tests.cluster.network import listeners
 
-SHORT = "[[sim tokens=150 tps=50]]"  # a 3 s streamed answer
+SHORT = "[[sim tokens=250 tps=50]]"  # a 5 s streamed answer
 LONG = "[[sim tokens=300 tps=30]]"  # a 10 s streamed answer
-
-
-def listeners() -> dict[int, set[str]]:
-    """The addresses each process of the root namespace listens on (TCP), by pid."""
-    table = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
-    found: dict[int, set[str]] = {}
-    for line in table.splitlines():
-        address = line.split()[3].rsplit(":", 1)[0]
-        for pid in re.findall(r"pid=(\d+)", line):
-            found.setdefault(int(pid), set()).add(address)
-    return found
 
 
 def test_the_stores_listen_on_the_bridge_only(hosts: Hosts) -> None:
     """PostgreSQL, Redis and the simulator serve the hosts on the bridge, and nothing else:
     not 0.0.0.0, not the machine's own network."""
-    found = listeners()
     cluster = hosts.cluster
     for store in (cluster.pg, cluster.redis, cluster.sim):
-        assert store.pid is not None
-        assert found.get(store.pid) == {hosts.network.gateway}, (store.name, found.get(store.pid))
+        addresses = {address for pid, address in listeners() if pid == store.pid}
+        assert addresses == {hosts.network.gateway}, (store.name, addresses)
 
 
 def last_seq(cluster: Cluster, job_id: str) -> int:
@@ -60,9 +47,9 @@ def test_a_client_of_replica_a_hears_the_job_a_worker_on_host_c_runs(hosts: Host
     assert hosts.host_of(job_id) == "worker-c"
     assert follower.types()[-1] == "job.succeeded"
     assert follower.acks[0]["ok"], follower.acks
-    # Most events arrived live, after the subscription's replay, from the other host.
+    # Events arrived live, after the subscription's replay, from the other host.
     live = len(follower.received) - follower.acks[0]["replayed"]
-    assert live > follower.acks[0]["replayed"], follower.acks
+    assert live >= 10, follower.acks
     assert follower.seqs() == list(range(1, last_seq(hosts.cluster, job_id) + 1))
     print(f"[cluster] replica A heard {live} live events of the job run on host C")
 
