@@ -70,13 +70,27 @@ def job_state(cluster: Cluster, job_id: str) -> dict[str, Any]:
     return {"row": row, "events": events, "stream": stream}
 
 
+def draw(cluster: Cluster, prompt: str) -> tuple[str, str]:
+    """A new canvas, and a canvas job that draws on it."""
+    with cluster.http() as api:
+        canvas = api.post("/canvases", json={"name": "board"})
+        assert canvas.status_code == 201, canvas.text
+        canvas_id = canvas.json()["id"]
+        job = {"kind": "canvas", "input": {"canvas_id": canvas_id, "prompt": prompt}}
+        response = api.post("/jobs", json=job)
+    assert response.status_code == 202, response.text
+    return canvas_id, response.json()["id"]
+
+
 def test_a_worker_host_cut_off_mid_job_loses_it_and_cannot_write_once_back(
     hosts: Hosts,
 ) -> None:
+    """A canvas job: its effect, the objects it draws, is saved on the canvas by the write that
+    finishes it; two attempts that both finished would draw twice."""
     cluster = hosts.cluster
     hosts.run_workers(*WORKER_HOSTS)
     tag = f"cut-{uuid.uuid4().hex[:8]}"
-    job_id = cluster.submit(f"{LONG} [[sim tag={tag}]] cut off")
+    canvas_id, job_id = draw(cluster, f"[[sim duration=10 tag={tag}]] a flow chart")
     cluster.wait_status(job_id, "running", within=30)
     victim = hosts.host(hosts.host_of(job_id))
     events = redis.Redis.from_url(cluster.redis.url)
@@ -126,6 +140,11 @@ def test_a_worker_host_cut_off_mid_job_loses_it_and_cannot_write_once_back(
     assert len(cluster.sim.requests(tag)) == 2
     calls = cluster.sql("SELECT attempt FROM model_calls WHERE job_id = %s", job_id)
     assert sorted(calls).count((2,)) == 1 and len(calls) <= 2, calls
+    drawn = cluster.sql("SELECT id, job_id FROM canvas_objects WHERE canvas_id = %s", canvas_id)
+    made = job["output"]["object_ids"]
+    assert made and sorted(str(id_) for id_, _ in drawn) == sorted(made)
+    assert {str(made_by) for _, made_by in drawn} == {job_id}
+    print(f"[cluster] the canvas holds the {len(made)} objects of attempt 2, once")
     cluster.assert_sound(job_id)
 
 
