@@ -144,7 +144,7 @@ def test_a_worker_host_cut_off_mid_job_loses_it_and_cannot_write_once_back(
     made = job["output"]["object_ids"]
     assert made and sorted(str(id_) for id_, _ in drawn) == sorted(made)
     assert {str(made_by) for _, made_by in drawn} == {job_id}
-    print(f"[cluster] the canvas holds the {len(made)} objects of attempt 2, once")
+    print(f"[cluster] the canvas holds attempt 2's objects ({len(made)}), once")
     cluster.assert_sound(job_id)
 
 
