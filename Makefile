@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test soak lint format bench-dispatch bench-concurrency bench-events bench-provider-limits bench-fairness bench-retention bench-cpu migrate clean
+.PHONY: dev test cluster cluster-preflight soak lint format bench-dispatch bench-concurrency bench-events bench-provider-limits bench-fairness bench-retention bench-cpu migrate clean
 
 $(STAMP): pyproject.toml app/web/package-lock.json tests/node_reader/package-lock.json
 	tools/require npm
@@ -34,6 +34,19 @@ test: $(STAMP)
 	# The job lifecycle again with RabbitMQ as the broker (a private node; docs/brokers.md).
 	CONVEYOR_TEST_BROKER=rabbitmq $(BIN)/python -m pytest -q \
 		tests/integration/test_lifecycle.py tests/integration/test_brokers.py
+
+# Several hosts on this machine: network namespaces on a private bridge, two web replicas
+# behind HAProxy, three worker hosts (docs/cluster.md). Needs root and iproute2's `ip`; not part
+# of `make test`, whose collection leaves tests/cluster out unless CONVEYOR_CLUSTER_TESTS=1.
+cluster: cluster-preflight $(STAMP)
+	tools/require haproxy
+	CONVEYOR_CLUSTER_TESTS=1 $(BIN)/python -m pytest -q -s tests/cluster
+
+# One line that says why it cannot run here, before anything is installed.
+cluster-preflight:
+	@[ "$$(id -u)" = 0 ] || { echo "make cluster: needs root (it creates network namespaces and a bridge); run it as root"; exit 1; }
+	@command -v ip >/dev/null 2>&1 || { echo "make cluster: needs iproute2's ip: run 'sudo apt-get install iproute2'"; exit 1; }
+	@command -v unshare >/dev/null 2>&1 || { echo "make cluster: needs util-linux's unshare: run 'sudo apt-get install util-linux'"; exit 1; }
 
 # Thousands of jobs with random faults and worker kills; not part of `make test`.
 soak: $(STAMP)

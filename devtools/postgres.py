@@ -47,11 +47,12 @@ def _child_env() -> dict[str, str]:
 
 
 class PostgresServer(DevServer):
-    """A private PostgreSQL cluster in ``data_dir`` listening on 127.0.0.1:``port``.
+    """A private PostgreSQL cluster in ``data_dir`` listening on ``host``:``port``.
 
     ``durable=False`` trades crash safety for speed (tests). The superuser is
     ``postgres`` with trust authentication, which is fine because the server only
-    listens on loopback and a socket directory other accounts cannot list.
+    listens on loopback and a socket directory other accounts cannot list, or, with
+    another ``host`` (the cluster test's private bridge), trusts only ``trusted_network``.
     """
 
     name = "postgres"
@@ -65,8 +66,12 @@ class PostgresServer(DevServer):
         *,
         durable: bool = True,
         prefer_system: bool = True,
+        host: str = "127.0.0.1",
+        trusted_network: str | None = None,
     ) -> None:
         super().__init__(port)
+        self.host = host
+        self.trusted_network = trusted_network
         self.data_dir = Path(os.path.abspath(data_dir))
         self.durable = durable
         self.binaries = find_postgres_binaries(prefer_system)
@@ -81,11 +86,11 @@ class PostgresServer(DevServer):
         return self.database_url(PG_DATABASE)
 
     def database_url(self, dbname: str) -> str:
-        return f"postgresql+psycopg://{PG_SUPERUSER}@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql+psycopg://{PG_SUPERUSER}@{self.host}:{self.port}/{dbname}"
 
     def conninfo(self, dbname: str = PG_DATABASE) -> str:
         """libpq URL for psycopg.connect() / psql."""
-        return f"postgresql://{PG_SUPERUSER}@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql://{PG_SUPERUSER}@{self.host}:{self.port}/{dbname}"
 
     def create_database(self, name: str) -> str:
         """Create an empty database ``name`` (replacing any existing one); return its URL."""
@@ -136,6 +141,17 @@ class PostgresServer(DevServer):
             )
         self._choose_socket_dir(run_as)
         self._clear_stale_socket_locks()
+        if self.trusted_network is not None:
+            self._trust(self.trusted_network)
+
+    def _trust(self, network: str) -> None:
+        # initdb's pg_hba.conf trusts loopback only; a server on another address must let
+        # its clients' network in too.
+        hba = self.data_dir / "pg_hba.conf"
+        line = f"host all all {network} trust\n"
+        if line not in hba.read_text():
+            with hba.open("a") as conf:
+                conf.write(line)
 
     def _initdb(self, deadline: float) -> None:
         leftovers = {p.name for p in self.data_dir.iterdir()} - {PG_LOG_NAME, OWNER_FILE_NAME}
@@ -223,7 +239,7 @@ class PostgresServer(DevServer):
             "-k",
             str(self._socket_dir),
             "-c",
-            "listen_addresses=127.0.0.1",
+            f"listen_addresses={self.host}",
             "-c",
             "max_connections=300",
         ]

@@ -25,7 +25,7 @@ REDIS_PID_NAME = "redis.pid"
 
 
 class RedisServer(DevServer):
-    """A private Redis (or Valkey) on 127.0.0.1:``port``.
+    """A private Redis (or Valkey) on ``host``:``port``.
 
     ``data_dir=None`` keeps nothing on disk; a directory enables the append-only
     file there so data survives restarts.
@@ -41,15 +41,17 @@ class RedisServer(DevServer):
         port: int | None = None,
         *,
         prefer_system: bool = True,
+        host: str = "127.0.0.1",
     ) -> None:
         super().__init__(port)
+        self.host = host
         self.data_dir = Path(os.path.abspath(data_dir)) if data_dir is not None else None
         self.binary = find_redis_server(prefer_system)
         self._work_dir: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def _log_ready(self) -> None:
         logger.info(
@@ -78,7 +80,7 @@ class RedisServer(DevServer):
         cmd = [
             str(self.binary.server),
             "--bind",
-            "127.0.0.1",
+            self.host,
             "--port",
             str(self.port),
             "--protected-mode",
@@ -107,7 +109,7 @@ class RedisServer(DevServer):
         import redis
 
         client = redis.Redis(
-            host="127.0.0.1", port=self.port, socket_connect_timeout=1, socket_timeout=2
+            host=self.host, port=self.port, socket_connect_timeout=1, socket_timeout=2
         )
         try:
             client.ping()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -21,14 +22,26 @@ GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 
 class WebServer:
+    """`host`, `port` and `wrap` (a command prefix) place it elsewhere than on loopback: the
+    cluster test runs one in each web host's network namespace."""
+
     def __init__(
-        self, settings: Settings, workers: int = 1, extra_env: dict[str, str] | None = None
+        self,
+        settings: Settings,
+        workers: int = 1,
+        extra_env: dict[str, str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.workers = workers
         self.extra_env = extra_env or {}
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.port = port or free_port()
+        self.wrap = list(wrap)
+        self.url = f"http://{host}:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
         self._log = Path(tempfile.mkstemp(prefix="conveyor-web-", suffix=".log")[1])
 
@@ -61,7 +74,8 @@ class WebServer:
         return {**os.environ, **values, **self.extra_env, "PYTHONPATH": str(ROOT)}
 
     def start(self) -> WebServer:
-        command = [str(GUNICORN), "--bind", f"127.0.0.1:{self.port}", "--worker-class", "gevent"]
+        command = [*self.wrap, str(GUNICORN), "--bind", f"{self.host}:{self.port}"]
+        command += ["--worker-class", "gevent"]
         command += ["--workers", str(self.workers), "--graceful-timeout", "2"]
         command += ["-c", "python:app.gunicorn_config", "app:create_app()"]
         with self._log.open("ab") as log:
@@ -91,6 +105,14 @@ class WebServer:
         except ProcessLookupError:
             pass
         self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL, master and workers at once: the host's web process dies, nothing is closed
+        politely."""
+        if self._process is not None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait(10)
+            self._process = None
 
     def log_text(self) -> str:
         """What gunicorn and its workers wrote (stdout and stderr)."""

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +55,8 @@ class Cluster:
     secret: str = "chaos-secret"
     broker_url: str | None = None  # None: Redis is the broker too
     web: WebServer | None = None
+    # Where clients reach the API when it is not `web`: a load balancer in front of several.
+    entry_url: str | None = None
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     key: str = ""
 
@@ -87,28 +89,41 @@ class Cluster:
             broker_url=self.broker_url,
         )
 
-    def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, args: list[str], wrap: Sequence[str] = (), **env: str
+    ) -> subprocess.Popen[bytes]:
+        """`wrap` prefixes the command (the cluster test runs processes on its hosts so)."""
         log = (self.workdir / f"{name}.log").open("ab")
         process = subprocess.Popen(
-            args, cwd=ROOT, env=self.env(**env), stdout=log, stderr=log, start_new_session=True
+            [*wrap, *args],
+            cwd=ROOT,
+            env=self.env(**env),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         self.processes.append(process)
         return process
 
     def start_worker(
-        self, name: str = "w1", pool: str = "threads", concurrency: int = 8, **env: str
+        self,
+        name: str = "w1",
+        pool: str = "threads",
+        concurrency: int = 8,
+        wrap: Sequence[str] = (),
+        **env: str,
     ) -> subprocess.Popen[bytes]:
         level = env.get("CONVEYOR_LOG_LEVEL", "WARNING")
         args = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
         args += ["--pool", pool, "--concurrency", str(concurrency), "-Q", "conveyor"]
         args += ["-n", f"{name}-{uuid.uuid4().hex[:6]}@%h", "--loglevel", level]
         args += ["--without-mingle", "--without-gossip"]
-        return self.spawn(name, args, **env)
+        return self.spawn(name, args, wrap, **env)
 
-    def start_beat(self) -> subprocess.Popen[bytes]:
+    def start_beat(self, wrap: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         args = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat"]
         args += ["--loglevel", "WARNING", "--schedule", str(self.workdir / "beat-schedule")]
-        return self.spawn("beat", args)
+        return self.spawn("beat", args, wrap)
 
     def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         if process.poll() is None:
@@ -126,9 +141,10 @@ class Cluster:
     # The API -----------------------------------------------------------------------------
 
     def http(self, timeout: float = 10) -> httpx.Client:
-        assert self.web is not None
+        url = self.entry_url or (self.web.url if self.web is not None else None)
+        assert url is not None, "no web process"
         return httpx.Client(
-            base_url=f"{self.web.url}/api/v1",
+            base_url=f"{url}/api/v1",
             headers={"Authorization": f"Bearer {self.key}"},
             timeout=timeout,
         )
