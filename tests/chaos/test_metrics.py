@@ -232,7 +232,10 @@ def check_series(
     settle(
         prom,
         {
-            "up": {f"{web},job=conveyor-web": 1, f"{worker},job=conveyor-worker": 1},
+            "max by (job, instance) (up)": {
+                f"{web},job=conveyor-web": 1,
+                f"{worker},job=conveyor-worker": 1,
+            },
             "sum(conveyor_jobs_created_total)": {"": created},
             "sum by (status) (conveyor_jobs_finished_total)": {
                 "status=succeeded": ok,
