@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
-from wsgiref.simple_server import WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -37,9 +37,7 @@ from prometheus_client import (
     disable_created_metrics,
     multiprocess,
 )
-
-# Its own quiet request handler and threaded server: the standard library's log every request.
-from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import REGISTRY, Collector
 
 logger = logging.getLogger(__name__)
@@ -264,6 +262,14 @@ def _guarded(app: Callable, token: str | None) -> Callable:
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """The standard library's handler writes a line per request to stderr, past the logging
+    configuration (and not as JSON): one per scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 def serve_worker_metrics(host: str, port: int, token: str | None) -> WSGIServer | None:
     """A worker host's /metrics on its own port, on a daemon thread (a greenlet under gevent's
     patching). Without a token it binds only to a loopback address: every process on the
@@ -285,7 +291,7 @@ def serve_worker_metrics(host: str, port: int, token: str | None) -> WSGIServer 
         port,
         _guarded(scrape, token),
         server_class=ThreadingWSGIServer,
-        handler_class=_SilentHandler,
+        handler_class=_QuietHandler,
     )
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     logger.info("worker metrics on http://%s:%d/metrics", host, server.server_port)

@@ -221,3 +221,32 @@ def test_promtool_accepts_the_prometheus_config(tmp_path: Path) -> None:
         [promtool(), "check", "config", str(broken)], capture_output=True, check=False
     )
     assert refused.returncode != 0
+
+
+def test_the_compose_service_writes_a_web_config_promtool_accepts(tmp_path: Path) -> None:
+    """Prometheus' basic auth in docker-compose.yml: its start command, run by a shell with the
+    environment Compose gives it, writes the token file and a web config with the user."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    command = compose["services"]["prometheus"]["command"][0]
+    # As Compose hands it over ($$ is a literal $), into a directory of this test's own, and
+    # stopping before Prometheus would start.
+    command = command.replace("$$", "$").replace("/tmp/conveyor", str(tmp_path / "run"))
+    command = command[: command.index("exec /bin/prometheus")] + "true"
+    password_hash = "$2y$10$3hK6GXbR0bG3wTj5Qm7pXe5o7fZrKqg6rQ1F0w1tQx3w4Z9o9n8eK"
+    environment = {
+        "CONVEYOR_METRICS_TOKEN": "the-token",
+        "PROMETHEUS_USER": "admin",
+        "PROMETHEUS_PASSWORD_HASH": password_hash,
+        "PATH": "/usr/bin:/bin",
+    }
+    subprocess.run(["sh", "-c", command], env=environment, check=True)
+    assert (tmp_path / "run/metrics-token").read_text() == "the-token"
+    web_config = tmp_path / "run/web.yml"
+    assert yaml.safe_load(web_config.read_text()) == {"basic_auth_users": {"admin": password_hash}}
+    checked = subprocess.run(
+        [promtool(), "check", "web-config", str(web_config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
