@@ -236,7 +236,9 @@ def process_exited(pid: int) -> None:
 def token_matches(header: str | None, token: str) -> bool:
     """`Authorization: Bearer <token>`, compared in constant time."""
     scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)
+    # As bytes: compare_digest refuses a str that is not ASCII, which a header may well be.
+    matches = hmac.compare_digest(given.strip().encode(), token.encode())
+    return scheme.lower() == "bearer" and matches
 
 
 def _guarded(app: Callable, token: str | None) -> Callable:

@@ -162,8 +162,11 @@ def test_prometheus_scrapes_web_and_workers(tmp_path: Path) -> None:
         assert cluster.web is not None
         worker_port = free_port()
         worker_url = f"http://127.0.0.1:{worker_port}"
+        # The Procfile's pool: the metrics server runs as a greenlet beside the jobs.
         cluster.start_worker(
-            CONVEYOR_METRICS_TOKEN=TOKEN, CONVEYOR_WORKER_METRICS_PORT=str(worker_port)
+            pool="gevent",
+            CONVEYOR_METRICS_TOKEN=TOKEN,
+            CONVEYOR_WORKER_METRICS_PORT=str(worker_port),
         )
         cluster.start_beat()
         assert_not_public(cluster, worker_url)

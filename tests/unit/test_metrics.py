@@ -106,6 +106,9 @@ def test_a_worker_serves_its_metrics_to_the_token_only(worker_server: str) -> No
     assert refused.status_code == 401
     assert refused.headers["Content-Type"] == "application/problem+json"
     assert httpx.get(worker_server).status_code == 401
+    assert not metrics.token_matches("Bearer s3cr\u00e9t", "s3cret")  # not ASCII: no error
+    assert not metrics.token_matches("Basic s3cret", "s3cret")
+    assert metrics.token_matches("bearer  s3cret ", "s3cret")
     answer = httpx.get(worker_server, headers={"Authorization": "Bearer s3cret"})
     assert answer.status_code == 200
     line = 'conveyor_job_retries_total{code="model_rate_limited",kind="unit-kind"}'
