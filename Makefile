@@ -25,7 +25,7 @@ dev: $(STAMP)
 # The browser tests drive a real Chromium: Debian's, installed here where it is missing and the
 # user may install packages, else Playwright's own download (tools/require says which).
 test: $(STAMP)
-	tools/require chromium rabbitmq-server compose-schema
+	tools/require chromium rabbitmq-server compose-schema prometheus
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	# No cache: a cached graph has kept a deleted import alive and failed a clean tree.

@@ -11,7 +11,7 @@ from app.config import Settings
 
 
 def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
-    from app import api, cli, logs, realtime, web
+    from app import api, cli, logs, metrics, realtime, web
     from app.db import db
     from app.execution.leases import worker_heartbeat_step
     from app.jobs.artifacts import Artifacts
@@ -34,6 +34,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     logs.init_app(app)
+    metrics.configure(tenant_label=settings.metrics_tenant_label)
     db.init_app(app, settings)
     redis_client = build_redis(settings)
     bus = EventBus(settings, redis_client)

@@ -182,6 +182,25 @@ class Settings(BaseSettings):
     # Worker
     worker_concurrency: int = Field(200, ge=1)
 
+    # Metrics (docs/metrics.md)
+    metrics_token: str | None = Field(
+        None,
+        description="the bearer token Prometheus sends to /metrics; unset: the web's /metrics "
+        "answers 404 and a worker's serves its loopback address only",
+    )
+    metrics_tenant_label: bool = Field(
+        False, description="label jobs, tokens and cost with the tenant (one series per tenant)"
+    )
+    metrics_pool_max_age: float = Field(
+        5.0, ge=0, description="seconds a web process reuses the pool's gauges (queue depth...)"
+    )
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65_535, description="the port of a worker host's /metrics; 0: not served"
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="the address a worker's /metrics binds to"
+    )
+
     # Fair dispatch (docs/architecture.md#fair-dispatch)
     tenant_window: Literal["auto", "off"] | Annotated[int, Field(ge=1, le=1_000_000)] = Field(
         "auto",

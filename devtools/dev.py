@@ -120,6 +120,8 @@ def main() -> int:
     STATE.mkdir(exist_ok=True)
     env = dict(os.environ)
     web_port, flower_port = port_or_free(8000), port_or_free(5555)
+    metrics_ports = {"WORKER_METRICS_PORT": port_or_free(9101)}
+    metrics_ports["WEBHOOKS_METRICS_PORT"] = port_or_free(9102)
     env.update(
         {
             "PORT": str(web_port),
@@ -127,6 +129,10 @@ def main() -> int:
             "CONVEYOR_SECRET_KEY": env.get("CONVEYOR_SECRET_KEY") or persistent_secret("secret"),
             "FLOWER_BASIC_AUTH": env.get("FLOWER_BASIC_AUTH")
             or f"conveyor:{persistent_secret('flower-password')}",
+            # /metrics of the web and of both workers (the Procfile passes their ports).
+            "CONVEYOR_METRICS_TOKEN": env.get("CONVEYOR_METRICS_TOKEN")
+            or persistent_secret("metrics-token"),
+            **{name: str(port) for name, port in metrics_ports.items()},
             "CONVEYOR_BEAT_SCHEDULE": str(STATE / "celerybeat-schedule"),
             "CONVEYOR_ARTIFACT_DIR": env.get("CONVEYOR_ARTIFACT_DIR") or str(STATE / "artifacts"),
             "PYTHONUNBUFFERED": "1",
@@ -173,6 +179,7 @@ def run_demo_then_wait(
     log_path: Path,
 ) -> int:
     url = f"http://127.0.0.1:{web_port}"
+    worker_ports = f"{env['WORKER_METRICS_PORT']} and {env['WEBHOOKS_METRICS_PORT']}"
     console.print(f"[bold]starting[/bold] {', '.join(PROCESSES)} (logs: {log_path})")
     wait_for_api(url, timeout=90)
     console.print(f"\n[bold]demo job[/bold] chat: {DEMO_PROMPT!r}\n")
@@ -185,6 +192,8 @@ def run_demo_then_wait(
   dashboard   {url}/
   API docs    {url}/api/v1/docs   (OpenAPI: {url}/api/v1/openapi.json)
   Flower      http://127.0.0.1:{flower_port}/   (basic auth: {env["FLOWER_BASIC_AUTH"]})
+  metrics     curl -H 'Authorization: Bearer {env["CONVEYOR_METRICS_TOKEN"]}' {url}/metrics
+  (workers)   the same, at 127.0.0.1 ports {worker_ports} (docs/metrics.md)
   demo key    export CONVEYOR_URL={url} CONVEYOR_API_KEY={key}
   try         conveyor submit chat --prompt "Hello" --follow
   databases   DATABASE_URL={env["DATABASE_URL"]}  REDIS_URL={env["REDIS_URL"]}

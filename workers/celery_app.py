@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import signals
 
-from app import create_app, logs
+from app import create_app, logs, metrics
 
 flask_app = create_app()
 celery = flask_app.extensions["conveyor"].celery
@@ -32,3 +32,21 @@ def banner_as_a_record(sender: str, instance: Any, **_: Any) -> None:
         sender,
         extra={"node": sender, "concurrency": instance.concurrency, "queues": queues},
     )
+
+
+@signals.worker_init.connect
+def serve_metrics(sender: Any, **_: Any) -> None:
+    """This worker host's /metrics on `CONVEYOR_WORKER_METRICS_PORT` (0: none), served by the
+    main process: a gevent or threads pool is that one process; prefork children are read
+    through PROMETHEUS_MULTIPROC_DIR when the operator sets it (docs/metrics.md)."""
+    settings = flask_app.extensions["conveyor"].settings
+    if settings.worker_metrics_port:
+        metrics.serve_worker_metrics(
+            settings.worker_metrics_host, settings.worker_metrics_port, settings.metrics_token
+        )
+
+
+@signals.worker_process_shutdown.connect
+def forget_pool_process(pid: int, **_: Any) -> None:
+    """A prefork child that exits stops counting in the live gauges."""
+    metrics.process_exited(pid)

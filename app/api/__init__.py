@@ -17,6 +17,7 @@ from app.api import (
     health,
     jobs,
     keys,
+    metrics,
     openapi,
     problems,
     ratelimits,
@@ -63,6 +64,7 @@ CORS_MAX_AGE = 600
 def init_app(app: Flask, settings: Settings) -> None:
     problems.init_app(app)
     health.init_app(app)
+    metrics.init_app(app)
     ratelimits.init_app(app, settings)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint, url_prefix=PREFIX)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Row, func, select
 from sqlalchemy.orm import Session
 
+from app import metrics
 from app.db import newest_page
 from app.jobs import sql
 from app.jobs.events import Event
@@ -256,6 +257,8 @@ class Batches:
             stored = connection.execute(sql.CREATE_BATCH, params).one_or_none()
         if stored is None:
             return self._replay(owner, idempotency_key, fingerprint)
+        for job in jobs:
+            metrics.job_created(job.kind, owner)
         self.bus.publish([job.queued_event() for job in jobs])
         self._dispatch(owner, jobs)
         summary = BatchSummary()
@@ -302,6 +305,8 @@ class Batches:
         if not rows:
             raise BatchNotFound(f"no batch {batch_id}")
         canceled = [row for row in rows if row.status == JobStatus.CANCELED]
+        for row in canceled:
+            metrics.job_finished(row.kind, JobStatus.CANCELED.value, row.owner, row.started_at, at)
         stopping = [row.id for row in rows if row.status == JobStatus.RUNNING]
         self.bus.publish(
             [Event(row.id, row.owner, row.last_seq, payload, at, batch_id) for row in canceled]

@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import aliased
 
+from app import metrics
 from app.db import Database
 from app.jobs import fairness, sql
 from app.jobs.events import Event, EventBus
@@ -104,7 +105,9 @@ def cancel_jobs(
             ),
             updated_at=at,
         )
-        .returning(Job.id, Job.owner, Job.status, Job.last_seq, Job.batch_id)
+        .returning(
+            Job.id, Job.owner, Job.status, Job.last_seq, Job.batch_id, Job.kind, Job.started_at
+        )
         .cte("changed")
     )
     events = insert(JobEvent).from_select(
@@ -122,6 +125,8 @@ def cancel_jobs(
         rows = connection.execute(statement).all()
         more = _exists(connection, where, _cancelable())
     canceled = [row for row in rows if row.status == CANCELED]
+    for row in canceled:
+        metrics.job_finished(row.kind, CANCELED, row.owner, row.started_at, at)
     bus.publish(
         [Event(row.id, row.owner, row.last_seq, payload, at, row.batch_id) for row in canceled]
     )
@@ -150,6 +155,8 @@ def retry_jobs(
                 fairness.lock_owners(connection, (job.owner for job in jobs))
             stored = connection.execute(sql.CREATE, create_params(jobs, window)).all()
         more = _exists(connection, where, _retryable())
+    for job in jobs:
+        metrics.job_created(job.kind, job.owner)
     if jobs:
         bus.publish([job.queued_event() for job in jobs])
         intake.dispatch([row for row in stored if row.dispatched_at is not None])

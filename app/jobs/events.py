@@ -23,6 +23,7 @@ import redis
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from app import metrics
 from app.batching import GroupCommit, WaitTimedOut
 from app.config import Settings
 from app.jobs.payloads import EventPayload
@@ -193,6 +194,9 @@ class EventBus:
         except redis.RedisError as exc:
             logger.warning("event publish failed: %s", exc, extra={"job_id": events[0].job_id})
             accepted = [False] * len(events)
+        metrics.events_published(
+            str(event.type) for event, ok in zip(events, accepted, strict=True) if ok
+        )
         results, position = [], 0
         for submission in batch:
             flags = accepted[position : position + len(submission.events)]

@@ -29,6 +29,7 @@ from celery import Celery
 from sqlalchemy import Row
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
+from app import metrics
 from app.batching import GroupCommit
 from app.db import Database
 from app.jobs import fairness, sql
@@ -162,6 +163,8 @@ class JobIntake:
         writer thread runs; callable directly, e.g. to store a known set of jobs together)."""
         stored = self._store(batch)
         created = [job for job, row in zip(batch, stored, strict=True) if isinstance(row, Row)]
+        for job in created:
+            metrics.job_created(job.kind, job.owner)
         if created:
             self._bus.publish([job.queued_event() for job in created])
             # A job its owner's window held has no dispatched_at: it is published on release.

@@ -73,7 +73,13 @@ WITH claimed AS (
       AND (run_at IS NULL OR run_at <= now()) AND (expires_at IS NULL OR expires_at > now())
       AND attempt < max_attempts
     RETURNING id, owner, kind, input, attempt, max_attempts, priority, model, models, last_seq,
-              batch_id, timeout_seconds, max_cost_usd, cost_usd
+              batch_id, timeout_seconds, max_cost_usd, cost_usd, started_at,
+              -- How long it waited to be claimed (a metric): the subquery reads the row as the
+              -- statement found it, before this UPDATE cleared its retry_at.
+              extract(epoch FROM now() - (
+                  SELECT greatest(before.created_at, before.run_at, before.retry_at)
+                  FROM jobs AS before WHERE before.id = jobs.id
+              )) AS waited_seconds
 ), started AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
     SELECT id, last_seq, :type, :at, jsonb_set(CAST(:data AS jsonb), '{attempt}', to_jsonb(attempt))
@@ -246,13 +252,14 @@ WITH batch AS (
                                    ELSE cancel_requested_at END,
         updated_at = :at
     WHERE batch_id = (SELECT id FROM batch) AND status IN ('queued', 'running')
-    RETURNING id, owner, status, last_seq
+    RETURNING id, owner, status, last_seq, kind, started_at
 ), canceled AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
     SELECT id, last_seq, :event_type, :at, CAST(:data AS jsonb)
     FROM changed WHERE status = 'canceled'
 )
-SELECT changed.id, changed.owner, changed.status, changed.last_seq
+SELECT changed.id, changed.owner, changed.status, changed.last_seq, changed.kind,
+       changed.started_at
 FROM batch LEFT JOIN changed ON true
 """)
 
@@ -275,7 +282,7 @@ WITH expired AS (
         LIMIT :batch
         FOR UPDATE SKIP LOCKED
     )
-    RETURNING id, owner, last_seq, batch_id, attempt
+    RETURNING id, owner, last_seq, batch_id, attempt, kind, started_at
 ), failed AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
     SELECT id, last_seq, :type, :at, jsonb_set(CAST(:data AS jsonb), '{attempt}', to_jsonb(attempt))

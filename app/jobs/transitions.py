@@ -25,6 +25,7 @@ from sqlalchemy import delete, func, literal_column, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import metrics
 from app.jobs import budgets, fairness, presence, sql
 from app.jobs.events import Event, record_event
 from app.jobs.intake import RUN_JOB_TASK, NewJob, message_labels
@@ -122,6 +123,9 @@ def _finish_unleased(session: Session, job: Job, payload: TerminalPayload, **val
     """Terminal transition of a job no worker holds (row locked by the caller)."""
     at = now()
     status = TERMINAL_STATUSES[payload.event_type]
+    # Counted before the caller commits: every caller commits right after, and a rare rollback
+    # miscounting one job is cheaper than a hook on every commit path.
+    metrics.job_finished(job.kind, status.value, job.owner, job.started_at, at)
     return _transition_unleased(
         session, job, payload, status=status.value, finished_at=at, updated_at=at, **values
     )
@@ -183,6 +187,7 @@ class Claim:
     cost_usd: Decimal = Decimal(0)  # what its earlier attempts spent
     # Its owner's tightest budget when it was claimed, ("daily" | "monthly", USD left).
     tenant_limit: tuple[str, Decimal] | None = None
+    started_at: datetime | None = None  # the job's first start (of any attempt)
 
 
 def _retry_transition(
@@ -329,6 +334,16 @@ def queue_depth(session: Session) -> tuple[int, int]:
 
     row = session.execute(select(count(JobStatus.QUEUED), count(JobStatus.RUNNING))).one()
     return row[0], row[1]
+
+
+def queued_by_priority(session: Session) -> dict[int, int]:
+    """Queued jobs of every owner by priority (held and scheduled ones included)."""
+    rows = session.execute(
+        select(Job.priority, func.count())
+        .where(Job.status == JobStatus.QUEUED.value)
+        .group_by(Job.priority)
+    ).all()
+    return {priority: count for priority, count in rows}
 
 
 def failures_by_code(
@@ -566,7 +581,10 @@ class Jobs:
             max_cost_usd=row.max_cost_usd,
             cost_usd=Decimal(row.cost_usd),
             tenant_limit=budget.tightest() if budget is not None else None,
+            started_at=row.started_at,
         )
+        waited = None if row.waited_seconds is None else float(row.waited_seconds)
+        metrics.job_claimed(claim.kind, waited)
         started = StartedPayload(attempt=claim.attempt, worker=worker)
         self.bus.publish([Event(job_id, claim.owner, claim.seq, started, at, claim.batch_id)])
         return claim
@@ -632,6 +650,8 @@ class Jobs:
             lease_expires_at=None,
             **values,
         )
+        status = TERMINAL_STATUSES[payload.event_type].value
+        metrics.job_finished(claim.kind, status, claim.owner, claim.started_at, event.at)
         self.intake.release_soon(claim.owner)
         return event
 
@@ -646,6 +666,7 @@ class Jobs:
     ) -> Event:
         payload, values = _retry_transition(claim.attempt, delay, code, message)
         event = self.fenced_update(claim, seq, payload, calls=calls, **values)
+        metrics.job_retried(claim.kind, code)
         self.dispatch(
             claim.job_id, claim.priority, countdown=delay, kind=claim.kind, attempt=claim.attempt
         )
@@ -703,6 +724,7 @@ class Jobs:
         self._dispatch_due(report, batch)
         self._republish_unclaimed(report, batch)
         report.artifacts_swept = self.artifacts.sweep_orphans()
+        metrics.swept()
         if any(asdict(report).values()):
             logger.info("sweep: %s", report)
         try:
@@ -741,6 +763,8 @@ class Jobs:
                     "data": _json(template.as_data()),
                 },
             ).all()
+        for row in rows:
+            metrics.job_finished(row.kind, JobStatus.FAILED.value, row.owner, row.started_at, at)
         events = [
             Event(
                 row.id,
@@ -797,10 +821,12 @@ class Jobs:
         next attempt when there is one."""
         if job.cancel_requested_at is not None:
             report.canceled += 1
+            metrics.lease_recovered("canceled")
             canceled = CanceledPayload(reason="worker_lost", attempt=job.attempt, worker=job.worker)
             return _finish_unleased(session, job, canceled), None
         if job.attempt >= job.max_attempts:
             report.failed += 1
+            metrics.lease_recovered("failed")
             message = f"the worker running attempt {job.attempt} stopped answering"
             failed = FailedPayload(
                 reason="worker_lost",
@@ -811,6 +837,8 @@ class Jobs:
             values = {"error_code": WORKER_LOST, "error_message": message}
             return _finish_unleased(session, job, failed, **values), None
         report.recovered += 1
+        metrics.lease_recovered("requeued")
+        metrics.job_retried(job.kind, WORKER_LOST)
         settings = self.settings
         delay = retry_delay(job.attempt, settings.retry_base_delay, settings.retry_max_delay)
         payload, values = _retry_transition(

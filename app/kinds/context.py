@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from app import metrics
 from app.config import Settings
 from app.db import Database
 from app.jobs import waiting
@@ -503,6 +504,7 @@ class JobLLM:
         """A call made outside `chat` (an image request): written with the attempt's next
         write, its cost counted in the job's (and the step's) usage."""
         row = record.as_row(self._models.prices)
+        metrics.model_call(row, self._ctx.claim.owner)
         self._ctx.spent += call_cost(row)
         self._ctx.pending_calls.append(row)
         if self._ctx.step is not None:

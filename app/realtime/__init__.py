@@ -38,6 +38,7 @@ from flask_socketio import ConnectionRefusedError, SocketIO, join_room, leave_ro
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from app import metrics
 from app.config import Settings
 from app.db import Database
 from app.jobs import batches, canvases, transitions
@@ -127,12 +128,15 @@ def on_connect(auth: Any = None) -> None:
         join_room(owner_room(principal.owner))
     key_watch = watch.key_watch()
     _grants[sid] = key_watch.watch(principal.key_id, partial(_disconnect_revoked, sid))
+    metrics.socketio_connected()
 
 
 @socketio.on("disconnect")
 def on_disconnect(reason: Any = None) -> None:
     grant = _grants.pop(request.sid, None)  # type: ignore[attr-defined]
     if grant is not None:
+        # Only a connection `on_connect` accepted holds a grant, and only it was counted.
+        metrics.socketio_disconnected()
         watch.key_watch().forget(grant)
 
 

@@ -1,6 +1,7 @@
 """JSON logs from real processes (gunicorn and a Celery worker, as the Procfile runs them): every
 line is JSON, a job's lines carry its id, attempt, kind and tenant, and nothing a user sent or a
-model answered is ever in a line, at the most verbose level, whatever way the job ends."""
+model answered is ever in a line (or in the metrics the processes serve), at the most verbose
+level, whatever way the job ends."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from devtools.processes import free_port
 from tests.chaos.conftest import Cluster, running_cluster
 
 JSON_LOGS = {"CONVEYOR_LOG_FORMAT": "json", "CONVEYOR_LOG_LEVEL": "DEBUG"}
+# Metrics on, so that their lines are in the logs too, and their figures are read for the canary.
+METRICS_TOKEN = "logs-test-metrics"
 
 
 def parse_lines(text: str, source: str) -> list[dict[str, Any]]:
@@ -36,8 +42,14 @@ def wait_running(cluster: Cluster, job_id: str, within: float = 60) -> None:
 
 def test_json_logs_carry_the_job_and_never_what_users_sent(tmp_path: Path) -> None:
     canary = f"canary{uuid.uuid4().hex}"
-    with running_cluster(tmp_path, web_env=JSON_LOGS, ttft=0.05, tps=100) as cluster:
-        cluster.start_worker(**JSON_LOGS)
+    web_env = {**JSON_LOGS, "CONVEYOR_METRICS_TOKEN": METRICS_TOKEN}
+    metrics_port = free_port()
+    with running_cluster(tmp_path, web_env=web_env, ttft=0.05, tps=100) as cluster:
+        cluster.start_worker(
+            **JSON_LOGS,
+            CONVEYOR_METRICS_TOKEN=METRICS_TOKEN,
+            CONVEYOR_WORKER_METRICS_PORT=str(metrics_port),
+        )
         jobs = {
             "succeeded": cluster.submit(f"{canary} hello"),
             "failed": cluster.submit(f"[[sim fault=400]] {canary}"),
@@ -56,7 +68,20 @@ def test_json_logs_carry_the_job_and_never_what_users_sent(tmp_path: Path) -> No
         answer = ended["succeeded"]["output"]["text"]
         assert len(answer) > 20
         assert cluster.web is not None
+        auth = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+        figures = [
+            httpx.get(f"{url}/metrics", headers=auth, timeout=10)
+            for url in (cluster.web.url, f"http://127.0.0.1:{metrics_port}")
+        ]
         web_text, worker_text = cluster.web.log_text(), cluster.log("w1")
+
+    web_figures, worker_figures = (scraped.text for scraped in figures)
+    assert 'conveyor_jobs_created_total{kind="chat",tenant=""} 4.0' in web_figures
+    assert "conveyor_jobs_finished_total" in worker_figures
+    for scraped in figures:
+        assert scraped.status_code == 200
+        assert canary not in scraped.text, "the prompt's canary is in the metrics"
+        assert answer not in scraped.text, "a model's answer is in the metrics"
 
     for source, text in (("web", web_text), ("worker", worker_text)):
         assert canary not in text, f"the prompt's canary is in the {source} log"

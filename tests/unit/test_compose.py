@@ -28,6 +28,9 @@ SECRETS = {
     "POSTGRES_PASSWORD": "pg-secret",
     "REDIS_PASSWORD": "redis-secret",
     "FLOWER_BASIC_AUTH": "admin:flower-secret",
+    "CONVEYOR_METRICS_TOKEN": "metrics-secret",
+    "PROMETHEUS_USER": "admin",
+    "PROMETHEUS_PASSWORD_HASH": "$2y$10$abcdefghijklmnopqrstuv",
 }
 CONVEYOR_SERVICES = ("web", "worker", "webhooks", "beat", "flower")
 
@@ -115,3 +118,32 @@ def test_workers_scale_and_consume_the_queues_that_exist(compose: dict[str, Any]
         # The healthcheck pings this container's own node, by the name the command gives it.
         node = command[command.index("-n") + 1].split("@")[0]
         assert f"-d {node}@$$HOSTNAME" in service["healthcheck"]["test"][1]
+
+
+def test_prometheus_asks_for_auth_and_scrapes_web_and_workers(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    prometheus = services["prometheus"]
+    command = " ".join(prometheus["command"])
+    # Basic auth from the environment, through Prometheus' web config file.
+    assert "--web.config.file=/tmp/conveyor/web.yml" in command
+    assert "basic_auth_users" in command
+    for name in ("PROMETHEUS_USER", "PROMETHEUS_PASSWORD_HASH", "CONVEYOR_METRICS_TOKEN"):
+        assert prometheus["environment"][name].startswith(f"${{{name}:?")
+    assert prometheus["ports"] == ["${PROMETHEUS_BIND:-127.0.0.1}:9090:9090"]
+    # The token it sends is the one every Conveyor process requires.
+    assert services["web"]["environment"]["CONVEYOR_METRICS_TOKEN"].startswith(
+        "${CONVEYOR_METRICS_TOKEN:?"
+    )
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    scraped = {}
+    for job in config["scrape_configs"]:
+        assert job["authorization"]["credentials_file"] == "/tmp/conveyor/metrics-token"
+        for found in job["dns_sd_configs"]:
+            scraped.update(dict.fromkeys(found["names"], found["port"]))
+    assert scraped["web"] == 8000
+    for name in ("worker", "webhooks"):
+        environment = services[name]["environment"]
+        assert scraped[name] == int(environment["CONVEYOR_WORKER_METRICS_PORT"])
+        assert environment["CONVEYOR_WORKER_METRICS_HOST"] == "0.0.0.0"
+        assert "ports" not in services[name]  # on the compose network only
