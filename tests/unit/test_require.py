@@ -111,10 +111,10 @@ def test_npm_missing_without_apt_says_what_to_run(machine: Path) -> None:
     assert "apt-get install npm" in result.stderr
 
 
-def test_make_test_requires_the_browser_and_rabbitmq_before_the_suite() -> None:
+def test_make_test_requires_its_real_parts_before_the_suite() -> None:
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
     lines = [line.strip() for line in recipe.splitlines()[1:]]
-    assert lines.index("tools/require chromium rabbitmq-server compose-schema") < next(
+    assert lines.index("tools/require chromium rabbitmq-server compose-schema prometheus") < next(
         i for i, line in enumerate(lines) if "pytest" in line
     )
