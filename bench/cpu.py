@@ -21,7 +21,7 @@ Redis commands and PostgreSQL transactions per job for both.
 
     python -m bench.cpu                          # 20 and 200 tokens, 3 runs each, ~4 minutes
     python -m bench.cpu --tokens 200 --runs 1 --jobs 200
-    python -m bench.cpu --profile                # py-spy of one Conveyor measurement
+    python -m bench.cpu --profile                # py-spy of each peer's first measurement
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -54,10 +55,14 @@ from bench.common import (
     tree_cpu_seconds,
 )
 from bench.concurrency import TX_RULES, WORKER_RULES
+from devtools.processes import proc_stat
 
 OWNER = "bench-cpu"
 MODEL = "gpt-4o-mini"
 TARGET = 1.2
+PEERS = ("conveyor", "bare")
+PROFILE_RATE = 250
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SETTLED_CPU = 0.02  # CPU seconds per second under which a starting worker counts as idle
 
 
@@ -81,7 +86,7 @@ def parse_args() -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra Conveyor worker env, e.g. CONVEYOR_DELTA_FLUSH_INTERVAL=0.25",
     )
-    parser.add_argument("--profile", action="store_true", help="py-spy one Conveyor run")
+    parser.add_argument("--profile", action="store_true", help="py-spy each peer's first run")
     parser.add_argument("--profile-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.tokens = [int(t) for t in args.tokens.split(",") if t]
@@ -94,6 +99,7 @@ class Measurement:
     tokens: int
     run: int
     cpu_ms_per_job: float = float("nan")
+    sys_share: float = float("nan")  # of the CPU used, the kernel's (system calls: network I/O)
     idle_cpu_pct: float = float("nan")
     seconds: float = float("nan")
     redis_per_job: float = float("nan")
@@ -147,6 +153,12 @@ def settle(worker: Child, timeout: float = 60) -> None:
             return
         last = now
     raise RuntimeError(f"{worker.name} still busy after {timeout:g} s:\n{worker.log_tail()}")
+
+
+def system_seconds(pid: int) -> float:
+    """Kernel CPU time of a process (stime), its reaped children's included."""
+    fields = proc_stat(pid)
+    return 0.0 if fields is None else (int(fields[12]) + int(fields[14])) / CLOCK_TICKS
 
 
 def idle_rate(worker: Child, seconds: float) -> float:
@@ -228,13 +240,18 @@ def measure(bench: Bench, peer: str, tokens: int, run: int, profile: bool) -> Me
             tree_cpu_seconds(worker.pid),
             time.monotonic(),
         )
-        profiler = start_profile(bench, worker, tokens) if profile else None
+        kernel = system_seconds(worker.pid)
+        profiler = start_profile(bench, worker, peer, tokens) if profile else None
         (submit_conveyor if peer == "conveyor" else submit_bare)(bench, tokens)
         wait_done(bench, worker, DONE_SQL[peer], bench.args.jobs)
         used, elapsed = tree_cpu_seconds(worker.pid) - cpu, time.monotonic() - began
+        result.sys_share = (system_seconds(worker.pid) - kernel) / used if used else float("nan")
         after = read_counters(bench.services)
         if profiler is not None:
-            profiler.wait()
+            # Stopped when the jobs are done (py-spy writes its file on SIGINT), so that its
+            # samples are those of exactly these N jobs.
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(30)
         if peer == "conveyor":
             result.error = check_conveyor(bench)
     except RuntimeError as exc:
@@ -262,35 +279,42 @@ def check_conveyor(bench: Bench) -> str | None:
     return f"{bad} jobs not succeeded at their first attempt" if bad else None
 
 
-def start_profile(bench: Bench, worker: Child, tokens: int) -> Any:
+def start_profile(bench: Bench, worker: Child, peer: str, tokens: int) -> Any:
     if not have_pyspy():
         print("(no profile: `.venv/bin/pip install py-spy`)")
         return None
-    seconds = max(3.0, bench.args.duration * bench.args.jobs / bench.args.concurrency)
-    out = bench.args.profile_dir / f"cpu-conveyor-{tokens}.txt"
+    seconds = 600  # stopped when the jobs are done
+    out = bench.args.profile_dir / f"cpu-{peer}-{tokens}.txt"
     bench.args.profile_dir.mkdir(parents=True, exist_ok=True)
     (bench.args.profile_dir / ".gitignore").write_text("*\n")
-    print(f"  py-spy on the worker for {seconds:.0f} s -> {out}")
-    return start_pyspy(worker.pid, out, seconds, mode="gil", rate=250)
+    print(f"  py-spy on the {peer} worker -> {out}")
+    return start_pyspy(worker.pid, out, seconds, mode="gil", rate=PROFILE_RATE)
 
 
 def print_profile(args: argparse.Namespace, tokens: int) -> None:
-    path = args.profile_dir / f"cpu-conveyor-{tokens}.txt"
-    profile = Profile.load([path])
-    if not profile.total():
-        print(f"(no samples in {path})")
+    """Each peer's samples by category: the bare task's are the floor that Celery, gevent, the
+    HTTP client and the SSE parsing cost; what Conveyor has beyond them is its own."""
+    loaded = {p: Profile.load([args.profile_dir / f"cpu-{p}-{tokens}.txt"]) for p in PEERS}
+    if not all(profile.total() for profile in loaded.values()):
+        print(f"(no samples in {args.profile_dir} for {tokens} tokens)")
         return
-    rows = [[n, f"{share:.1f}", count] for n, count, share in profile.breakdown(WORKER_RULES)]
+    per_job = {p: 1000 / PROFILE_RATE * 1 / args.jobs for p in PEERS}
+    counts = {p: {n: c for n, c, _ in loaded[p].breakdown(WORKER_RULES)} for p in PEERS}
+    names = sorted(
+        set(counts["conveyor"]) | set(counts["bare"]), key=lambda n: -counts["conveyor"].get(n, 0)
+    )
+    rows = [[n, *(f"{counts[p].get(n, 0) * per_job[p]:.2f}" for p in PEERS)] for n in names]
+    rows.append(["total (GIL held)", *(f"{loaded[p].total() * per_job[p]:.2f}" for p in PEERS)])
     print_table(
-        f"Conveyor worker, {tokens} tokens: CPU by category ({profile.total()} samples; {path})",
-        ["category", "%", "samples"],
+        f"{tokens} tokens: GIL-holding CPU per job by category, ms (py-spy at {PROFILE_RATE} Hz)",
+        ["category", *PEERS],
         rows,
     )
-    rows = [
-        [n, f"{share:.1f}", count]
-        for n, count, share in profile.breakdown(TX_RULES, "transitions.py")
-    ]
-    print_table("Inside the state changes (transitions.py)", ["category", "%", "samples"], rows)
+    inside = loaded["conveyor"].breakdown(TX_RULES, "transitions.py")
+    rows = [[n, f"{share:.1f}", count] for n, count, share in inside]
+    print_table(
+        "Conveyor, inside the state changes (transitions.py)", ["category", "%", "samples"], rows
+    )
 
 
 # Report -----------------------------------------------------------------------------------
@@ -350,7 +374,7 @@ def progress_line(r: Measurement) -> str:
         return f"run {r.run} {r.peer:<8} T={r.tokens:<4} ERROR {r.error.splitlines()[0]}"
     return (
         f"run {r.run} {r.peer:<8} T={r.tokens:<4} {r.cpu_ms_per_job:6.2f} ms/job  "
-        f"idle {r.idle_cpu_pct:4.1f}%  {r.seconds:5.1f} s  "
+        f"kernel {100 * r.sys_share:3.0f}%  idle {r.idle_cpu_pct:4.1f}%  {r.seconds:5.1f} s  "
         f"Redis {r.redis_per_job:5.1f}/job  PG {r.pg_xacts_per_job:4.1f} xacts/job"
     )
 
@@ -385,15 +409,16 @@ def main() -> int:
         )
         bench = Bench(args, services, sim, creators)
         print(f"services and simulator ready in {time.monotonic() - began:.1f} s", flush=True)
-        profiled = False
+        profiled: set[str] = set()
         for run in range(1, args.runs + 1):
             for tokens in args.tokens:
                 # Alternate which peer goes first: neither is always measured on a warmer
                 # machine.
                 order = ("conveyor", "bare") if run % 2 else ("bare", "conveyor")
                 for peer in order:
-                    profile = args.profile and peer == "conveyor" and not profiled
-                    profiled = profiled or profile
+                    profile = args.profile and peer not in profiled
+                    if profile:
+                        profiled.add(peer)
                     result = measure(bench, peer, tokens, run, profile)
                     results.append(result)
                     print(progress_line(result), flush=True)
