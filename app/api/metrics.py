@@ -103,7 +103,9 @@ def _pool_families(figures: PoolFigures, now: float) -> Iterable[Metric]:
     )
     live = [beat for beat in figures.beats if beat.alive(now)]
     yield GaugeMetricFamily(
-        "conveyor_workers", "Worker processes with a recent heartbeat.", value=len(live)
+        "conveyor_workers",
+        "Job worker processes with a recent heartbeat (webhook-only workers run no job).",
+        value=len(live),
     )
     yield GaugeMetricFamily(
         "conveyor_worker_slots",
