@@ -6,9 +6,11 @@ of the jobs (10%: 100,000), the others share the rest (about 9,100 each). Jobs w
 the last 30 days; 85% succeeded, 7% failed, 4% canceled, the newest 1% are queued or running;
 kinds are chat 70%, structured 20%, article 9%, image 1%.
 
-Then gunicorn as the Procfile runs it (gevent, --workers 2) answers --readers concurrent readers
-(20), each sending its next request as soon as the last one was answered, from a process of its
-own; one kind of read at a time, for --seconds each:
+The jobs are seeded at schema revision --seed-at (0014), then the later migrations run on the
+populated tables, timed. Then gunicorn as the Procfile runs it (gevent, --workers 2) answers
+--readers concurrent readers (20) from a process of their own, one kind of read at a time, for
+--seconds each, once per --pauses value: 0, each reader sends its next read as soon as the last
+one was answered (the server saturated); 0.2, it waits 0.1 to 0.3 s between reads:
 
   list          GET /jobs                       the first page (20 jobs), a typical tenant
   list-status   GET /jobs?status=failed          the first page of one status (7% of jobs)
@@ -374,7 +376,7 @@ def explain(services: Services, cursors: dict[str, str]) -> None:
 
     from app.api.schemas import decode_cursor
     from app.jobs import transitions
-    from app.jobs.listing import JobFilter, newest_first
+    from app.jobs.listing import SUMMARY_COLUMNS, JobFilter, newest_first
     from app.jobs.states import JobStatus
     from app.models import Job
 
@@ -388,11 +390,11 @@ def explain(services: Services, cursors: dict[str, str]) -> None:
 
     def listing(where: JobFilter, cursor: str | None = None) -> None:
         # The statement of app.api.jobs.list_jobs.
-        statement = select(Job).where(*where.conditions())
+        statement = select(*SUMMARY_COLUMNS).where(*where.conditions())
         if cursor is not None:
             statement = statement.where(tuple_(Job.created_at, Job.id) < decode_cursor(cursor))
         with Session(engine) as session:
-            session.scalars(newest_first(statement).limit(21)).all()
+            session.execute(newest_first(statement).limit(21)).all()
 
     typical = next(owner for owner in cursors if owner != BIG)
     cases: list[tuple[str, Any]] = [
