@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test cluster cluster-preflight soak lint format bench-dispatch bench-concurrency bench-events bench-provider-limits bench-fairness bench-retention bench-cpu bench-work migrate clean
+.PHONY: dev test cluster cluster-preflight soak lint format bench-dispatch bench-concurrency bench-events bench-provider-limits bench-fairness bench-retention bench-cpu bench-work bench-reads migrate clean
 
 $(STAMP): pyproject.toml app/web/package-lock.json tests/node_reader/package-lock.json
 	tools/require npm
@@ -87,6 +87,9 @@ bench-cpu: $(STAMP)
 
 bench-work: $(STAMP)
 	$(BIN)/python -m bench.work
+
+bench-reads: $(STAMP)
+	$(BIN)/python -m bench.reads
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -39,6 +39,10 @@ class Base(DeclarativeBase):
 
 # A job that holds a place in its tenant's dispatch window: published and not finished.
 OUTSTANDING = "status = 'running' OR (status = 'queued' AND dispatched_at IS NOT NULL)"
+# A job that asked for the response cache. `input.cache` is a strict boolean (app/kinds/base.py),
+# so comparing the JSON value is the same as casting it, and unlike the cast it cannot raise
+# (an index predicate that raises would fail the INSERT).
+CACHE_REQUESTED = "(input -> 'cache') = 'true'::jsonb"
 
 
 class Job(Base):
@@ -49,6 +53,31 @@ class Job(Base):
         CheckConstraint("attempt >= 0 AND attempt <= max_attempts", name="jobs_attempt_range"),
         UniqueConstraint("owner", "idempotency_key", name="jobs_owner_idempotency_key"),
         Index("jobs_owner_created", "owner", text("created_at DESC"), text("id DESC")),
+        # The listing filtered by status or by kind (migration 0015). The status one also
+        # carries what /stats aggregates, so that its scans never read the table.
+        Index(
+            "jobs_owner_status_created",
+            "owner",
+            "status",
+            text("created_at DESC"),
+            text("id DESC"),
+            postgresql_include=[
+                "kind",
+                "tokens_in",
+                "tokens_out",
+                "cost_usd",
+                "cached",
+                "started_at",
+                "finished_at",
+            ],
+        ),
+        Index("jobs_owner_kind_created", "owner", "kind", text("created_at DESC"), text("id DESC")),
+        # The succeeded jobs that asked for the response cache: /stats counts them.
+        Index(
+            "jobs_owner_cache_requests",
+            "owner",
+            postgresql_where=text(f"status = 'succeeded' AND {CACHE_REQUESTED}"),
+        ),
         # Every owner's jobs, newest first: the admin's listing (GET /admin/jobs).
         Index("jobs_created", text("created_at DESC"), text("id DESC")),
         Index(

@@ -452,14 +452,46 @@ def answers_live(url: str, server: Child) -> bool:
         return False
 
 
+# Rate limits no benchmark load reaches: the figures are the server's, not the limiter's.
+UNREACHED_LIMITS = {
+    f"CONVEYOR_RATE_LIMIT_{tier}": "100000000/minute" for tier in ("CREATE", "READ", "STREAM")
+}
+
+
+def start_web(services: Services, env: dict[str, str], workers: int) -> tuple[Child, str]:
+    """gunicorn as the Procfile's `web` runs it (gevent, its settings file), on a free port,
+    once every worker has booted."""
+    from devtools.processes import free_port
+
+    port = free_port()
+    cmd = [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--worker-class", "gevent"]
+    cmd += ["--workers", str(workers), "--worker-connections", "1000"]
+    cmd += ["--graceful-timeout", "20", "-c", "python:app.gunicorn_config", "app:create_app()"]
+    server = Child("gunicorn", cmd, env, services.workdir).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: answers_live(url, server), 60, "gunicorn answering /api/v1/live")
+        # Every worker must have booted, or the first phase measures one of them.
+        wait_until(lambda: len(descendants(server.pid)) >= workers, 30, "gunicorn workers")
+    except TimeoutError:
+        print(server.log_tail())
+        raise
+    return server, url
+
+
 def create_key(settings: Any, owner: str) -> str:
     """An API key for `owner`, made through the app as an operator's tooling makes one."""
+    return create_keys(settings, [owner])[owner]
+
+
+def create_keys(settings: Any, owners: Sequence[str]) -> dict[str, str]:
+    """An API key for each of `owners`, by one app."""
     from app import create_app
     from app.keys.api_keys import create_api_key
     from app.runtime import runtime
 
     app = create_app(settings)
     with app.app_context():
-        key = create_api_key(runtime().db, owner, "bench")
+        keys = {owner: create_api_key(runtime().db, owner, "bench") for owner in owners}
     app.extensions["conveyor"].db.dispose()
-    return key
+    return keys

@@ -55,6 +55,7 @@ from bench import variants
 from bench.common import (
     BIN,
     RESULTS,
+    UNREACHED_LIMITS,
     Child,
     CpuMeter,
     Profile,
@@ -83,10 +84,6 @@ HTTP_PHASES = ("live", "post", "postoff", "batch")
 POST_BODY = {"kind": "chat", "input": {"prompt": "hello"}}
 OWNER = "bench"
 TARGETS = {"live": 0.5, "rawN": 0.8, "postoff": 0.9}
-# Limits no bench load reaches: the limiter runs on every request and never refuses one.
-UNREACHED_LIMITS = {
-    f"CONVEYOR_RATE_LIMIT_{tier}": "100000000/minute" for tier in ("CREATE", "READ", "STREAM")
-}
 NO_LIMITS = {"CONVEYOR_RATE_LIMITS_ENABLED": "false"}
 # Jobs per second through batches over jobs per second through single POSTs.
 BATCH_TARGET = 3.0

@@ -41,20 +41,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    BIN,
-    Child,
+    UNREACHED_LIMITS,
     Services,
-    answers_live,
     create_key,
-    descendants,
     fmt,
     median,
     percentile,
     print_table,
     private_services,
     run_main,
+    start_web,
     stop_on_sigterm,
-    wait_until,
 )
 
 OWNER = "bench"
@@ -62,9 +59,6 @@ SEED_OWNER = "seed-"
 RETENTION_DAYS = 30
 CHUNK = 50_000
 RATIO_TARGET = 2.0
-UNREACHED_LIMITS = {
-    f"CONVEYOR_RATE_LIMIT_{tier}": "100000000/minute" for tier in ("CREATE", "READ", "STREAM")
-}
 
 
 def parse_args() -> argparse.Namespace:
@@ -264,20 +258,6 @@ class Phase:
     autovacuum: float = float("nan")
 
 
-def start_server(services: Services, env: dict[str, str], workers: int) -> tuple[Child, str]:
-    from devtools.processes import free_port
-
-    port = free_port()
-    cmd = [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--worker-class", "gevent"]
-    cmd += ["--workers", str(workers), "--worker-connections", "1000"]
-    cmd += ["--graceful-timeout", "20", "app:create_app()"]
-    server = Child("gunicorn", cmd, env, services.workdir).start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: answers_live(url, server), 60, "gunicorn answering /api/v1/live")
-    wait_until(lambda: len(descendants(server.pid)) >= workers, 30, "gunicorn workers")
-    return server, url
-
-
 def run_phases(
     args: argparse.Namespace, services: Services, env: dict[str, str], url: str, key: str
 ) -> tuple[list[Phase], list[tuple[float, float, int]]]:
@@ -450,7 +430,7 @@ def main() -> int:
         )
         env.update(kv.split("=", 1) for kv in args.env)
         key = create_key(services.settings(), OWNER)
-        server, url = start_server(services, env, args.workers)
+        server, url = start_web(services, env, args.workers)
         try:
             phases, samples = run_phases(args, services, env, url, key)
         finally:

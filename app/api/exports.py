@@ -26,15 +26,12 @@ from app.api.schemas import (
 from app.api.spec import operation
 from app.db import Database
 from app.jobs import history
-from app.jobs.listing import JobFilter, stream_jobs
+from app.jobs.listing import SUMMARY_COLUMNS, JobFilter, stream_jobs
 from app.models import Job
 from app.runtime import runtime
 
 bp = Blueprint("exports", __name__)
 
-# The job list leaves out what can be large unless the caller names it in `include`.
-LARGE_COLUMNS = ("input", "output")
-SUMMARY_COLUMNS = tuple(c for c in Job.__table__.columns if c.name not in LARGE_COLUMNS)
 # Rows per FETCH from PostgreSQL, and per chunk of the response.
 STREAM_BATCH = 250
 _STREAM_SLOTS = "conveyor.export_stream_slots"

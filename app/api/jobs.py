@@ -46,7 +46,7 @@ from app.api.spec import json_response, operation
 from app.api.sse import SSE_TYPE, event_stream_response
 from app.jobs import budgets, transitions
 from app.jobs.events import MAX_SEQ, replay
-from app.jobs.listing import newest_first
+from app.jobs.listing import SUMMARY_COLUMNS, newest_first
 from app.jobs.states import TERMINAL, EventType, JobStatus
 from app.keys.watch import key_watch
 from app.kinds import KINDS, Kind
@@ -250,7 +250,9 @@ def model_choice(
 )
 def list_jobs(query: JobListQuery) -> Response:
     where = query.of_owner(current_principal().owner)
-    statement = select(Job).where(*where.conditions())
+    # Plain rows of the summary columns, not ORM objects: no input or output to decode, no
+    # identity map to fill (docs/performance.md, "Reads at a million jobs").
+    statement = select(*SUMMARY_COLUMNS).where(*where.conditions())
     if query.cursor is not None:
         try:
             created_at, job_id = decode_cursor(query.cursor)
@@ -258,7 +260,7 @@ def list_jobs(query: JobListQuery) -> Response:
             raise field_problem("cursor", str(exc), str(exc)) from None
         statement = statement.where(tuple_(Job.created_at, Job.id) < (created_at, job_id))
     statement = newest_first(statement).limit(query.limit + 1)
-    jobs = runtime().db.request_session.scalars(statement).all()
+    jobs = runtime().db.request_session.execute(statement).all()
     page, more = jobs[: query.limit], len(jobs) > query.limit
     return json_response(
         JobPage(

@@ -16,6 +16,11 @@ from app.db import Database
 from app.jobs.states import JobStatus
 from app.models import Job
 
+# A listing leaves out what can be large (the export, unless the caller names them in
+# `include`): the paged list never shows them, and decoding them cost it CPU.
+LARGE_COLUMNS = ("input", "output")
+SUMMARY_COLUMNS = tuple(c for c in Job.__table__.columns if c.name not in LARGE_COLUMNS)
+
 
 @dataclass(frozen=True)
 class JobFilter:

@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import redis
-from sqlalchemy import delete, func, literal_column, select, tuple_, update
+from sqlalchemy import delete, func, literal_column, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -39,7 +39,7 @@ from app.jobs.payloads import (
     TerminalPayload,
 )
 from app.jobs.states import TERMINAL, TERMINAL_STATUSES, JobStatus
-from app.models import Job
+from app.models import CACHE_REQUESTED, Job
 from app.queue import message_priority
 
 if TYPE_CHECKING:
@@ -284,45 +284,59 @@ def expires_after_of(job: Job) -> int | None:
 
 
 def job_stats(session: Session, owner: str) -> dict[str, Any]:
-    counts = session.execute(
-        select(Job.status, Job.kind, func.count())
+    """An owner's counts, totals, durations and cache use. Two statements, each an index-only
+    scan of the owner's part of `jobs_owner_status_created` (which carries every column read
+    here) and `jobs_owner_cache_requests`: never the table, however big its rows (migration
+    0015; the plans are in docs/performance.md)."""
+    groups = session.execute(
+        select(
+            Job.status,
+            Job.kind,
+            func.count(),
+            func.sum(Job.tokens_in),
+            func.sum(Job.tokens_out),
+            func.sum(Job.cost_usd),
+            func.count().filter(Job.cached),
+        )
         .where(Job.owner == owner)
         .group_by(Job.status, Job.kind)
     ).all()
-    totals = session.execute(
-        select(
-            func.coalesce(func.sum(Job.tokens_in), 0),
-            func.coalesce(func.sum(Job.tokens_out), 0),
-            func.coalesce(func.sum(Job.cost_usd), 0),
-            func.count().filter(
-                Job.status == JobStatus.SUCCEEDED.value, Job.input["cache"].as_boolean()
-            ),
-            func.count().filter(Job.cached),
-        ).where(Job.owner == owner)
-    ).one()
+    # Literals, not parameters: the planner must see the partial index's own predicate.
+    cache_requests = (
+        select(func.count())
+        .where(Job.owner == owner, text(f"status = 'succeeded' AND {CACHE_REQUESTED}"))
+        .scalar_subquery()
+    )
     seconds = func.extract("epoch", Job.finished_at - Job.started_at)
-    percentiles = session.execute(
+    durations = session.execute(
         select(
             func.percentile_cont(literal_column("ARRAY[0.5, 0.9, 0.99]"))
             .within_group(seconds)
             .label("p"),
             func.count(),
+            cache_requests,
         ).where(Job.owner == owner, Job.status == JobStatus.SUCCEEDED.value)
     ).one()
     by_status: dict[str, int] = {status.value: 0 for status in JobStatus}
     by_kind: dict[str, dict[str, int]] = {}
-    for status, kind, count in counts:
+    tokens_in = tokens_out = hits = 0
+    cost = Decimal(0)
+    for status, kind, count, group_in, group_out, group_cost, group_hits in groups:
         by_status[status] += count
         by_kind.setdefault(kind, {})[status] = count
-    p50, p90, p99 = percentiles.p or (None, None, None)
+        tokens_in += group_in
+        tokens_out += group_out
+        cost += group_cost
+        hits += group_hits
+    p50, p90, p99 = durations.p or (None, None, None)
     return {
         "by_status": by_status,
         "by_kind": by_kind,
-        "tokens_in": int(totals[0]),
-        "tokens_out": int(totals[1]),
-        "cost_usd": Decimal(totals[2]),
-        "duration_seconds": {"p50": p50, "p90": p90, "p99": p99, "count": percentiles[1]},
-        "cache": {"requests": totals[3], "hits": totals[4]},
+        "tokens_in": int(tokens_in),
+        "tokens_out": int(tokens_out),
+        "cost_usd": cost,
+        "duration_seconds": {"p50": p50, "p90": p90, "p99": p99, "count": durations[1]},
+        "cache": {"requests": durations[2], "hits": hits},
     }
 
 

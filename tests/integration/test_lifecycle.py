@@ -338,3 +338,61 @@ def test_socketio_messages_match_what_the_python_socketio_emitter_publishes(app)
     ours, theirs = messages
     assert ours.pop("host_id") != theirs.pop("host_id")
     assert ours == theirs
+
+
+def test_stats_sum_every_status_and_kind_of_the_owner_only() -> None:
+    # /stats sums its totals over (status, kind) groups (app/jobs/transitions.py job_stats);
+    # rows written directly, so that several statuses and kinds, cache use and durations are
+    # known exactly.
+    from datetime import UTC, datetime, timedelta
+
+    from app.jobs.transitions import job_stats
+
+    owner, other = f"stats-{uuid.uuid4()}", f"stats-{uuid.uuid4()}"
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    rows = [
+        # (owner, kind, status, tokens_in, tokens_out, cost, input cache, cached, seconds)
+        (owner, "chat", "succeeded", 10, 20, "0.5", True, True, 2),
+        (owner, "chat", "succeeded", 1, 2, "0.25", True, False, 4),
+        (owner, "chat", "failed", 3, 0, "0.125", False, False, None),
+        (owner, "structured", "succeeded", 5, 5, "1", False, False, 6),
+        (owner, "structured", "queued", 0, 0, "0", True, False, None),
+        (other, "chat", "succeeded", 100, 100, "9", True, True, 8),
+    ]
+    with runtime().db.transaction() as session:
+        for who, kind, status, tin, tout, cost, cache, cached, seconds in rows:
+            session.add(
+                Job(
+                    id=uuid.uuid4(),
+                    owner=who,
+                    kind=kind,
+                    status=status,
+                    input={"prompt": "x", **({"cache": True} if cache else {})},
+                    max_attempts=3,
+                    tokens_in=tin,
+                    tokens_out=tout,
+                    cost_usd=Decimal(cost),
+                    cached=cached,
+                    started_at=start if seconds else None,
+                    finished_at=start + timedelta(seconds=seconds) if seconds else None,
+                )
+            )
+    with runtime().db.transaction() as session:
+        stats = job_stats(session, owner)
+    assert stats["by_status"] == {
+        "queued": 1,
+        "running": 0,
+        "succeeded": 3,
+        "failed": 1,
+        "canceled": 0,
+    }
+    assert stats["by_kind"] == {
+        "chat": {"succeeded": 2, "failed": 1},
+        "structured": {"succeeded": 1, "queued": 1},
+    }
+    assert (stats["tokens_in"], stats["tokens_out"]) == (19, 27)
+    assert stats["cost_usd"] == Decimal("1.875")
+    assert stats["duration_seconds"]["count"] == 3
+    assert stats["duration_seconds"]["p50"] == pytest.approx(4.0)
+    # Requests: succeeded jobs that asked for the cache (the queued one does not count yet).
+    assert stats["cache"] == {"requests": 2, "hits": 1}
