@@ -44,6 +44,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,32 @@ def _init_creator(settings_values: dict[str, Any]) -> None:
     from app.config import Settings
 
     _creator_app = create_app(Settings(**settings_values))
+
+
+@contextlib.contextmanager
+def services_with_creators() -> Iterator[tuple[Services, Any, ProcessPoolExecutor]]:
+    """Private PostgreSQL and Redis, the model simulator, and the processes that create jobs
+    with Jobs.create_job() against them (each with the app built once)."""
+    from devtools.simprocess import SimulatorProcess
+
+    with (
+        private_services() as services,
+        SimulatorProcess() as sim,
+        ProcessPoolExecutor(
+            CREATORS,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_creator,
+            initargs=(
+                {
+                    "database_url": services.pg.url,
+                    "redis_url": services.redis.url,
+                    "openai_api_key": "sim",
+                    "openai_base_url": sim.base_url,
+                },
+            ),
+        ) as creators,
+    ):
+        yield services, sim, creators
 
 
 def create_batch(owner: str, prompts: list[str]) -> float:
@@ -728,29 +755,13 @@ def run_all(ctx: Ctx) -> list[RunResult]:
 
 
 def main() -> int:
-    from devtools.simprocess import SimulatorProcess
 
     args = parse_args()
     stop_on_sigterm()
     os.environ["CONVEYOR_LOG_LEVEL"] = "WARNING"
     began = time.monotonic()
     with contextlib.ExitStack() as stack:
-        services = stack.enter_context(private_services())
-        sim = stack.enter_context(SimulatorProcess())
-        values = {
-            "database_url": services.pg.url,
-            "redis_url": services.redis.url,
-            "openai_api_key": "sim",
-            "openai_base_url": sim.base_url,
-        }
-        creators = stack.enter_context(
-            ProcessPoolExecutor(
-                CREATORS,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_creator,
-                initargs=(values,),
-            )
-        )
+        services, sim, creators = stack.enter_context(services_with_creators())
         if args.variants or args.env:
             print(f"what-if: variants {args.variants or '-'}, env {args.env or '-'}")
         print(f"services and simulator ready in {time.monotonic() - began:.1f} s", flush=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing
 import os
 import signal
 import time
@@ -47,7 +46,6 @@ from bench.common import (
     have_pyspy,
     median,
     print_table,
-    private_services,
     read_counters,
     run_main,
     start_pyspy,
@@ -383,7 +381,6 @@ def progress_line(r: Measurement) -> str:
 
 
 def main() -> int:
-    from devtools.simprocess import SimulatorProcess
 
     args = parse_args()
     stop_on_sigterm()
@@ -391,22 +388,7 @@ def main() -> int:
     began = time.monotonic()
     results: list[Measurement] = []
     with contextlib.ExitStack() as stack:
-        services = stack.enter_context(private_services())
-        sim = stack.enter_context(SimulatorProcess())
-        values = {
-            "database_url": services.pg.url,
-            "redis_url": services.redis.url,
-            "openai_api_key": "sim",
-            "openai_base_url": sim.base_url,
-        }
-        creators = stack.enter_context(
-            ProcessPoolExecutor(
-                concurrency.CREATORS,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=concurrency._init_creator,
-                initargs=(values,),
-            )
-        )
+        services, sim, creators = stack.enter_context(concurrency.services_with_creators())
         bench = Bench(args, services, sim, creators)
         print(f"services and simulator ready in {time.monotonic() - began:.1f} s", flush=True)
         profiled: set[str] = set()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing
 import os
 import time
 from collections import Counter
@@ -35,7 +34,6 @@ from bench.common import (
     Services,
     median,
     print_table,
-    private_services,
     read_counters,
     run_main,
     stop_on_sigterm,
@@ -208,7 +206,6 @@ def report(results: list[Work], args: argparse.Namespace) -> None:
 
 
 def main() -> int:
-    from devtools.simprocess import SimulatorProcess
 
     args = parse_args()
     stop_on_sigterm()
@@ -216,22 +213,7 @@ def main() -> int:
     began = time.monotonic()
     results: list[Work] = []
     with contextlib.ExitStack() as stack:
-        services = stack.enter_context(private_services())
-        sim = stack.enter_context(SimulatorProcess())
-        values = {
-            "database_url": services.pg.url,
-            "redis_url": services.redis.url,
-            "openai_api_key": "sim",
-            "openai_base_url": sim.base_url,
-        }
-        creators = stack.enter_context(
-            ProcessPoolExecutor(
-                concurrency.CREATORS,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=concurrency._init_creator,
-                initargs=(values,),
-            )
-        )
+        services, sim, creators = stack.enter_context(concurrency.services_with_creators())
         idle = idle_worker(services, sim.base_url, args)
         print(f"an idle worker: {idle[0]:.2f} transactions/s, {idle[1]:.1f} Redis commands/s")
         for run in range(1, args.runs + 1):
