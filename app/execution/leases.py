@@ -111,7 +111,8 @@ class ActiveJobs:
         running = self.snapshot()
         if not running:
             return
-        alive = jobs.renew_leases([(ctx.job_id, ctx.attempt) for ctx in running])
+        progress = [event for ctx in running if (event := ctx.take_unwritten_progress())]
+        alive = jobs.renew_leases([(ctx.job_id, ctx.attempt) for ctx in running], progress)
         now = time.monotonic()
         for ctx in running:
             if now > ctx.deadline:

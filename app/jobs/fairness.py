@@ -91,9 +91,10 @@ def room_sql(owner: str, tenant: str) -> str:
 
 
 # Held jobs (new ones past the window, and scheduled ones whose run_at has come).
-_HELD = """status = 'queued' AND dispatched_at IS NULL AND (run_at IS NULL OR run_at <= now())"""
+# A job waiting for its owner's window (or a scheduled one whose time has come) to publish it.
+HELD = """status = 'queued' AND dispatched_at IS NULL AND (run_at IS NULL OR run_at <= now())"""
 
-HAS_HELD = text(f"SELECT EXISTS (SELECT 1 FROM jobs WHERE owner = :owner AND {_HELD})")
+HAS_HELD = text(f"SELECT EXISTS (SELECT 1 FROM jobs WHERE owner = :owner AND {HELD})")
 
 # Owners with held jobs, for the sweeper: those held by their window (jobs_owner_held) and
 # those whose scheduled time has come (jobs_scheduled_due).
@@ -112,7 +113,7 @@ RELEASE = text(f"""
 UPDATE jobs SET dispatched_at = now()
 WHERE id IN (
     SELECT id FROM jobs
-    WHERE owner = :owner AND {_HELD}
+    WHERE owner = :owner AND {HELD}
     ORDER BY priority DESC, created_at, batch_item, id
     LIMIT greatest(0, least(:batch, (
         SELECT {room_sql("o.owner", "t")}

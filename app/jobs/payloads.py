@@ -107,7 +107,9 @@ class StartedPayload(EventPayload):
 
 
 class ProgressPayload(EventPayload):
-    """Progress, written at most every `CONVEYOR_PROGRESS_WRITE_INTERVAL` seconds."""
+    """Progress, sent at most every `CONVEYOR_PROGRESS_WRITE_INTERVAL` seconds. Live at once;
+    stored with the worker's next heartbeat (within `CONVEYOR_HEARTBEAT_SECONDS`) or the job's
+    next stored event, whichever comes first."""
 
     event_type = EventType.PROGRESS
 

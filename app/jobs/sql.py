@@ -9,13 +9,14 @@ worker process has one core's worth of CPU (the GIL) for hundreds of concurrent 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import TextClause, text
 
-from app.jobs.fairness import room_sql
+from app.jobs.fairness import HELD, room_sql
 
 # Any number of jobs (a group commit of concurrent POSTs) with their job.queued events, in one
 # statement: the rows travel as one JSON array, each with its event's payload (`event`). An
@@ -150,18 +151,70 @@ class Effect:
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
+# A job.progress event the worker sent live earlier, written by the attempt's next write.
+_PROGRESS_EVENT = """progress_event AS (
+    INSERT INTO job_events (job_id, seq, type, at, data)
+    SELECT id, :progress_seq, :progress_type, :progress_at, CAST(:progress_data AS jsonb)
+    FROM changed
+)"""
+
+
+def progress_event_effect(event: Any) -> Effect:
+    """`event` (a job.progress Event) in the statement of the attempt's next fenced write."""
+    return Effect(
+        _PROGRESS_EVENT,
+        {
+            "progress_seq": event.seq,
+            "progress_type": event.type.value,
+            "progress_at": event.at,
+            "progress_data": json.dumps(event.data),
+        },
+    )
+
+
+# A worker process's heartbeat: every lease it holds renewed in one statement, with the
+# progress each job reached since (its job.progress event, already live, made durable; the
+# job's progress column unless a newer write of its own is already there). A job missing from
+# the answer is no longer this attempt's.
+RENEW_LEASES = text("""
+WITH held AS (
+    SELECT * FROM jsonb_to_recordset(CAST(:held AS jsonb)) AS h(
+        id uuid, attempt int, seq int, at timestamptz, data jsonb, progress float8)
+), renewed AS (
+    UPDATE jobs
+    SET lease_expires_at = now() + make_interval(secs => :lease_seconds),
+        progress = CASE WHEN h.seq > jobs.last_seq THEN h.progress ELSE jobs.progress END,
+        updated_at = CASE WHEN h.seq > jobs.last_seq THEN now() ELSE jobs.updated_at END,
+        last_seq = greatest(jobs.last_seq, coalesce(h.seq, 0))
+    FROM held h
+    WHERE jobs.id = h.id AND jobs.attempt = h.attempt AND jobs.status = 'running'
+    RETURNING jobs.id, jobs.cancel_requested_at, h.seq, h.at, h.data
+), progress_events AS (
+    INSERT INTO job_events (job_id, seq, type, at, data)
+    SELECT id, seq, :progress_type, at, data FROM renewed WHERE seq IS NOT NULL
+)
+SELECT id, cancel_requested_at FROM renewed
+""")
+
+
 JSON_COLUMNS = frozenset({"output"})
 TIMESTAMP_EXPRESSIONS = {"finished_at": "now()", "lease_expires_at": "NULL"}
 
 
 @lru_cache(maxsize=64)
 def fenced(
-    columns: tuple[str, ...], checkpoint: bool = False, effects: tuple[str, ...] = ()
+    columns: tuple[str, ...],
+    checkpoint: bool = False,
+    effects: tuple[str, ...] = (),
+    probe_held: bool = False,
 ) -> TextClause:
     """The lease holder's write: set `columns` (plus seq, usage totals and updated_at) only
     while its attempt still holds the job, append the event, record model calls and, with
     `checkpoint`, a finished step, plus any `effects` (Effect.cte). Returns one row with
-    `changed` = 1 when the write won, 0 when the lease was lost."""
+    `changed` = 1 when the write won, 0 when the lease was lost; with `probe_held`, also
+    `held`: whether the job's owner has held jobs (app/jobs/fairness.py) for a finish to
+    release, so an owner with none costs the finish no transaction more."""
+    held = f", EXISTS (SELECT 1 FROM jobs WHERE owner = :owner AND {HELD}) AS held"
     assignments = []
     for column in columns:
         if column in TIMESTAMP_EXPRESSIONS:
@@ -183,7 +236,7 @@ WITH changed AS (
     INSERT INTO job_events (job_id, seq, type, at, data)
     SELECT id, :seq, :type, :at, CAST(:data AS jsonb) FROM changed
 ),{_CHECKPOINT if checkpoint else ""}{"".join(f" {cte}," for cte in effects)} {_CALLS.strip()}
-SELECT count(*) AS changed FROM changed
+SELECT count(*) AS changed{held if probe_held else ""} FROM changed
 """)
 
 

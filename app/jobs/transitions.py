@@ -15,13 +15,14 @@ import json
 import logging
 import random
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import redis
-from sqlalchemy import delete, func, literal_column, select, text, tuple_, update
+from sqlalchemy import delete, func, literal_column, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -38,7 +39,7 @@ from app.jobs.payloads import (
     StartedPayload,
     TerminalPayload,
 )
-from app.jobs.states import TERMINAL, TERMINAL_STATUSES, JobStatus
+from app.jobs.states import TERMINAL, TERMINAL_STATUSES, EventType, JobStatus
 from app.models import CACHE_REQUESTED, Job
 from app.queue import message_priority
 
@@ -603,7 +604,11 @@ class Jobs:
         self.bus.publish([Event(job_id, claim.owner, claim.seq, started, at, claim.batch_id)])
         return claim
 
-    def fenced_update(
+    def fenced_update(self, claim: Claim, seq: int, payload: EventPayload, **options: Any) -> Event:
+        """`_fenced_write` for a caller that needs only the event."""
+        return self._fenced_write(claim, seq, payload, **options)[0]
+
+    def _fenced_write(
         self,
         claim: Claim,
         seq: int,
@@ -612,14 +617,16 @@ class Jobs:
         calls: list[dict[str, Any]] | None = None,
         checkpoint: dict[str, Any] | None = None,
         effects: tuple[sql.Effect, ...] = (),
+        probe_held: bool = False,
         **values: Any,
-    ) -> Event:
+    ) -> tuple[Event, bool]:
         """One write of the lease holder: its state change, its event (of the payload's type),
         the model calls made since its last write and, given a `checkpoint` (name, output,
         tokens_in, tokens_out, cost_usd, started_at), a finished step, and its `effects`
         (sql.Effect), in one statement;
         LeaseLost if its attempt no longer holds the job. `finished_at` and `lease_expires_at`
-        are set to now() and NULL whatever value is given."""
+        are set to now() and NULL whatever value is given. The flag: with `probe_held`, whether
+        the owner has held jobs (sql.fenced)."""
         event = Event(claim.job_id, claim.owner, seq, payload, batch_id=claim.batch_id)
         params = {
             "job_id": claim.job_id,
@@ -643,22 +650,27 @@ class Jobs:
                 tuple(sorted(values)),
                 checkpoint is not None,
                 tuple(effect.cte for effect in effects),
+                probe_held,
             )
-            changed = connection.execute(statement, params).scalar_one()
-        if not changed:
+            row = connection.execute(statement, params).one()
+        if not row.changed:
             if calls:
                 self._record_calls(claim, calls, totals_only=True)
             raise LeaseLost(f"job {claim.job_id} attempt {claim.attempt} no longer holds the lease")
         self.bus.publish([event])
-        return event
+        return event, probe_held and row.held
 
     def finish_job(self, claim: Claim, seq: int, payload: TerminalPayload, **values: Any) -> Event:
         """The attempt's outcome: the job ends in the status of the payload's event type, and
-        its owner's next held job, if any, takes its place in the dispatch window."""
-        event = self.fenced_update(
+        its owner's next held job, if any, takes its place in the dispatch window. Whether the
+        owner has any is read by the finish's own statement: an owner holding none (the usual
+        case) costs no release transaction. One held by an intake that commits just after the
+        finish is released by the next sweep, as one a lost release would be."""
+        event, held = self._fenced_write(
             claim,
             seq,
             payload,
+            probe_held=True,
             status=TERMINAL_STATUSES[payload.event_type].value,
             finished_at=None,
             lease_expires_at=None,
@@ -666,7 +678,8 @@ class Jobs:
         )
         status = TERMINAL_STATUSES[payload.event_type].value
         metrics.job_finished(claim.kind, status, claim.owner, claim.started_at, event.at)
-        self.intake.release_soon(claim.owner)
+        if held:
+            self.intake.release_soon(claim.owner)
         return event
 
     def schedule_retry(
@@ -708,23 +721,37 @@ class Jobs:
         with self.db.engine.begin() as connection:
             connection.execute(sql.RECORD_CALLS, params)
 
-    def renew_leases(self, held: list[tuple[uuid.UUID, int]]) -> dict[uuid.UUID, LeaseState]:
-        """Extends every lease this worker process still holds, in one statement. A job missing
-        from the answer has been taken away (sweeper, deletion): its worker must stop."""
+    def renew_leases(
+        self, held: list[tuple[uuid.UUID, int]], progress: Iterable[Event] = ()
+    ) -> dict[uuid.UUID, LeaseState]:
+        """Extends every lease this worker process still holds, in one statement, and writes
+        the job.progress events its jobs sent live since the last beat (`progress`, at most one
+        per job). A job missing from the answer has been taken away (sweeper, deletion): its
+        worker must stop."""
         if not held:
             return {}
-        lease = timedelta(seconds=self.settings.lease_seconds)
-        with self.db.transaction() as session:
-            rows = session.execute(
-                update(Job)
-                .where(
-                    tuple_(Job.id, Job.attempt).in_(held),
-                    Job.status == JobStatus.RUNNING.value,
-                )
-                .values(lease_expires_at=func.now() + lease)
-                .returning(Job.id, Job.cancel_requested_at)
+        events = {event.job_id: event for event in progress}
+        rows = []
+        for job_id, attempt in held:
+            row: dict[str, Any] = {"id": str(job_id), "attempt": attempt}
+            if (event := events.get(job_id)) is not None:
+                row |= {
+                    "seq": event.seq,
+                    "at": event.at.isoformat(),
+                    "data": event.data,
+                    "progress": event.data["progress"],
+                }
+            rows.append(row)
+        with self.db.engine.begin() as connection:
+            found = connection.execute(
+                sql.RENEW_LEASES,
+                {
+                    "held": _json(rows),
+                    "lease_seconds": self.settings.lease_seconds,
+                    "progress_type": EventType.PROGRESS.value,
+                },
             ).all()
-        return {row.id: LeaseState(row.id, row.cancel_requested_at is not None) for row in rows}
+        return {row.id: LeaseState(row.id, row.cancel_requested_at is not None) for row in found}
 
     # The sweeper ----------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from app.jobs.payloads import (
     SucceededPayload,
     TerminalPayload,
 )
-from app.jobs.sql import Effect
+from app.jobs.sql import Effect, progress_event_effect
 from app.jobs.transitions import Checkpoint, Claim, Jobs, LeaseLost, call_cost
 from app.kinds.base import Step
 from app.llm.cache import CachedAnswer, ResponseCache
@@ -123,9 +123,13 @@ class JobContext:
         self._pending: list[str] = []
         self._last_flush = 0.0
         self._progress = 0.0
-        # The claim wrote progress 0 a moment ago: the first progress write is due one
-        # interval after it, so a short job writes none (its deltas carry progress anyway).
+        # The claim wrote progress 0 a moment ago: the first progress event is due one
+        # interval after it, so a short job sends none (its deltas carry progress anyway).
         self._last_progress_write = time.monotonic()
+        # The newest job.progress event not yet in PostgreSQL: live at once, made durable by the
+        # process's next heartbeat or by the attempt's next write of its own, whichever is first.
+        self._unwritten_progress: Event | None = None
+        self._progress_lock = threading.Lock()
         self.text_so_far: list[str] = []
         # Model calls not yet written: they ride on the attempt's next write (one statement).
         self.pending_calls: list[dict[str, Any]] = []
@@ -240,23 +244,54 @@ class JobContext:
 
     def progress(self, percent: float, *, force: bool = False) -> None:
         """Progress on the 0-100 scale; inside a step, of that step (mapped onto its share of
-        the job's). Kept in memory at every call and written (with its event) at most every
-        `progress_write_interval` seconds."""
+        the job's). Kept in memory at every call; a job.progress event goes out at most every
+        `progress_write_interval` seconds. It is live at once and written to PostgreSQL with
+        the process's next lease renewal (one statement for all its jobs) or the attempt's next
+        write, so a long answer costs no transaction of its own per progress event
+        (docs/performance.md). `force` writes it now, in a transaction of its own."""
         percent = min(100.0, max(0.0, float(percent)))
         if self.step is not None:
             percent = self.step.start + (self.step.end - self.step.start) * percent / 100
         self._progress = percent
         due = time.monotonic() - self._last_progress_write >= self.settings.progress_write_interval
-        if force or due:
-            self.flush()
-            self._last_progress_write = time.monotonic()
-            self._jobs.fenced_update(
-                self.claim,
-                self.next_seq(),
-                ProgressPayload(progress=round(self._progress, 2)),
-                calls=self.take_calls(),
-                progress=self._progress,
-            )
+        if not (force or due):
+            return
+        self.flush()
+        self._last_progress_write = time.monotonic()
+        payload = ProgressPayload(progress=round(self._progress, 2))
+        if force:
+            self._write(payload, progress=self._progress)
+            return
+        event = Event(
+            self.job_id, self.claim.owner, self.next_seq(), payload, batch_id=self.claim.batch_id
+        )
+        # Behind this attempt's earlier deltas in the process's one publish queue, so the
+        # stream sees its seqs in order.
+        self._jobs.bus.publish_later([event], on_refused=self._delta_refused)
+        with self._progress_lock:
+            self._unwritten_progress = event
+
+    def take_unwritten_progress(self) -> Event | None:
+        """For the heartbeat: the progress event to write with the lease renewal, if any."""
+        with self._progress_lock:
+            event, self._unwritten_progress = self._unwritten_progress, None
+        return event
+
+    def _write(self, payload: EventPayload, **values: Any) -> None:
+        """A write of this attempt's own: its event, its calls, the progress event still
+        unwritten (an effect of the same statement, so it lands only if the write wins)."""
+        self._jobs.fenced_update(
+            self.claim,
+            self.next_seq(),
+            payload,
+            calls=self.take_calls(),
+            effects=self._progress_effects(),
+            **values,
+        )
+
+    def _progress_effects(self) -> tuple[Effect, ...]:
+        event = self.take_unwritten_progress()
+        return () if event is None else (progress_event_effect(event),)
 
     def log(self, message: str, level: str = "info", **fields: Any) -> None:
         """A line of the job's log; `fields` (JSON values) are stored with it."""
@@ -267,7 +302,7 @@ class JobContext:
         """A durable event. A kind that needs an event of its own (e.g. `character.section`)
         adds its type to `EventType` and its model to app/jobs/payloads.py."""
         self.flush()
-        self._jobs.fenced_update(self.claim, self.next_seq(), payload, calls=self.take_calls())
+        self._write(payload)
 
     def save_artifact(
         self,
@@ -371,14 +406,7 @@ class JobContext:
         self.flush()
         self._progress = payload.progress
         self._last_progress_write = time.monotonic()
-        self._jobs.fenced_update(
-            self.claim,
-            self.next_seq(),
-            payload,
-            calls=self.take_calls(),
-            checkpoint=checkpoint,
-            progress=payload.progress,
-        )
+        self._write(payload, checkpoint=checkpoint, progress=payload.progress)
 
     def _finish_step(self, step: RunningStep, result: Any) -> None:
         spec = step.spec
@@ -426,7 +454,7 @@ class JobContext:
             self.next_seq(),
             payload,
             calls=self.take_calls(),
-            effects=tuple(effects.values()),
+            effects=(*effects.values(), *self._progress_effects()),
             **values,
         )
         self.done = True
@@ -485,13 +513,14 @@ class JobLLM:
     def __init__(self, ctx: JobContext, models: ModelClient) -> None:
         self._ctx = ctx
         self._models = models
-        # Chat calls of this attempt, and how many of them the response cache answered.
+        # Model calls of this attempt (chat and images, whatever their outcome), and how many of
+        # them the response cache answered.
         self.calls = 0
         self.cache_hits = 0
 
     @property
     def all_cached(self) -> bool:
-        """Whether every chat call of the attempt was answered from the response cache."""
+        """Whether every model call of the attempt was answered from the response cache."""
         return self.calls > 0 and self.cache_hits == self.calls
 
     @property
@@ -501,9 +530,11 @@ class JobLLM:
         return self._models
 
     def record(self, record: CallRecord) -> None:
-        """A call made outside `chat` (an image request): written with the attempt's next
-        write, its cost counted in the job's (and the step's) usage."""
+        """A model call, `chat`'s or one made outside it (an image request): written with the
+        attempt's next write, its cost counted in the job's (and the step's) usage."""
         row = record.as_row(self._models.prices)
+        self.calls += 1
+        self.cache_hits += record.outcome == "cached"
         metrics.model_call(row, self._ctx.claim.owner)
         self._ctx.spent += call_cost(row)
         self._ctx.pending_calls.append(row)
@@ -536,7 +567,6 @@ class JobLLM:
         role = options.pop("role", None) or (step.spec.role if step is not None else None)
         model = options.pop("model", None) or self.model_for_role(role)
         cache = self._models.cache if options.pop("cache", False) else None
-        self.calls += 1
         if cache is None:
             sink = self._sink(stream_deltas, progress_of)
             return self._call(model, messages, step, role, sink, **options)
@@ -645,7 +675,6 @@ class JobLLM:
             outcome="cached",
         )
         record.latency_ms = (time.perf_counter() - started) * 1000
-        self.cache_hits += 1
         self.record(record)
         return Completion(hit.text, hit.finish_reason, record)
 
