@@ -39,7 +39,7 @@ from app.jobs.payloads import (
     TerminalPayload,
 )
 from app.jobs.states import TERMINAL, TERMINAL_STATUSES, JobStatus
-from app.models import CACHE_REQUESTED, Job
+from app.models import CACHE_REQUESTED, Job, ProviderBatchItem
 from app.queue import message_priority
 
 if TYPE_CHECKING:
@@ -482,7 +482,8 @@ class Jobs:
     # Requests from the API ------------------------------------------------------------------------
 
     def cancel_job(self, owner: str, job_id: uuid.UUID) -> Job:
-        """A queued job is canceled at once; a running one is asked to stop (its worker ends it)."""
+        """A queued job is canceled at once, and so is one waiting for a provider batch; a
+        running one is asked to stop (its worker ends it)."""
         with self.db.transaction() as session:
             job = session.scalars(
                 select(Job).where(Job.id == job_id, Job.owner == owner).with_for_update()
@@ -498,6 +499,20 @@ class Jobs:
                 )
             if status is JobStatus.QUEUED:
                 event = _finish_unleased(session, job, CanceledPayload(reason="requested"))
+            elif job.lease_expires_at is None:
+                # Handed to a provider batch (app/jobs/provider_batches.py): no worker runs it,
+                # so it ends now; the provider batch is canceled once none of its jobs is left.
+                canceled = CanceledPayload(reason="requested", attempt=job.attempt)
+                event = _finish_unleased(session, job, canceled)
+                session.execute(
+                    update(ProviderBatchItem)
+                    .where(
+                        ProviderBatchItem.job_id == job.id,
+                        ProviderBatchItem.attempt == job.attempt,
+                        ProviderBatchItem.ended_at.is_(None),
+                    )
+                    .values(ended_at=func.now())
+                )
             else:
                 job.cancel_requested_at = job.cancel_requested_at or now()
                 job.updated_at = now()
@@ -720,6 +735,10 @@ class Jobs:
                 .where(
                     tuple_(Job.id, Job.attempt).in_(held),
                     Job.status == JobStatus.RUNNING.value,
+                    # A job its worker just handed to a provider batch has no lease, and must
+                    # not get one back from a renewal that raced the hand-over: the sweeper
+                    # would then take it back when that lease ran out.
+                    Job.lease_expires_at.is_not(None),
                 )
                 .values(lease_expires_at=func.now() + lease)
                 .returning(Job.id, Job.cancel_requested_at)
