@@ -253,6 +253,7 @@ async def upload_file(request: web.Request) -> web.Response:
     if not isinstance(upload, web.FileField):
         return invalid_request("'file' must be a file", "file")
     made = state.batches.add_file(upload.filename or "upload.jsonl", purpose, upload.file.read())
+    state.batches.files_uploaded += 1
     if state.config.file_upload_delay > 0:
         await asyncio.sleep(state.config.file_upload_delay)
     return web.json_response(made.as_object())

@@ -93,7 +93,6 @@ class Batches:
     def add_file(self, filename: str, purpose: str, data: bytes) -> SimFile:
         made = SimFile(f"file-{uuid.uuid4().hex[:24]}", filename, purpose, data, int(time.time()))
         self.files[made.id] = made
-        self.files_uploaded += 1
         return made
 
     def reset(self) -> None:
