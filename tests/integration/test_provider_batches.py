@@ -251,3 +251,30 @@ def test_a_handed_over_job_keeps_no_lease_through_sweeps_and_renewals(tenant: Te
 def test_a_bad_service_tier_is_422_naming_it(tenant: Tenant, job_input: dict[str, Any]) -> None:
     response = tenant.post("/api/v1/jobs", json={"kind": "chat", "input": job_input})
     assert_problem(response, 422, "input.service_tier")
+
+
+def test_a_canceled_batch_of_jobs_ends_its_handed_over_jobs(
+    tenant: Tenant, beat: Beat, simulator: SimulatorProcess
+) -> None:
+    """POST /batches/{id}/cancel only asks running jobs to stop; the beat task ends those a
+    provider batch holds."""
+    items = [
+        {
+            "kind": "chat",
+            "input": {"prompt": f"job {i} {uuid.uuid4().hex[:6]}", "service_tier": "batch"},
+        }
+        for i in range(2)
+    ]
+    created = tenant.post("/api/v1/batches", json={"items": items}).get_json()
+    with runtime().db.engine.connect() as connection:
+        jobs = [
+            str(job_id)
+            for job_id in connection.execute(
+                text("SELECT id FROM jobs WHERE batch_id = :id"), {"id": created["id"]}
+            ).scalars()
+        ]
+    handed_over(*jobs)
+    assert tenant.post(f"/api/v1/batches/{created['id']}/cancel").status_code in (200, 202)
+    beat.start()
+    ended = [tenant.wait_for(job_id, timeout=20) for job_id in jobs]
+    assert [job["status"] for job in ended] == ["canceled", "canceled"]
