@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 # The provider's statuses as the jobs' phases (`cancelling` shows none: the jobs are ending).
 PHASES = {"validating": "submitted", "in_progress": "in_progress", "finalizing": "finalizing"}
+# A batch's jobs hear of its counts at most this many times (each tenth done).
+PROGRESS_STEPS = 10
 # Why the jobs a batch never answered fail, by the batch's final status.
 UNANSWERED = {
     "expired": ("batch_expired", "the provider's batch expired (24 h) before it ran the request"),
@@ -164,11 +166,7 @@ class ProviderBatches:
                 logger.warning("provider batch %s not polled: %s", batch_id, error.message)
                 return
             report.polled += 1
-            changed = (remote.status, remote.completed, remote.failed) != (
-                row.provider_status,
-                row.completed,
-                row.failed,
-            )
+            changed = _worth_an_event(row, remote)
             store.record_poll(
                 connection, batch_id, remote.status, remote.completed, remote.failed, remote.errors
             )
@@ -317,6 +315,18 @@ class ProviderBatches:
                 self.jobs.fenced_update(item.claim, seq, payload, progress=payload.progress)
             except LeaseLost:
                 continue  # ended meanwhile (canceled)
+
+
+def _worth_an_event(row: store.BatchRow, remote: RemoteBatch) -> bool:
+    """Whether a poll's news is worth an event on each of the batch's jobs: a new phase, or
+    another tenth of the batch done. A batch of thousands of jobs is polled for hours, and a
+    count that moves at every poll would otherwise write as many events each time."""
+    if remote.status != row.provider_status:
+        return True
+    if not remote.total:
+        return False
+    before = (row.completed + row.failed) * PROGRESS_STEPS // remote.total
+    return (remote.completed + remote.failed) * PROGRESS_STEPS // remote.total != before
 
 
 def _request_line(item: store.OpenItem) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
@@ -228,23 +227,7 @@ def cancel_requested_items(db: Database, limit: int = 500) -> list[OpenItem]:
 
 
 def _open_item(row: Any) -> OpenItem:
-    claim = Claim(
-        row.id,
-        row.owner,
-        row.kind,
-        row.input,
-        row.attempt,
-        row.max_attempts,
-        row.priority,
-        row.model,
-        row.last_seq,
-        models=dict(row.models or {}),
-        batch_id=row.batch_id,
-        max_cost_usd=row.max_cost_usd,
-        cost_usd=Decimal(row.cost_usd),
-        started_at=row.started_at,
-    )
-    return OpenItem(claim, row.body, row.cancel_requested_at is not None)
+    return OpenItem(Claim.of_row(row), row.body, row.cancel_requested_at is not None)
 
 
 def current_seq(db: Database, job_id: uuid.UUID) -> int:

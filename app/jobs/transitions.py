@@ -189,6 +189,29 @@ class Claim:
     tenant_limit: tuple[str, Decimal] | None = None
     started_at: datetime | None = None  # the job's first start (of any attempt)
 
+    @classmethod
+    def of_row(cls, row: Any, **fields: Any) -> Claim:
+        """The claim of the attempt whose job's columns `row` has (by name: id, owner, kind,
+        input, attempt, max_attempts, priority, model, models, last_seq as its seq, batch_id,
+        max_cost_usd, cost_usd, started_at); `fields` set the others."""
+        return cls(
+            row.id,
+            row.owner,
+            row.kind,
+            row.input,
+            row.attempt,
+            row.max_attempts,
+            row.priority,
+            row.model,
+            row.last_seq,
+            models=dict(row.models or {}),
+            batch_id=row.batch_id,
+            max_cost_usd=row.max_cost_usd,
+            cost_usd=Decimal(row.cost_usd),
+            started_at=row.started_at,
+            **fields,
+        )
+
 
 def _retry_transition(
     attempt: int, delay: float, code: str, message: str, lost_worker: str | None = None
@@ -593,24 +616,11 @@ class Jobs:
             budget = budgets.budget_of(connection, row.owner) if limited else None
         if row is None:
             return None
-        claim = Claim(
-            job_id,
-            row.owner,
-            row.kind,
-            row.input,
-            row.attempt,
-            row.max_attempts,
-            row.priority,
-            row.model,
-            row.last_seq,
-            models=dict(row.models or {}),
+        claim = Claim.of_row(
+            row,
             checkpoints={step["name"]: Checkpoint.of(step) for step in row.steps or ()},
-            batch_id=row.batch_id,
             timeout_seconds=row.timeout_seconds,
-            max_cost_usd=row.max_cost_usd,
-            cost_usd=Decimal(row.cost_usd),
             tenant_limit=budget.tightest() if budget is not None else None,
-            started_at=row.started_at,
         )
         waited = None if row.waited_seconds is None else float(row.waited_seconds)
         metrics.job_claimed(claim.kind, waited)

@@ -458,6 +458,8 @@ class JobContext:
             lease_expires_at=None,
         )
         self.done = True
+        # Without a lease it no longer holds a place in its owner's dispatch window.
+        self._jobs.intake.release_soon(self.claim.owner)
 
     def requeue_for_capacity(self, reason: str, until: float, endpoint: str, message: str) -> None:
         """Back to `queued` until `until` to wait for a provider's capacity, this attempt given
