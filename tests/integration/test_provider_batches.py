@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from app.execution.provider_batches import ProviderBatches
 from app.llm.batch_api import METADATA_KEY
+from app.models import OUTSTANDING
 from app.runtime import runtime
 from devtools.simprocess import SimulatorProcess
 from tests.conftest import Tenant, job_row, wait_until
@@ -236,6 +237,12 @@ def test_a_handed_over_job_keeps_no_lease_through_sweeps_and_renewals(tenant: Te
     assert jobs.renew_leases([(uuid.UUID(job_id), 1)]) == {}
     job = tenant.get(f"/api/v1/jobs/{job_id}").get_json()
     assert job["status"] == "running"
+    with runtime().db.engine.connect() as connection:
+        outstanding = connection.execute(
+            text(f"SELECT count(*) FROM jobs WHERE owner = :owner AND ({OUTSTANDING})"),
+            {"owner": tenant.owner},
+        ).scalar_one()
+    assert outstanding == 0  # no place held in the owner's dispatch window
     tenant.post(f"/api/v1/jobs/{job_id}/cancel")
     assert tenant.get(f"/api/v1/jobs/{job_id}").get_json()["status"] == "canceled"
 
