@@ -30,6 +30,7 @@ from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import IntegrityError
 
 from app import metrics
 from app.jobs import provider_batches as store
@@ -283,6 +284,13 @@ class ProviderBatches:
         except LeaseLost:
             # Ended meanwhile (canceled): the finish wrote nothing but the call's cost.
             return 0
+        except IntegrityError:
+            # Another run wrote this seq first (a cancel pass racing a poll): nothing was
+            # written, and the next run ends the job from a fresh seq.
+            logger.info(
+                "job moved on meanwhile; ending it next run", extra={"job_id": claim.job_id}
+            )
+            return 0
         return 1
 
     def _fail_all(self, items: list[store.OpenItem], code: str, message: str) -> None:
@@ -313,8 +321,8 @@ class ProviderBatches:
             seq = store.current_seq(self.jobs.db, item.claim.job_id) + 1
             try:
                 self.jobs.fenced_update(item.claim, seq, payload, progress=payload.progress)
-            except LeaseLost:
-                continue  # ended meanwhile (canceled)
+            except (LeaseLost, IntegrityError):
+                continue  # ended meanwhile (canceled), or another run wrote this seq first
 
 
 def _worth_an_event(row: store.BatchRow, remote: RemoteBatch) -> bool:

@@ -33,8 +33,10 @@ CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETION_WINDOW = "24h"
 # The batch's metadata key that carries our id: how a submission cut short is found again.
 METADATA_KEY = "conveyor_batch_id"
-# A recovery lists the provider's batches newest first, at most this many pages of 100.
+# A recovery lists the provider's batches newest first, at most this many pages of 100, back
+# to a little before our row was made: the provider's clock is not ours.
 MAX_LIST_PAGES = 20
+CLOCK_SLACK_SECONDS = 600
 ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
@@ -128,7 +130,7 @@ class BatchAPI:
     def find(self, ours: str, since: datetime) -> RemoteBatch | None:
         """The provider's batch whose metadata carries our id `ours`, among those created
         since `since` (the list is newest first, so the scan stops at older ones)."""
-        oldest = since.timestamp()
+        oldest = since.timestamp() - CLOCK_SLACK_SECONDS
         with _provider_call():
             page = self._client.batches.list(limit=100)
             for _ in range(MAX_LIST_PAGES):

@@ -285,3 +285,15 @@ def test_a_canceled_batch_of_jobs_ends_its_handed_over_jobs(
     beat.start()
     ended = [tenant.wait_for(job_id, timeout=20) for job_id in jobs]
     assert [job["status"] for job in ended] == ["canceled", "canceled"]
+
+
+def test_a_batch_that_fails_validation_fails_its_jobs(
+    tenant: Tenant, beat: Beat, simulator: SimulatorProcess
+) -> None:
+    jobs = [submit_batched(tenant, "[[sim batch=fail]] doomed") for _ in range(2)]
+    handed_over(*jobs)
+    beat.start()
+    ended = [tenant.wait_for(job_id, timeout=30) for job_id in jobs]
+    assert [job["status"] for job in ended] == ["failed", "failed"]
+    assert {job["error"]["code"] for job in ended} == {"batch_failed"}
+    assert "validation" in ended[0]["error"]["message"]
