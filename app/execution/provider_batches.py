@@ -167,7 +167,7 @@ class ProviderBatches:
                 logger.warning("provider batch %s not polled: %s", batch_id, error.message)
                 return
             report.polled += 1
-            changed = _worth_an_event(row, remote)
+            changed = worth_an_event(row, remote)
             store.record_poll(
                 connection, batch_id, remote.status, remote.completed, remote.failed, remote.errors
             )
@@ -325,7 +325,7 @@ class ProviderBatches:
                 continue  # ended meanwhile (canceled), or another run wrote this seq first
 
 
-def _worth_an_event(row: store.BatchRow, remote: RemoteBatch) -> bool:
+def worth_an_event(row: store.BatchRow, remote: RemoteBatch) -> bool:
     """Whether a poll's news is worth an event on each of the batch's jobs: a new phase, or
     another tenth of the batch done. A batch of thousands of jobs is polled for hours, and a
     count that moves at every poll would otherwise write as many events each time."""

@@ -4,6 +4,7 @@ read back (answer, refusal, request never run), the batch price, and the simulat
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -12,10 +13,12 @@ import pytest
 from pydantic import ValidationError
 
 from app import config
+from app.execution.provider_batches import worth_an_event
+from app.jobs.provider_batches import BatchRow
 from app.kinds import get_kind
 from app.kinds.chat import ChatInput
 from app.kinds.structured import StructuredInput
-from app.llm.batch_api import batch_price, read_line
+from app.llm.batch_api import RemoteBatch, batch_price, read_line
 from app.llm.client import ModelClient
 from app.llm.errors import ModelError
 from app.sim.answer import InvalidRequest
@@ -162,3 +165,26 @@ def test_the_batch_directives_and_bad_files() -> None:
             parse_lines(bad)
     with pytest.raises(InvalidRequest):
         parse_lines(jsonl("a") + jsonl("b"))  # r0 twice
+
+
+def test_a_batchs_jobs_hear_of_a_new_phase_and_of_each_tenth_done() -> None:
+    row = BatchRow(
+        id=uuid.uuid4(),
+        model="m",
+        state="submitted",
+        provider_batch_id="b",
+        provider_status="in_progress",
+        request_count=100,
+        completed=10,
+        failed=0,
+        created_at=STARTED,
+        submitted_at=STARTED,
+        cancel_requested_at=None,
+    )
+
+    def remote(status: str, completed: int, failed: int = 0) -> RemoteBatch:
+        return RemoteBatch("b", status, 100, completed, failed, 0)
+
+    assert not worth_an_event(row, remote("in_progress", 15))
+    assert worth_an_event(row, remote("in_progress", 15, 5))  # 20 done: the next tenth
+    assert worth_an_event(row, remote("finalizing", 10))
