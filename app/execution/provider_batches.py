@@ -70,6 +70,7 @@ class BatchReport:
     ended: int = 0  # batches whose results were recorded
     jobs_ended: int = 0
     canceled: int = 0  # provider batches canceled because all their jobs were
+    forgotten: int = 0  # rows of ended batches whose jobs are all deleted
 
 
 class ProviderBatches:
@@ -93,6 +94,7 @@ class ProviderBatches:
             self.submit(batch_id, report)
         for batch_id in store.open_batches(self.jobs.db, store.SUBMITTED):
             self.poll(batch_id, report)
+        report.forgotten = store.forget_ended(self.jobs.db)
         if any(vars(report).values()):
             logger.info("provider batches: %s", report)
         return report

@@ -288,6 +288,19 @@ def record_cancel(connection: Connection, batch_id: uuid.UUID) -> None:
     )
 
 
+def forget_ended(db: Database) -> int:
+    """Deletes the rows of ended batches none of whose jobs is left (deleted by their owner or
+    by retention): a batch's row lives as long as one of its jobs does."""
+    with db.engine.begin() as connection:
+        result = connection.execute(
+            text(
+                "DELETE FROM provider_batches b WHERE state = 'ended' AND NOT EXISTS "
+                "(SELECT 1 FROM provider_batch_items i WHERE i.provider_batch = b.id)"
+            )
+        )
+    return int(result.rowcount or 0)
+
+
 def record_end(connection: Connection, batch_id: uuid.UUID, error: str | None = None) -> None:
     connection.execute(
         text(

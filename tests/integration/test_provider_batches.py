@@ -109,6 +109,19 @@ def calls_of(job_id: str) -> list[Any]:
         ).all()
 
 
+def their_batch_ended(jobs: list[str]) -> bool:
+    """The provider batch of `jobs` is over for us too (its results read)."""
+    with runtime().db.engine.connect() as connection:
+        states = connection.execute(
+            text(
+                "SELECT DISTINCT b.state FROM provider_batches b JOIN provider_batch_items i "
+                "ON i.provider_batch = b.id WHERE i.job_id = ANY(CAST(:jobs AS uuid[]))"
+            ),
+            {"jobs": jobs},
+        ).scalars()
+        return list(states) == ["ended"]
+
+
 def new_batches(simulator: SimulatorProcess, before: int) -> list[dict[str, Any]]:
     return simulator.batches()[before:]
 
@@ -188,6 +201,21 @@ def test_canceling_every_job_cancels_the_provider_batch(
         assert tenant.get(f"/api/v1/jobs/{job_id}").get_json()["status"] == "canceled"
     wait_until(lambda: new_batches(simulator, before)[0]["canceled"], timeout=20)
     assert simulator.stats()["batches_canceled"] >= 1
+
+    def batch_rows() -> int:
+        with runtime().db.engine.connect() as connection:
+            return int(
+                connection.execute(
+                    text("SELECT count(*) FROM provider_batches WHERE provider_batch_id = :id"),
+                    {"id": new_batches(simulator, before)[0]["id"]},
+                ).scalar_one()
+            )
+
+    wait_until(lambda: their_batch_ended(jobs), timeout=20)
+    assert batch_rows() == 1  # kept while its jobs are
+    for job_id in jobs:
+        assert tenant.delete(f"/api/v1/jobs/{job_id}").status_code == 204
+    wait_until(lambda: batch_rows() == 0, timeout=20)
 
 
 def test_a_submission_cut_short_is_adopted_not_repeated(
