@@ -264,6 +264,7 @@ class ProviderBatchItem(Base):
             "created_at",
             postgresql_where=text("provider_batch IS NULL AND ended_at IS NULL"),
         ),
+        Index("provider_batch_items_open", "job_id", postgresql_where=text("ended_at IS NULL")),
         Index(
             "provider_batch_items_batch",
             "provider_batch",

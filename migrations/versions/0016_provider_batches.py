@@ -89,6 +89,14 @@ def upgrade() -> None:
         ["model", "created_at"],
         postgresql_where=sa.text("provider_batch IS NULL AND ended_at IS NULL"),
     )
+    # The handed-over jobs not ended yet, which each run reads for pending cancels: the table
+    # keeps a row per batch-tier job for as long as the job is kept.
+    op.create_index(
+        "provider_batch_items_open",
+        "provider_batch_items",
+        ["job_id"],
+        postgresql_where=sa.text("ended_at IS NULL"),
+    )
     op.create_index(
         "provider_batch_items_batch",
         "provider_batch_items",
