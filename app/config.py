@@ -291,6 +291,29 @@ class Settings(BaseSettings):
         1_048_576, ge=1, description="the largest answer the response cache stores, bytes"
     )
 
+    # The provider's Batch API, for jobs of `service_tier: "batch"` (docs/reliability.md)
+    provider_batch_window: float = Field(
+        60.0,
+        ge=0,
+        description="seconds a batch-tier job waits for others of its model before a batch "
+        "is sent without them",
+    )
+    provider_batch_max_size: int = Field(
+        10_000, ge=1, le=50_000, description="requests in one provider batch at most"
+    )
+    provider_batch_interval: float = Field(
+        15.0,
+        gt=0,
+        description="seconds between two runs of the beat task that collects, submits and "
+        "polls provider batches",
+    )
+    provider_batch_price_factor: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="a batch-tier call's price as a share of the price table's (OpenAI: half)",
+    )
+
     # Retention (docs/reliability.md#retention)
     retention_days: int | None = Field(
         None,
@@ -376,6 +399,8 @@ def testing_settings(**overrides: object) -> Settings:
         "webhook_retry_base_delay": 0.2,
         "webhook_retry_max_delay": 0.5,
         "webhook_dispatch_interval": 0.1,
+        "provider_batch_window": 0.3,
+        "provider_batch_interval": 0.2,
     }
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]

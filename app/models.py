@@ -37,8 +37,13 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSONB, datetime: DateTime(timezone=True)}
 
 
-# A job that holds a place in its tenant's dispatch window: published and not finished.
-OUTSTANDING = "status = 'running' OR (status = 'queued' AND dispatched_at IS NOT NULL)"
+# A job that holds a place in its tenant's dispatch window: published and not finished. A
+# running job without a lease is owned by a provider batch (app/jobs/provider_batches.py): it
+# holds no worker slot, so it holds no place either (migration 0016).
+OUTSTANDING = (
+    "(status = 'running' AND lease_expires_at IS NOT NULL)"
+    " OR (status = 'queued' AND dispatched_at IS NOT NULL)"
+)
 # A job that asked for the response cache. `input.cache` is a strict boolean (app/kinds/base.py),
 # so comparing the JSON value is the same as casting it, and unlike the cast it cannot raise
 # (an index predicate that raises would fail the INSERT).
@@ -209,6 +214,75 @@ class Batch(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     canceled_at: Mapped[datetime | None]
+
+
+class ProviderBatch(Base):
+    """One batch of the provider's Batch API. The row, with our `id`, is committed before
+    anything is sent; `id` travels in the batch's metadata, so a submission cut short is
+    adopted, not repeated (app/execution/provider_batches.py).
+
+    `state`: `creating` (not known to be at the provider), `submitted` (its
+    `provider_batch_id` stored; `provider_status` as last polled), `ended` (its jobs' results
+    recorded)."""
+
+    __tablename__ = "provider_batches"
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ('creating', 'submitted', 'ended')", name="provider_batches_state_valid"
+        ),
+        CheckConstraint("request_count > 0", name="provider_batches_request_count_positive"),
+        Index("provider_batches_open", "created_at", postgresql_where=text("state <> 'ended'")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16))
+    provider_batch_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    input_file_id: Mapped[str | None] = mapped_column(String(255))
+    provider_status: Mapped[str | None] = mapped_column(String(32))
+    request_count: Mapped[int] = mapped_column(Integer)
+    completed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    # Every job of the batch was canceled: the provider batch is to be canceled.
+    cancel_requested_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    submitted_at: Mapped[datetime | None]
+    polled_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+
+
+class ProviderBatchItem(Base):
+    """A batch-tier job's request (`body`, a chat completion) from its hand-over by the worker
+    until the job ends (`ended_at`); `provider_batch` once it is collected into a batch."""
+
+    __tablename__ = "provider_batch_items"
+    __table_args__ = (
+        Index(
+            "provider_batch_items_pending",
+            "model",
+            "created_at",
+            postgresql_where=text("provider_batch IS NULL AND ended_at IS NULL"),
+        ),
+        Index("provider_batch_items_open", "job_id", postgresql_where=text("ended_at IS NULL")),
+        Index(
+            "provider_batch_items_batch",
+            "provider_batch",
+            postgresql_where=text("provider_batch IS NOT NULL"),
+        ),
+    )
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(200))
+    body: Mapped[dict[str, Any]]
+    provider_batch: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("provider_batches.id", ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    ended_at: Mapped[datetime | None]
 
 
 class JobEvent(Base):

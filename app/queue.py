@@ -10,6 +10,9 @@ from kombu import Exchange, Queue
 from app.config import Settings
 
 SWEEP_TASK = "conveyor.sweep"
+# Collects, submits and polls provider batches (app/execution/provider_batches.py). On the jobs'
+# queue: it is model traffic, and needs the model endpoint's workers.
+PROVIDER_BATCH_TASK = "conveyor.provider_batches"
 QUEUE = "conveyor"
 # Webhook deliveries have a queue of their own, so that a slow receiver never holds a slot a
 # job could use: run a worker with `-Q webhooks` for them and the job workers with
@@ -138,6 +141,13 @@ def celery_config(settings: Settings) -> dict[str, object]:
             "sweep": {"task": SWEEP_TASK, "schedule": settings.sweeper_interval},
             "webhooks": webhook_dispatch_schedule(settings),
             "retention": retention_schedule(settings),
+            "provider_batches": {
+                "task": PROVIDER_BATCH_TASK,
+                "schedule": settings.provider_batch_interval,
+                # A run does everything due: runs missed while no worker consumed are not
+                # worth doing later, one after another.
+                "options": {"expires": max(10.0, settings.provider_batch_interval * 5)},
+            },
         },
         "include": ["workers.tasks"],
         **webhook_routing(settings),

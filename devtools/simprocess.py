@@ -138,6 +138,10 @@ class SimulatorProcess(DevServer):
         query = "" if tag is None else f"?tag={urllib.parse.quote(tag)}"
         return self._admin("GET", f"requests{query}")["items"]
 
+    def batches(self) -> list[dict[str, Any]]:
+        """Every Batch API batch the simulator was given: id, model, status, requests."""
+        return self._admin("GET", "batches")["items"]
+
     def reset(self) -> dict[str, Any]:
         """Zero the counters and the per-messages `times` fault counters."""
         return self._admin("POST", "reset")

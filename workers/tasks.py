@@ -6,9 +6,16 @@ import uuid
 
 from celery import shared_task
 
+from app.execution.provider_batches import ProviderBatches
 from app.execution.runner import execute_job
 from app.jobs import retention, transitions, webhooks
-from app.queue import RETENTION_TASK, SWEEP_TASK, WEBHOOK_DISPATCH_TASK, WEBHOOK_SEND_TASK
+from app.queue import (
+    PROVIDER_BATCH_TASK,
+    RETENTION_TASK,
+    SWEEP_TASK,
+    WEBHOOK_DISPATCH_TASK,
+    WEBHOOK_SEND_TASK,
+)
 from app.runtime import runtime
 
 
@@ -20,6 +27,12 @@ def run_job(job_id: str) -> str:
 @shared_task(name=SWEEP_TASK, ignore_result=True, soft_time_limit=60, time_limit=90)
 def sweep() -> dict[str, int]:
     return vars(runtime().jobs.sweep())
+
+
+# The limits only catch a stuck run: a run's provider calls are short, each with its timeout.
+@shared_task(name=PROVIDER_BATCH_TASK, ignore_result=True, soft_time_limit=600, time_limit=660)
+def run_provider_batches() -> dict[str, int]:
+    return vars(ProviderBatches(runtime().jobs, runtime().model_client).run())
 
 
 @shared_task(name=WEBHOOK_DISPATCH_TASK, ignore_result=True, soft_time_limit=30, time_limit=60)

@@ -63,6 +63,9 @@ class JobView:
             self.progress = data["progress"]
         elif kind == EventType.STEP:
             self.apply_step(data)
+        elif kind == EventType.PROVIDER_BATCH:
+            self.progress = data["progress"]
+            self.status = f"batch: {data['phase'].replace('_', ' ')}"
         elif kind == EventType.STARTED:
             self.status, self.progress = JobStatus.RUNNING.value, 0.0
             if data.get("attempt", 1) > 1:

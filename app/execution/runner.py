@@ -15,7 +15,7 @@ import time
 import uuid
 from enum import StrEnum
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from app import logs
 from app.execution.capacity import Deferred, admit_before_claim
@@ -23,7 +23,7 @@ from app.execution.leases import active_jobs
 from app.jobs import transitions
 from app.jobs.payloads import CanceledPayload, EventError, FailedPayload, SucceededPayload
 from app.jobs.transitions import Jobs, LeaseLost
-from app.kinds import KindError, get_kind
+from app.kinds import Kind, KindError, get_kind
 from app.kinds.context import JobBudgetExceeded, JobCanceled, JobContext, JobTimedOut
 from app.llm.client import ModelClient
 from app.llm.errors import ModelError
@@ -40,6 +40,7 @@ class Outcome(StrEnum):
     CANCELED = "canceled"
     LEASE_LOST = "lease_lost"
     WAITING = "waiting"  # queued again for a provider's capacity, no attempt consumed
+    BATCHED = "batched"  # handed to a provider batch (app/execution/provider_batches.py)
 
 
 def worker_name() -> str:
@@ -85,6 +86,8 @@ def _run_attempt(ctx: JobContext) -> Outcome:
         kind = get_kind(claim.kind)
         ctx.declare_steps(kind.steps)
         job_input = kind.Input.model_validate(claim.input)
+        if kind.batch_request is not None and getattr(job_input, "batched", False):
+            return _hand_to_provider_batch(ctx, kind, job_input)
         output = kind.run(ctx, job_input)
         ctx.check()
         ctx.finish(
@@ -125,6 +128,21 @@ def _run_attempt(ctx: JobContext) -> Outcome:
     except Exception as exc:
         _fail(ctx, "internal_error", f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _hand_to_provider_batch(ctx: JobContext, kind: Kind, job_input: BaseModel) -> Outcome:
+    """A job of `service_tier: "batch"`: its request waits for a provider batch, and the slot
+    is free at once (the job stays running, without a lease, until its batch answers)."""
+    assert kind.batch_request is not None
+    model = ctx.llm.model_for_job()
+    ctx.hand_over_to_provider_batch(model, {"model": model, **kind.batch_request(job_input)})
+    limits = ctx.llm.client.limits
+    if ctx.prepaid is not None and limits is not None:
+        # Admitted under the endpoint's limits before the claim, for a call it does not make.
+        limits.release(ctx.prepaid)
+        ctx.prepaid = None
+    logger.info("handed to a provider batch", extra={"job_id": ctx.job_id})
+    return Outcome.BATCHED
 
 
 def _model_failure(ctx: JobContext, exc: ModelError) -> Outcome:

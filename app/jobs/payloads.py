@@ -169,6 +169,26 @@ class StepPayload(EventPayload):
     )
 
 
+class ProviderBatchPayload(EventPayload):
+    """A job of `service_tier: "batch"` moved on in the provider's Batch API: handed over by
+    its worker (`pending`), sent in a provider batch (`submitted`), being run
+    (`in_progress`, with the batch's counts), or its results being written (`finalizing`)."""
+
+    event_type = EventType.PROVIDER_BATCH
+
+    phase: Literal["pending", "submitted", "in_progress", "finalizing"] = Field(
+        description="`pending`: waiting to be sent with others of its model; `submitted`: "
+        "the provider has the batch; `in_progress` and `finalizing` as the provider reports"
+    )
+    progress: Progress = Field(description="percent of the batch's requests done")
+    provider_batch_id: str | None = absent_unless_given(
+        "from `submitted` on: the provider's id of the batch the job is in"
+    )
+    total: int | None = absent_unless_given("from `submitted` on: requests in the batch")
+    completed: int | None = absent_unless_given("requests of the batch answered so far")
+    failed: int | None = absent_unless_given("requests of the batch that failed so far")
+
+
 class RetryingPayload(EventPayload):
     """The attempt failed and the job will be tried again; another `job.started` follows."""
 
@@ -241,6 +261,7 @@ PAYLOADS: Mapping[EventType, type[EventPayload]] = {
         OutputDeltaPayload,
         LogPayload,
         StepPayload,
+        ProviderBatchPayload,
         RetryingPayload,
         SucceededPayload,
         FailedPayload,

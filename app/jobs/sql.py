@@ -187,7 +187,11 @@ WITH held AS (
         updated_at = CASE WHEN h.seq > jobs.last_seq THEN now() ELSE jobs.updated_at END,
         last_seq = greatest(jobs.last_seq, coalesce(h.seq, 0))
     FROM held h
+    -- A job its worker just handed to a provider batch has no lease, and must not get one
+    -- back from a renewal that raced the hand-over: the sweeper would then take it back when
+    -- that lease ran out.
     WHERE jobs.id = h.id AND jobs.attempt = h.attempt AND jobs.status = 'running'
+      AND jobs.lease_expires_at IS NOT NULL
     RETURNING jobs.id, jobs.cancel_requested_at, h.seq, h.at, h.data
 ), progress_events AS (
     INSERT INTO job_events (job_id, seq, type, at, data)

@@ -23,6 +23,7 @@ class EventType(StrEnum):
     OUTPUT_DELTA = "job.output.delta"
     LOG = "job.log"
     STEP = "job.step"
+    PROVIDER_BATCH = "job.provider_batch"
     RETRYING = "job.retrying"
     SUCCEEDED = "job.succeeded"
     FAILED = "job.failed"

@@ -40,7 +40,7 @@ from app.jobs.payloads import (
     TerminalPayload,
 )
 from app.jobs.states import TERMINAL, TERMINAL_STATUSES, EventType, JobStatus
-from app.models import CACHE_REQUESTED, Job
+from app.models import CACHE_REQUESTED, Job, ProviderBatchItem
 from app.queue import message_priority
 
 if TYPE_CHECKING:
@@ -189,6 +189,29 @@ class Claim:
     # Its owner's tightest budget when it was claimed, ("daily" | "monthly", USD left).
     tenant_limit: tuple[str, Decimal] | None = None
     started_at: datetime | None = None  # the job's first start (of any attempt)
+
+    @classmethod
+    def of_row(cls, row: Any, **fields: Any) -> Claim:
+        """The claim of the attempt whose job's columns `row` has (by name: id, owner, kind,
+        input, attempt, max_attempts, priority, model, models, last_seq as its seq, batch_id,
+        max_cost_usd, cost_usd, started_at); `fields` set the others."""
+        return cls(
+            row.id,
+            row.owner,
+            row.kind,
+            row.input,
+            row.attempt,
+            row.max_attempts,
+            row.priority,
+            row.model,
+            row.last_seq,
+            models=dict(row.models or {}),
+            batch_id=row.batch_id,
+            max_cost_usd=row.max_cost_usd,
+            cost_usd=Decimal(row.cost_usd),
+            started_at=row.started_at,
+            **fields,
+        )
 
 
 def _retry_transition(
@@ -483,7 +506,8 @@ class Jobs:
     # Requests from the API ------------------------------------------------------------------------
 
     def cancel_job(self, owner: str, job_id: uuid.UUID) -> Job:
-        """A queued job is canceled at once; a running one is asked to stop (its worker ends it)."""
+        """A queued job is canceled at once, and so is one waiting for a provider batch; a
+        running one is asked to stop (its worker ends it)."""
         with self.db.transaction() as session:
             job = session.scalars(
                 select(Job).where(Job.id == job_id, Job.owner == owner).with_for_update()
@@ -499,6 +523,20 @@ class Jobs:
                 )
             if status is JobStatus.QUEUED:
                 event = _finish_unleased(session, job, CanceledPayload(reason="requested"))
+            elif job.lease_expires_at is None:
+                # Handed to a provider batch (app/jobs/provider_batches.py): no worker runs it,
+                # so it ends now; the provider batch is canceled once none of its jobs is left.
+                canceled = CanceledPayload(reason="requested", attempt=job.attempt)
+                event = _finish_unleased(session, job, canceled)
+                session.execute(
+                    update(ProviderBatchItem)
+                    .where(
+                        ProviderBatchItem.job_id == job.id,
+                        ProviderBatchItem.attempt == job.attempt,
+                        ProviderBatchItem.ended_at.is_(None),
+                    )
+                    .values(ended_at=func.now())
+                )
             else:
                 job.cancel_requested_at = job.cancel_requested_at or now()
                 job.updated_at = now()
@@ -579,24 +617,11 @@ class Jobs:
             budget = budgets.budget_of(connection, row.owner) if limited else None
         if row is None:
             return None
-        claim = Claim(
-            job_id,
-            row.owner,
-            row.kind,
-            row.input,
-            row.attempt,
-            row.max_attempts,
-            row.priority,
-            row.model,
-            row.last_seq,
-            models=dict(row.models or {}),
+        claim = Claim.of_row(
+            row,
             checkpoints={step["name"]: Checkpoint.of(step) for step in row.steps or ()},
-            batch_id=row.batch_id,
             timeout_seconds=row.timeout_seconds,
-            max_cost_usd=row.max_cost_usd,
-            cost_usd=Decimal(row.cost_usd),
             tenant_limit=budget.tightest() if budget is not None else None,
-            started_at=row.started_at,
         )
         waited = None if row.waited_seconds is None else float(row.waited_seconds)
         metrics.job_claimed(claim.kind, waited)

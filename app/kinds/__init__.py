@@ -18,6 +18,8 @@ KINDS: dict[str, Kind] = {
         module.run,
         getattr(module, "STEPS", ()),
         getattr(module, "admit", None),
+        getattr(module, "batch_request", None),
+        getattr(module, "batch_result", None),
     )
     for module in (chat, structured, article, character_card, image, canvas)
 }

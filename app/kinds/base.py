@@ -77,6 +77,11 @@ class Kind:
     # Checks of a valid input against the deployment and the caller's data, made at submit:
     # (field under `input`, message) for each problem. A module's `admit`, if any.
     admit: Callable[[Any, Admission], list[tuple[str, str]]] | None = None
+    # A kind whose input may ask for `service_tier: "batch"` (app/jobs/provider_batches.py):
+    # `batch_request(input)` is the chat completion body to send (without its model) and
+    # `batch_result(input, text, finish_reason)` the output made of the provider's answer.
+    batch_request: Callable[[Any], dict[str, Any]] | None = None
+    batch_result: Callable[[Any, str, str | None], BaseModel] | None = None
 
     def __post_init__(self) -> None:
         names = [step.name for step in self.steps]
@@ -120,6 +125,12 @@ class PromptInput(BaseModel):
         "messages, max_tokens, temperature, seed) was answered within its TTL; the job then "
         "costs nothing and records `cached: true`. Only with temperature 0 or a seed.",
     )
+    service_tier: Literal["default", "batch"] = Field(
+        "default",
+        description="`batch`: sent through the provider's Batch API at half the price, with no "
+        "latency promise (the provider answers within 24 hours): no tokens stream, progress "
+        "shows the batch's phase and counts (docs/api.md#service-tier). Not with `cache`.",
+    )
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> Self:
@@ -140,6 +151,30 @@ class PromptInput(BaseModel):
                 "one only where the same answer is asked for every time",
             )
         return cache
+
+    @field_validator("service_tier")
+    @classmethod
+    def _batch_is_not_cached(cls, tier: str, info: ValidationInfo) -> str:
+        # A batch answer arrives hours later and is never streamed: a cache hit would make the
+        # tier pointless, and an answer stored from a batch would be replayed as a stream it
+        # never was. (A field validator, so that the error names `service_tier`.)
+        if tier == "batch" and info.data.get("cache"):
+            raise PydanticCustomError(
+                "batch_not_cacheable", "'service_tier': 'batch' cannot be combined with 'cache'"
+            )
+        return tier
+
+    @property
+    def batched(self) -> bool:
+        return self.service_tier == "batch"
+
+    def batch_body(self) -> dict[str, Any]:
+        """The chat completion a provider batch sends for this input (its model aside)."""
+        body: dict[str, Any] = {"messages": self.as_messages()}
+        for name in ("max_tokens", "temperature", "seed"):
+            if (value := getattr(self, name)) is not None:
+                body[name] = value
+        return body
 
     def as_messages(self) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 
 from app.kinds.base import PromptInput
@@ -27,6 +29,14 @@ def run(ctx: JobContext, job_input: ChatInput) -> ChatOutput:
         **job_input.call_options(),
     )
     return ChatOutput(text=completion.text, finish_reason=completion.finish_reason)
+
+
+def batch_request(job_input: ChatInput) -> dict[str, Any]:
+    return job_input.batch_body()
+
+
+def batch_result(job_input: ChatInput, text: str, finish_reason: str | None) -> ChatOutput:
+    return ChatOutput(text=text, finish_reason=finish_reason)
 
 
 Input = ChatInput

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from app import metrics
 from app.config import Settings
 from app.db import Database
-from app.jobs import waiting
+from app.jobs import provider_batches, waiting
 from app.jobs.artifacts import SavedArtifact, publish_effect
 from app.jobs.events import Event
 from app.jobs.payloads import (
@@ -31,6 +31,7 @@ from app.jobs.payloads import (
     LogPayload,
     OutputDeltaPayload,
     ProgressPayload,
+    ProviderBatchPayload,
     StepPayload,
     SucceededPayload,
     TerminalPayload,
@@ -470,6 +471,23 @@ class JobContext:
             self.claim, self.next_seq(), delay, code, message, calls=self.take_calls()
         )
         self.done = True
+
+    def hand_over_to_provider_batch(self, model: str, body: dict[str, Any]) -> None:
+        """The job waits for a provider batch (app/jobs/provider_batches.py): its request is
+        stored and its lease cleared, in one fenced write; this attempt's worker is done."""
+        self.check()
+        self.flush()
+        self._jobs.fenced_update(
+            self.claim,
+            self.next_seq(),
+            ProviderBatchPayload(phase="pending", progress=0.0),
+            calls=self.take_calls(),
+            effects=(provider_batches.hand_over(self.attempt, model, body),),
+            lease_expires_at=None,
+        )
+        self.done = True
+        # Without a lease it no longer holds a place in its owner's dispatch window.
+        self._jobs.intake.release_soon(self.claim.owner)
 
     def requeue_for_capacity(self, reason: str, until: float, endpoint: str, message: str) -> None:
         """Back to `queued` until `until` to wait for a provider's capacity, this attempt given

@@ -151,5 +151,36 @@ def parse_and_validate(text: str, schema: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
+def batch_request(job_input: StructuredInput) -> dict[str, Any]:
+    return job_input.batch_body() | {"response_format": _response_format(job_input)}
+
+
+def batch_result(
+    job_input: StructuredInput, text: str, finish_reason: str | None
+) -> StructuredOutput:
+    """The batch's answer, which must validate as it is: a repair would be another call,
+    and another day's wait, so an invalid answer fails the job `output_invalid`."""
+    try:
+        return StructuredOutput(data=parse_and_validate(text, job_input.json_schema))
+    except InvalidOutput as error:
+        raise ModelError(
+            "output_invalid",
+            f"the model's output did not match the schema (a batch answer is not repaired): "
+            f"{error}",
+            retryable=False,
+        ) from None
+
+
+def _response_format(job_input: StructuredInput) -> dict[str, Any]:
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": job_input.schema_name,
+            "schema": job_input.json_schema,
+            "strict": True,
+        },
+    }
+
+
 Input = StructuredInput
 Output = StructuredOutput

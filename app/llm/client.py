@@ -320,7 +320,7 @@ def _consume(
             record.tokens_in = int(usage.get("prompt_tokens") or 0)
             record.tokens_out = int(usage.get("completion_tokens") or 0)
             record.usage_reported = True
-            record.reported_cost = _reported_cost(usage)
+            record.reported_cost = reported_cost(usage)
         for choice in chunk.get("choices") or ():
             text = (choice.get("delta") or {}).get("content")
             if text:
@@ -345,7 +345,7 @@ def _read_to_end(lines: Iterator[str]) -> None:
         logger.debug("reading past the end of a stream failed: %s", exc)
 
 
-def _reported_cost(usage: dict[str, Any]) -> Decimal | None:
+def reported_cost(usage: dict[str, Any]) -> Decimal | None:
     """OpenRouter (and the simulator) add the call's cost in USD to the usage; OpenAI does not.
     A figure that is not a finite number >= 0 is ignored rather than trusted."""
     cost = usage.get("cost")

@@ -43,23 +43,27 @@ class ModelError(Exception):
 def classify_status_error(exc: openai.APIStatusError) -> ModelError:
     status = exc.status_code
     message = _provider_message(exc)
+    if status in (400, 422) and _is_content_policy(exc):
+        return ModelError("content_policy", message, retryable=False)
+    return error_for_status(status, message, exc.response.headers)
+
+
+def error_for_status(status: int, message: str, headers: object = None) -> ModelError:
+    """The error an HTTP `status` from the model is, by the table above (a content-policy 400
+    is told apart by the caller, who has the body)."""
     if status == 429:
         return ModelError(
             "model_rate_limited",
             message,
             retryable=True,
-            retry_after=parse_retry_after(exc.response.headers),
+            retry_after=parse_retry_after(headers),
         )
     if status >= 500 or status in RETRYABLE_STATUS:
         return ModelError(
-            "model_unavailable",
-            message,
-            retryable=True,
-            retry_after=parse_retry_after(exc.response.headers),
+            "model_unavailable", message, retryable=True, retry_after=parse_retry_after(headers)
         )
     if status in (400, 422):
-        code = "content_policy" if _is_content_policy(exc) else "model_bad_request"
-        return ModelError(code, message, retryable=False)
+        return ModelError("model_bad_request", message, retryable=False)
     permanent = {401: "model_auth_failed", 403: "model_permission_denied", 404: "model_not_found"}
     return ModelError(permanent.get(status, "model_rejected"), message, retryable=False)
 
@@ -109,5 +113,8 @@ def _provider_message(exc: openai.APIStatusError) -> str:
 
 
 def _is_content_policy(exc: openai.APIStatusError) -> bool:
-    code = getattr(exc, "code", None) or ""
-    return "content_policy" in str(code) or "content_filter" in str(code)
+    return is_content_policy_code(getattr(exc, "code", None))
+
+
+def is_content_policy_code(code: object) -> bool:
+    return "content_policy" in str(code or "") or "content_filter" in str(code or "")

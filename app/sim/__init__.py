@@ -6,9 +6,12 @@ with `devtools.simprocess.SimulatorProcess`. It speaks:
 - `GET /v1/models` and `POST /v1/chat/completions` (streamed or not, `response_format`
   json_object / json_schema, `max_tokens` / `max_completion_tokens`, usage).
 - `POST /v1/images/generations`: deterministic PNGs, sizes checked per model.
+- The Batch API: `POST /v1/files`, `GET /v1/files/{id}[/content]`, `POST /v1/batches`,
+  `GET /v1/batches[/{id}]`, `POST /v1/batches/{id}/cancel`, with batches that progress over
+  time, expire or fail on request (see app/sim/batches.py).
 - ComfyUI's API at the root: `POST /prompt`, `GET /ws`, `GET /history`, `GET /view`,
   `POST /interrupt`, `GET|POST /queue` (see app/sim/comfy.py).
-- Admin: `GET /_sim/stats`, `POST /_sim/reset`, `GET|POST /_sim/config`.
+- Admin: `GET /_sim/stats`, `POST /_sim/reset`, `GET|POST /_sim/config`, `GET /_sim/batches`.
 
 Answers are deterministic: a function of the request's messages (or of an image's prompt and
 seed) only. Per-request knobs go in the last user message (or the image prompt) as

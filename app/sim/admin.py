@@ -7,12 +7,14 @@ from typing import Any
 
 from aiohttp import web
 
+from app.sim.config import BATCH_KNOBS
 from app.sim.faults import FaultRates, FaultSpecError
 from app.sim.state import STATE
 
 
 async def get_stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE].stats.as_dict())
+    state = request.app[STATE]
+    return web.json_response(state.stats.as_dict() | state.batches.stats())
 
 
 async def get_requests(request: web.Request) -> web.Response:
@@ -26,7 +28,7 @@ async def get_requests(request: web.Request) -> web.Response:
 async def post_reset(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.reset()
-    return web.json_response(state.stats.as_dict())
+    return web.json_response(state.stats.as_dict() | state.batches.stats())
 
 
 async def get_config(request: web.Request) -> web.Response:
@@ -38,7 +40,7 @@ async def post_config(request: web.Request) -> web.Response:
 
     Body: any of {"ttft": s, "tps": n, "faults": "429=0.1", "retry_after": s, "step_time": s,
     "seed": n, "rate_limits": {model or "*": {"rpm": n, "period": s}}} (rate_limits replaces
-    the run's; {} removes them).
+    the run's; {} removes them), and the Batch API's seconds (config.BATCH_KNOBS).
     """
     config = request.app[STATE].config
     try:
@@ -46,6 +48,7 @@ async def post_config(request: web.Request) -> web.Response:
         if not isinstance(changes, dict):
             raise ValueError("the body must be a JSON object")
         known = {"ttft", "tps", "faults", "retry_after", "step_time", "seed", "rate_limits"}
+        known |= set(BATCH_KNOBS)
         unknown = set(changes) - known
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
@@ -56,10 +59,13 @@ async def post_config(request: web.Request) -> web.Response:
         step_time = _seconds(changes, "step_time", config.step_time)
         faults = _fault_rates(changes.get("faults"), config.faults)
         rate_limits = _rate_limits(changes.get("rate_limits"), config.rate_limits)
+        batch_knobs = {name: _seconds(changes, name, getattr(config, name)) for name in BATCH_KNOBS}
     except (ValueError, FaultSpecError) as error:
         return web.json_response({"error": {"message": str(error)}}, status=400)
     config.ttft, config.tps, config.retry_after, config.faults = ttft, tps, retry_after, faults
     config.step_time = step_time
+    for name, value in batch_knobs.items():
+        setattr(config, name, value)
     if rate_limits is not config.rate_limits:
         config.rate_limits = rate_limits
         request.app[STATE].admitted.clear()

@@ -52,6 +52,9 @@ class Directives:
     cost: float | None = None
     # A label the request log (GET /_sim/requests) keeps, so a test can find its requests.
     tag: str | None = None
+    # Steers a whole Batch API batch when any of its requests carries it: "expire" or "fail"
+    # (app/sim/batches.py).
+    batch: str | None = None
 
     def over(self, fallback: Directives) -> Directives:
         """These directives, with fields they leave unset taken from `fallback`."""
@@ -89,6 +92,13 @@ def _parse_cost(value: str) -> float:
     return _parse_seconds(value)  # any number >= 0
 
 
+def _parse_batch(value: str) -> str:
+    mode = value.strip().lower()
+    if mode not in ("expire", "fail"):
+        raise ValueError("a batch directive is expire or fail")
+    return mode
+
+
 def _parse_tag(value: str) -> str:
     if not _TAG.match(value):
         raise ValueError("a tag is 1 to 64 letters, digits or _.:-")
@@ -106,6 +116,7 @@ _PARSERS: dict[str, Any] = {
     "step_time": _parse_seconds,
     "cost": _parse_cost,
     "tag": _parse_tag,
+    "batch": _parse_batch,
 }
 
 

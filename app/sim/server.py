@@ -10,7 +10,7 @@ import uuid
 
 from aiohttp import web
 
-from app.sim import admin, chunks, comfy
+from app.sim import admin, batches, chunks, comfy
 from app.sim.answer import ChatRequest, InvalidRequest, compose_answer
 from app.sim.config import SimConfig
 from app.sim.directives import (
@@ -43,6 +43,7 @@ def make_app(config: SimConfig | None = None) -> web.Application:
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/images/generations", generate_images)
+    batches.add_routes(app)
     comfy.add_routes(app)
     admin.add_routes(app)
     return app

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from app.sim.batches_store import Batches
 from app.sim.config import SimConfig
 from app.sim.directives import NO_FAULT, Directives, FaultCounter
 from app.sim.stats import SimStats
@@ -24,6 +25,8 @@ class SimState:
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=REQUEST_LOG))
     # Arrival times of the requests each rate limit let through, by the limit's key.
     admitted: dict[str, deque[float]] = field(default_factory=dict)
+    # The Batch API's files and batches (app/sim/batches.py).
+    batches: Batches = field(default_factory=Batches)
 
     def over_rate_limit(self, model: str, now: float) -> float | None:
         """None if the run's rate limit of `model` (or `*`) lets the request through (it is
@@ -60,6 +63,7 @@ class SimState:
         self.fault_counter.reset()
         self.requests.clear()
         self.admitted.clear()
+        self.batches.reset()
 
 
 STATE = web.AppKey("sim_state", SimState)

@@ -7,8 +7,8 @@ The jobs run through the whole stack (API, PostgreSQL, Redis, the in-process Cel
 the simulator over HTTP); together they publish every event type, in every shape: success,
 a structured job's repair log, a model failure, a retried attempt, a multi-step job's steps
 (started, finished, and reused by its next attempt), a cancel while queued and
-while running, the sweeper's three recoveries, a scheduled job that expired, and a retry of a
-failed job.
+while running, the sweeper's three recoveries, a scheduled job that expired, a retry of a
+failed job, and a job of the batch tier through a provider batch.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select, update
 
+from app.execution.provider_batches import ProviderBatches
 from app.jobs.events import stream_key
 from app.jobs.payloads import PAYLOADS, EventEnvelope
 from app.jobs.states import EPHEMERAL_EVENTS, EventType
@@ -202,6 +203,10 @@ def scenarios(app: Flask, worker: object) -> Iterator[tuple[Tenant, dict[str, Sc
         {EventType.CANCELED: worker_lost},
         whole_stream=False,
     )
+    found["provider batch"] = Scenario(
+        _through_a_provider_batch(submit),
+        {EventType.PROVIDER_BATCH, EventType.SUCCEEDED},
+    )
 
     for scenario in found.values():
         tenant.wait_for(scenario.job_id, timeout=30)
@@ -218,6 +223,22 @@ def scenarios(app: Flask, worker: object) -> Iterator[tuple[Tenant, dict[str, Sc
             for _id, fields in runtime().redis.xrange(stream_key(scenario.job_id))
         ]
     yield tenant, found
+
+
+def _through_a_provider_batch(submit: Any) -> str:
+    """A batch-tier job, run to its end by the provider batch task (no beat runs here): the
+    simulator's batch is in progress for 2 s, so some run publishes its counts."""
+    job_id = submit("chat", {"prompt": _unique("Batched"), "service_tier": "batch"})
+    batches = ProviderBatches(runtime().jobs, runtime().model_client)
+
+    def ended() -> bool:
+        batches.run()
+        with runtime().db.transaction() as session:
+            status = session.scalar(select(Job.status).where(Job.id == uuid.UUID(job_id)))
+        return status in ("succeeded", "failed", "canceled")
+
+    wait_until(ended, timeout=30, interval=0.1)
+    return str(job_id)
 
 
 def stored_rows(job_id: str) -> list[JobEvent]:
@@ -248,6 +269,7 @@ SCENARIOS = [
     "sweeper canceled",
     "expired",
     "retry of a failed job",
+    "provider batch",
 ]
 
 

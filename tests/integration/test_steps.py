@@ -175,7 +175,7 @@ def test_a_directive_naming_a_step_faults_that_steps_call_only(
     }
 
 
-def test_a_reported_cost_is_counted_and_the_price_tables_is_kept_beside_it(
+def test_areported_cost_is_counted_and_the_price_tables_is_kept_beside_it(
     tenant: Tenant,
 ) -> None:
     reported = tenant.submit("chat", {"prompt": f"Hi [[sim tag={_tag()}]]"})["id"]

@@ -10,7 +10,7 @@ import pytest
 
 from app.config import Settings
 from app.kinds.base import Kind, Step
-from app.llm.client import _reported_cost
+from app.llm.client import reported_cost
 from app.llm.pricing import PriceTable
 from app.sim.directives import NO_COST, DirectiveError, parse_directive_text
 
@@ -88,10 +88,10 @@ def test_openrouter_names_are_priced_and_vendor_prefixes_fall_back() -> None:
         ({"cost": {"total": 1}}, None),
     ],
 )
-def test_a_reported_cost_is_believed_only_when_it_is_a_number(
+def test_areported_cost_is_believed_only_when_it_is_a_number(
     usage: dict[str, object], expected: Decimal | None
 ) -> None:
-    assert _reported_cost(usage) == expected
+    assert reported_cost(usage) == expected
 
 
 def test_the_simulator_reads_cost_and_tag_knobs() -> None:

@@ -42,6 +42,17 @@ WIRE: dict[EventType, list[dict[str, Any]]] = {
         {"level": "info", "message": "hello"},
         {"level": "warning", "message": "repairing", "error": "at (root): not an object"},
     ],
+    EventType.PROVIDER_BATCH: [
+        {"phase": "pending", "progress": 0.0},
+        {
+            "phase": "in_progress",
+            "progress": 40.0,
+            "provider_batch_id": "batch_abc",
+            "total": 5,
+            "completed": 1,
+            "failed": 1,
+        },
+    ],
     EventType.STEP: [
         {"step": "outline", "status": "started", "role": "analysis", "attempt": 1, "progress": 0.0},
         {

@@ -299,8 +299,9 @@ function onOwnerEvent(event) {
   // The owner's room: every job of this key changing state, for the list.
   const row = state.rows.get(event.job_id);
   const status = EVENT_STATUS[event.type];
-  if (row && event.type === EventType.PROGRESS) updateRow(row, undefined, event.data.progress);
-  else if (row && status) {
+  if (row && (event.type === EventType.PROGRESS || event.type === EventType.PROVIDER_BATCH)) {
+    updateRow(row, undefined, event.data.progress);
+  } else if (row && status) {
     updateRow(row, status, EVENT_PROGRESS[event.type]);
     if (TERMINAL.has(status)) {
       state.live.watchRows(unfinishedRows());
@@ -381,9 +382,17 @@ async function applyEvent(jobId, event) {
   const item = document.createElement("li");
   item.textContent = `#${event.seq} ${new Date(event.at).toLocaleTimeString()} ${event.type}`;
   if (data.error) item.textContent += ` — ${data.error.code}: ${data.error.message}`;
+  if (event.type === EventType.PROVIDER_BATCH) {
+    item.textContent += ` — ${data.phase}`;
+    if (data.total !== undefined) {
+      item.textContent += ` (${data.completed ?? 0} done, ${data.failed ?? 0} failed of ${data.total})`;
+    }
+  }
   $("job-timeline").append(item);
   if (event.type === EventType.STEP) state.card.onStep(data);
-  if (event.type === EventType.PROGRESS) setProgress(data.progress);
+  if (event.type === EventType.PROGRESS || event.type === EventType.PROVIDER_BATCH) {
+    setProgress(data.progress);
+  }
   if (event.type === EventType.STARTED) $("job-output").textContent = ""; // a new attempt's text
   if (event.type === EventType.LOG) loadLogs(jobId).catch(showSyncError);
   if (event.type in EVENT_STATUS) {

@@ -10,6 +10,7 @@ export const EventType = Object.freeze({
   OUTPUT_DELTA: "job.output.delta",
   LOG: "job.log",
   STEP: "job.step",
+  PROVIDER_BATCH: "job.provider_batch",
   RETRYING: "job.retrying",
   SUCCEEDED: "job.succeeded",
   FAILED: "job.failed",
