@@ -115,8 +115,6 @@ class ActiveJobs:
         alive = jobs.renew_leases([(ctx.job_id, ctx.attempt) for ctx in running], progress)
         now = time.monotonic()
         for ctx in running:
-            if now > ctx.deadline:
-                ctx.time_out()
             state = alive.get(ctx.job_id)
             if state is None:
                 if not ctx.done:  # a finished attempt rightly holds no lease any more
@@ -124,6 +122,11 @@ class ActiveJobs:
                     ctx.lose_lease()
             elif state.cancel_requested:
                 ctx.request_cancel()
+            # After the cancel: a job both canceled and out of time by the time a late beat
+            # sees it (a beat delayed behind a busy pool) ends as its owner asked, `canceled`;
+            # the job's thread may check its flags between the two.
+            if now > ctx.deadline:
+                ctx.time_out()
         refresh_budgets(jobs, running)
 
     def _listen_for_cancels(self, jobs: Jobs) -> None:

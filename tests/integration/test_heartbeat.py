@@ -1,8 +1,11 @@
-"""A running job's progress costs no transaction of its own: its job.progress event goes out
+"""What a worker process's heartbeat does for its running jobs, and what a job's progress costs.
+
+A running job's progress costs no transaction of its own: its job.progress event goes out
 live at once and reaches PostgreSQL with the process's next lease renewal (one statement for
 all its jobs) or with the attempt's next write, and only while the attempt holds the job.
 A finish reads whether its owner holds jobs to release, so an owner holding none costs no
-release transaction. (And: what makes an attempt `cached`.)"""
+release transaction. A cancel seen by a late beat wins over the time-out seen by the same
+beat. (And: what makes an attempt `cached`.)"""
 
 from __future__ import annotations
 
@@ -12,12 +15,13 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select, update
 
 from app.execution.leases import ActiveJobs
 from app.jobs.events import stream_key
 from app.jobs.payloads import LogPayload, SucceededPayload
-from app.kinds.context import JobContext
+from app.kinds.context import JobCanceled, JobContext
 from app.llm.client import CallRecord
 from app.models import Job, JobEvent
 from app.runtime import runtime
@@ -157,3 +161,33 @@ def test_an_attempt_is_cached_only_when_every_model_call_was(tenant: Tenant) -> 
     assert ctx.llm.all_cached
     ctx.llm.record(CallRecord(model="image-m", provider=provider, fixed_cost=Decimal("0.04")))
     assert not ctx.llm.all_cached
+
+
+def test_a_late_beat_that_sees_a_cancel_and_the_deadline_ends_the_job_canceled(
+    tenant: Tenant,
+) -> None:
+    """A beat delayed behind a busy pool finds the job both canceled and out of time: it ends
+    as its owner asked."""
+    ctx = _claimed_context(tenant.owner)
+    active = ActiveJobs()
+    active.track(ctx)
+    with runtime().db.transaction() as session:
+        session.execute(
+            update(Job).where(Job.id == ctx.job_id).values(cancel_requested_at=func.now())
+        )
+    ctx.deadline = time.monotonic() - 1
+    # The job's thread checks its flags as soon as the first is set.
+    seen: list[type[BaseException]] = []
+    ctx.set_closer(lambda: seen.append(_raised(ctx)))
+    active.renew_all(runtime().jobs)
+    assert seen[0] is JobCanceled, seen
+    with pytest.raises(JobCanceled):
+        ctx.check()
+
+
+def _raised(ctx: JobContext) -> type[BaseException]:
+    try:
+        ctx.check()
+    except Exception as exc:
+        return type(exc)
+    raise AssertionError("no flag set")
