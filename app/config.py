@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     health_max_age: float = Field(
         1.0, ge=0, description="seconds a process reuses a readiness or health check's result"
     )
+    stats_max_age: float = Field(
+        2.0, ge=0, description="seconds a web process reuses an owner's /stats figures (0: never)"
+    )
     secret_key: str | None = Field(None, validation_alias=_alias("SECRET_KEY"))
     rate_limits_enabled: bool = Field(True, description="per-key request rate limits")
     rate_limit_create: str = Field(
@@ -401,6 +404,8 @@ def testing_settings(**overrides: object) -> Settings:
         "webhook_dispatch_interval": 0.1,
         "provider_batch_window": 0.3,
         "provider_batch_interval": 0.2,
+        # Tests read /stats right after their jobs end.
+        "stats_max_age": 0.0,
     }
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]

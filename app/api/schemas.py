@@ -685,6 +685,10 @@ class Stats(BaseModel):
     cost_usd: Usd
     duration_seconds: dict[str, float | int | None]
     cache: CacheStats = Field(description="The response cache (input.cache)")
+    as_of: datetime = Field(
+        description="When the counts, totals and durations were read: at most "
+        "CONVEYOR_STATS_MAX_AGE seconds ago"
+    )
     budget: BudgetOut = Field(
         description="Your limits and spend today and this month (UTC), from every model call"
     )

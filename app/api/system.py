@@ -17,7 +17,8 @@ from app.api.auth import current_principal
 from app.api.health import monitor
 from app.api.schemas import BudgetOut, Health, Live, Ready, Stats
 from app.api.spec import json_response, operation
-from app.jobs import budgets, transitions
+from app.api.stats_cache import stats_cache
+from app.jobs import budgets
 from app.runtime import runtime
 
 bp = Blueprint("system", __name__)
@@ -79,7 +80,10 @@ def health() -> Response:
     responses={200: (Stats, "Counts, tokens, cost and durations")},
 )
 def stats() -> Response:
+    """Counts and totals over all the caller's jobs, computed at most once per
+    `CONVEYOR_STATS_MAX_AGE` seconds per web process and shared by every caller meanwhile
+    (`as_of` says when); the budget is read fresh."""
     session, owner = runtime().db.request_session, current_principal().owner
-    data = transitions.job_stats(session, owner)
+    data = stats_cache().of(owner)
     budget = BudgetOut(**BudgetOut.fields_of(budgets.budget_of(session, owner)))
     return json_response(Stats(**data, budget=budget))
