@@ -4,6 +4,7 @@ concurrent readers, and say when they were read."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from app.api import stats_cache as module
 from app.api.stats_cache import StatsCache
 from app.runtime import runtime
-from tests.conftest import Tenant, undispatched_job
+from tests.conftest import Tenant, undispatched_job, wait_until
 
 
 @pytest.fixture
@@ -66,6 +67,21 @@ def test_each_owner_has_its_own_figures_and_a_zero_max_age_computes_every_time(
     first, second = fresh.of(one.owner), fresh.of(one.owner)
     assert second["as_of"] > first["as_of"]
     assert computations == [one.owner, two.owner, one.owner, one.owner]
+
+
+def test_past_the_max_age_readers_get_the_last_figures_while_new_ones_are_computed(
+    tenant: Tenant, computations: list[str]
+) -> None:
+    cache = StatsCache(runtime().db, max_age=0.05)
+    first = cache.of(tenant.owner)
+    time.sleep(0.1)
+    # The figures are past their max age: this reader starts their renewal (0.3 s here) and,
+    # like every reader until it ends, gets the last figures at once.
+    assert cache.of(tenant.owner) is first
+    assert cache.of(tenant.owner) is first
+    assert computations == [tenant.owner, tenant.owner]
+    renewed = wait_until(lambda: (a := cache.of(tenant.owner)) is not first and a, timeout=10)
+    assert renewed["as_of"] > first["as_of"]
 
 
 def test_the_endpoint_says_when_its_figures_were_read(tenant: Tenant) -> None:
