@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing
 import os
@@ -37,14 +38,19 @@ from typing import Any
 
 from bench.common import (
     BIN,
+    RESULTS,
     Child,
+    Profile,
+    Rule,
     Services,
     cpu_seconds,
+    have_pyspy,
     machine_cpu,
     median,
     print_table,
     private_services,
     run_main,
+    start_pyspy,
     status_kb,
     stop_on_sigterm,
 )
@@ -75,6 +81,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--fanout-seconds", type=float, default=10.0)
     parser.add_argument("--fanout-only", action="store_true", help="skip the raw/socket phases")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the web process in the last fanout window"
+    )
+    parser.add_argument("--profile-dir", type=Path, default=RESULTS)
     return parser.parse_args()
 
 
@@ -334,6 +344,11 @@ async def _fanout_clients(
         for outcome in outcomes:
             if isinstance(outcome, Exception):
                 print(f"  a client failed to connect: {outcome!r}", flush=True)
+    # The client side is not what is measured: its collector's full passes over a process's
+    # hundreds of clients (a pause of a tenth of a second and more) would show up as latency.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     ready.put((acked, len(connected)))
     cpu_before = None
     while not stop.is_set():
@@ -383,6 +398,12 @@ def run_fanout(
     for run in range(1, args.runs + 1):
         # Events of a run go round-robin over the jobs: event i to job i % len(targets).
         expected = sum(subscribers.get(targets[i % len(targets)].job_id, 0) for i in range(count))
+        spy = None
+        if args.profile and run == args.runs and have_pyspy():
+            args.profile_dir.mkdir(parents=True, exist_ok=True)
+            (args.profile_dir / ".gitignore").write_text("*\n")
+            path = args.profile_dir / "events-fanout-web.txt"
+            spy = start_pyspy(worker_pid, path, args.fanout_seconds, mode="gil", rate=100)
         cpu_before, machine_before = cpu_seconds(worker_pid), machine_cpu()
         began = time.time()
         sender = start_sender(
@@ -397,6 +418,8 @@ def run_fanout(
             target.next_seq += len(range(index, count, len(targets)))
         time.sleep(2.0)
         web_cpu, ended = cpu_seconds(worker_pid) - cpu_before, time.time()
+        if spy is not None:
+            spy.wait(timeout=60)
         windows.append((run, began, ended, expected, web_cpu, machine_before, machine_cpu()))
     stop.set()
     collected = [results.get(timeout=120) for _ in procs]
@@ -549,6 +572,37 @@ def report_latency(args: argparse.Namespace, runs: list[tuple[Phase, Phase]]) ->
 FANOUT_TARGET_P99_MS = 100.0
 
 
+# What the web process does per delivered event, first matching rule wins (Profile.breakdown).
+FANOUT_RULES: list[Rule] = [
+    (
+        "Redis listener: decode, put on each client's queue",
+        [("_thread (", "socketio/pubsub_manager.py")],
+    ),
+    ("WebSocket frame (simple-websocket, wsproto)", [("simple_websocket/",), ("wsproto/",)]),
+    ("engine.io writer: queue get/put, timeouts", [("writer (", "engineio/socket.py")]),
+    ("engine.io/socket.io other", [("engineio/",), ("socketio/",)]),
+    ("gevent hub (switches, timers, I/O waits)", [("gevent/",)]),
+]
+
+
+def print_fanout_profile(args: argparse.Namespace) -> None:
+    profile = Profile.load([args.profile_dir / "events-fanout-web.txt"])
+    if not profile.total():
+        print("(no profile samples: is py-spy installed and ptrace allowed?)")
+        return
+    print_table(
+        f"Web process CPU in the last fanout window by category ({profile.total()} samples of "
+        "the GIL holder, py-spy at 100 Hz)",
+        ["category", "%", "samples"],
+        [[name, share, count] for name, count, share in profile.breakdown(FANOUT_RULES)],
+    )
+    print_table(
+        "Top leaf functions",
+        ["function", "%"],
+        [[f, share] for f, share in profile.top_functions(15)],
+    )
+
+
 def report_fanout(args: argparse.Namespace, fanouts: list[Fanout]) -> None:
     first = fanouts[0]
     p99 = median([f.p99 for f in fanouts])
@@ -589,6 +643,8 @@ def report_fanout(args: argparse.Namespace, fanouts: list[Fanout]) -> None:
     )
     verdict = "met" if p99 <= FANOUT_TARGET_P99_MS else "MISSED"
     print(f"  target p99 <= {FANOUT_TARGET_P99_MS:g} ms: {verdict}")
+    if args.profile:
+        print_fanout_profile(args)
 
 
 if __name__ == "__main__":

@@ -73,9 +73,13 @@ def parse_args() -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--rate", type=float, default=200.0, help="jobs/s of the loaded phase")
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured s, loaded phase")
-    parser.add_argument("--idle-jobs", type=int, default=50, help="measured jobs, idle phase")
+    parser.add_argument(
+        "--rates",
+        default="200,50",
+        help="jobs/s of the loaded phases, comma-separated (e.g. 200,50)",
+    )
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured s, loaded phases")
+    parser.add_argument("--idle-jobs", type=int, default=40, help="measured jobs, idle phase")
     parser.add_argument("--idle-interval", type=float, default=0.2, help="s between idle jobs")
     parser.add_argument("--warmup", type=float, default=1.0, help="s sent, not counted")
     parser.add_argument("--hold", type=float, default=0.05, help="s each job holds its slot")
@@ -83,7 +87,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn (Procfile: 2)")
     parser.add_argument("--profile", action="store_true", help="py-spy a loaded Conveyor phase")
     parser.add_argument("--profile-dir", type=Path, default=RESULTS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.loads = ["idle", *(f"{float(rate):g}" for rate in args.rates.split(",") if rate)]
+    return args
 
 
 # Senders (child processes) ------------------------------------------------------------------
@@ -209,6 +215,7 @@ class PhaseResult:
     errors: dict[str, int]
     sender_late_ms: float
     cpu: dict[str, float]
+    started_per_s: float  # counted jobs started per second, first start to last
 
     @property
     def p50(self) -> float:
@@ -255,15 +262,18 @@ def reset(bench: Bench) -> None:
         client.close()
 
 
-def run_phase(bench: Bench, peer: str, load: str, run: int) -> PhaseResult:
+def run_phase(
+    bench: Bench, peer: str, load: str, run: int, seconds: float | None = None
+) -> PhaseResult:
+    """One phase: `load` is "idle" or a rate in jobs/s."""
     args = bench.args
     reset(bench)
     if load == "idle":
         rate = 1 / args.idle_interval
         count = args.idle_jobs + round(args.warmup * rate)
     else:
-        rate = args.rate
-        count = round((args.seconds + args.warmup) * rate)
+        rate = float(load)
+        count = round(((seconds or args.seconds) + args.warmup) * rate)
     schedule = Schedule(time.time() + 0.5, rate, count, round(args.warmup * rate))
     if peer == "conveyor":
         future = bench.senders.submit(post_jobs, bench.url, bench.key, bench.prompt, schedule)
@@ -286,10 +296,15 @@ def run_phase(bench: Bench, peer: str, load: str, run: int) -> PhaseResult:
     latencies = [
         1000 * (started[key] - sent_at) for key, sent_at in sent.sent_at.items() if key in started
     ]
+    starts = [started[key] for key in sent.sent_at if key in started]
+    span = max(starts, default=0) - min(starts, default=0)
+    throughput = (len(starts) - 1) / span if span > 0 else float("nan")
     missing = len(sent.sent_at) - len(latencies)
     errors = dict(sent.errors) | ({"not started": missing} if missing else {})
     cpu = CpuMeter.usage(before, after)
-    return PhaseResult(peer, load, run, latencies, expected, errors, sent.late_ms_p99, cpu)
+    return PhaseResult(
+        peer, load, run, latencies, expected, errors, sent.late_ms_p99, cpu, throughput
+    )
 
 
 def profile_loaded(bench: Bench) -> None:
@@ -310,19 +325,29 @@ def profile_loaded(bench: Bench) -> None:
                 path = out / f"latency-{name}-{mode}-{pid}.txt"
                 paths.setdefault((name, mode), []).append(path)
                 spies.append(start_pyspy(pid, path, seconds, mode=mode, rate=100))
-    result = run_phase(bench, "conveyor", "load", 0)
+    result = run_phase(bench, "conveyor", bench.args.loads[-1], 0)
     for spy in spies:
         spy.wait(timeout=seconds + 60)
     print(
         f"\nProfiled loaded phase: p50 {result.p50:.1f} ms, p99 {result.p99:.1f} ms "
         f"(profiling slows it); stacks in {out}"
     )
+    from bench.concurrency import WORKER_RULES
+    from bench.dispatch import POST_RULES
+
+    rules = {"web": POST_RULES, "worker": WORKER_RULES}
     for (name, mode), files in sorted(paths.items()):
         profile = Profile.load(files)
         print_table(
-            f"{name}, {mode}: top leaf functions ({profile.total()} samples)",
+            f"{name}, {mode} ({'GIL holder: CPU' if mode == 'gil' else 'every thread: wall'}, "
+            f"{profile.total()} samples), by category",
+            ["category", "%", "samples"],
+            [[n, share, count] for n, count, share in profile.breakdown(rules[name])],
+        )
+        print_table(
+            f"{name}, {mode}: top leaf functions",
             ["function", "%"],
-            [[f, s] for f, s in profile.top_functions(12)],
+            [[f, share] for f, share in profile.top_functions(12)],
         )
 
 
@@ -331,7 +356,7 @@ def profile_loaded(bench: Bench) -> None:
 
 def report(results: list[PhaseResult], args: argparse.Namespace) -> None:
     rows, medians = [], {}
-    for load in ("idle", "load"):
+    for load in args.loads:
         for peer in PEERS:
             runs = [r for r in results if r.peer == peer and r.load == load]
             p50, p99 = median([r.p50 for r in runs]), median([r.p99 for r in runs])
@@ -344,6 +369,7 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> None:
                     p99,
                     " ".join(f"{r.p50:.1f}/{r.p99:.1f}" for r in runs),
                     f"{median([len(r.latencies_ms) for r in runs]):.0f}/{runs[0].expected}",
+                    median([r.started_per_s for r in runs]),
                     sum(sum(r.errors.values()) for r in runs),
                     median([r.sender_late_ms for r in runs]),
                     cpu["web"],
@@ -363,6 +389,7 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> None:
             "p99",
             "p50/p99 by run",
             "counted",
+            "started/s",
             "errors",
             "sender late p99",
             "web CPU%",
@@ -377,7 +404,7 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> None:
         if r.errors:
             print(f"  ! run {r.run} {r.peer} {r.load}: {r.errors}")
     ratio_rows = []
-    for load in ("idle", "load"):
+    for load in args.loads:
         (c50, c99), (b50, b99) = medians["conveyor", load], medians["bare", load]
         for name, c, b, target in (("p50", c50, b50, TARGET_P50), ("p99", c99, b99, TARGET_P99)):
             ratio = c / b if b else float("nan")
@@ -408,13 +435,14 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> None:
 def describe(load: str, args: argparse.Namespace) -> str:
     if load == "idle":
         return f"idle (1 every {args.idle_interval:g} s)"
-    return f"{args.rate:g} jobs/s"
+    return f"{load} jobs/s"
 
 
 def progress_line(r: PhaseResult, args: argparse.Namespace) -> str:
     errors = f"  errors {r.errors}" if r.errors else ""
     return (
         f"run {r.run} {r.peer:<8} {describe(r.load, args):<22} {len(r.latencies_ms):5d} jobs  "
+        f"{r.started_per_s:5.0f} started/s  "
         f"p50 {r.p50:6.1f} ms  p99 {r.p99:6.1f} ms  sender late p99 {r.sender_late_ms:5.1f} ms  "
         f"machine {r.cpu['machine']:3.0f}%{errors}"
     )
@@ -460,7 +488,7 @@ def main() -> int:
         print(f"services, web and workers ready in {time.monotonic() - began:.1f} s", flush=True)
         for run in range(1, args.runs + 1):
             order = PEERS if run % 2 else tuple(reversed(PEERS))
-            for load in ("idle", "load"):
+            for load in args.loads:
                 for peer in order:
                     result = run_phase(bench, peer, load, run)
                     results.append(result)
@@ -478,14 +506,9 @@ def main() -> int:
 def warm_up(bench: Bench) -> None:
     """Two seconds of each peer at a tenth of the rate, not counted: both workers have their
     connections and the web process its pools before the first measured phase."""
-    args = bench.args
-    saved = (args.seconds, args.rate)
-    args.seconds, args.rate = 2.0, max(1.0, args.rate / 10)
-    try:
-        for peer in PEERS:
-            run_phase(bench, peer, "load", 0)
-    finally:
-        args.seconds, args.rate = saved
+    rate = max(1.0, max((float(load) for load in bench.args.loads[1:]), default=50.0) / 10)
+    for peer in PEERS:
+        run_phase(bench, peer, f"{rate:g}", 0, seconds=2.0)
 
 
 if __name__ == "__main__":
