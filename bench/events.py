@@ -248,7 +248,7 @@ def run_socket(services: Services, web_url: str, target: Target, rate: int, coun
 
     received = Received()
     client = socketio.Client(reconnection=False)
-    client.on("job_event", lambda event: received.add(event["data"]["text"]))
+    client.on("job_event", lambda event: received.add(float(event["data"]["text"])))
     client.connect(web_url, auth={"api_key": target.key}, transports=["websocket"], wait_timeout=10)
     ack = client.call(
         "subscribe", {"job_id": target.job_id, "after_seq": target.next_seq - 1}, timeout=10
