@@ -6,6 +6,8 @@ one UPDATE on a pooled connection. No job row to claim, no lease, no events, no 
 Conveyor does beyond this is its bookkeeping, and `bench.cpu` prices it.
 
     celery -A bench.bare worker --pool gevent --concurrency 50 -Q bare
+
+`bare.started` is the peer of `bench.latency`: it only notes when its body starts.
 """
 
 from __future__ import annotations

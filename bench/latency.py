@@ -14,15 +14,18 @@ against a bare Celery task's `send_task` to the moment its body starts, on the s
             the clock, then it holds its slot for --hold seconds. Latency = that reading minus
             the client's clock just before `send_task`. No HTTP, no database.
 
-Both peers' clocks are the same machine's wall clock (`time.time()`). Two loads, each
+Both peers' clocks are the same machine's wall clock (`time.time()`). The loads, each
 open-loop (sends follow a schedule, never waiting for an answer): idle, one job every
---idle-interval seconds (each has started and finished before the next is sent), and
---rate jobs per second. The first --warmup seconds of each phase are sent but not counted.
+--idle-interval seconds (each has started and finished before the next is sent), and each of
+--rates jobs per second. The first --warmup seconds of each phase are sent but not counted.
 Phases alternate which peer goes first, run by run; medians over --runs are printed with the
-ratios against the targets (p50 <= 1.2 x bare, p99 <= 2 x bare).
+ratios against the targets (p50 <= 1.2 x bare, p99 <= 2 x bare), and how many jobs per second
+each peer actually started: a peer that cannot keep up with a rate builds a backlog, and its
+latency is then the backlog's age, not a dispatch time.
 
-    python -m bench.latency                     # about 3 minutes
-    python -m bench.latency --runs 1 --profile  # py-spy of the web and worker at --rate
+    python -m bench.latency                     # about 3.5 minutes
+    python -m bench.latency --runs 1 --profile  # py-spy of the web and worker, last rate
+    python -m bench.latency --rates "" --variants no-task-events   # idle only, a what-if
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import variants
 from bench.common import (
     BIN,
     RESULTS,
@@ -87,7 +91,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn (Procfile: 2)")
     parser.add_argument("--profile", action="store_true", help="py-spy a loaded Conveyor phase")
     parser.add_argument("--profile-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--variants", default="", help="what-if patches for Conveyor's worker, bench/variants.py"
+    )
     args = parser.parse_args()
+    args.variants = variants.parse(args.variants)
     args.loads = ["idle", *(f"{float(rate):g}" for rate in args.rates.split(",") if rate)]
     return args
 
@@ -216,6 +224,9 @@ class PhaseResult:
     sender_late_ms: float
     cpu: dict[str, float]
     started_per_s: float  # counted jobs started per second, first start to last
+    # Conveyor's medians: send -> the view's created_at, and created_at -> job.started.
+    to_view_ms: float = float("nan")
+    view_to_start_ms: float = float("nan")
 
     @property
     def p50(self) -> float:
@@ -246,6 +257,16 @@ def started_times(bench: Bench, peer: str) -> dict[str, float]:
         rows = conn.execute(
             "SELECT job_id, at FROM job_events WHERE type = 'job.started' AND seq = 2"
         ).fetchall()
+    return {str(job_id): at.timestamp() for job_id, at in rows}
+
+
+def created_times(bench: Bench) -> dict[str, float]:
+    """Each job's created_at: the clock the API view read before handing the job to the
+    intake (after HTTP, authentication and validation; before the INSERT)."""
+    import psycopg
+
+    with psycopg.connect(bench.services.pg.conninfo(), autocommit=True) as conn:
+        rows = conn.execute("SELECT id, created_at FROM jobs").fetchall()
     return {str(job_id): at.timestamp() for job_id, at in rows}
 
 
@@ -299,11 +320,19 @@ def run_phase(
     starts = [started[key] for key in sent.sent_at if key in started]
     span = max(starts, default=0) - min(starts, default=0)
     throughput = (len(starts) - 1) / span if span > 0 else float("nan")
+    split = (float("nan"), float("nan"))
+    if peer == "conveyor":
+        created = created_times(bench)
+        keys = [key for key in sent.sent_at if key in started and key in created]
+        split = (
+            median([1000 * (created[key] - sent.sent_at[key]) for key in keys]),
+            median([1000 * (started[key] - created[key]) for key in keys]),
+        )
     missing = len(sent.sent_at) - len(latencies)
     errors = dict(sent.errors) | ({"not started": missing} if missing else {})
     cpu = CpuMeter.usage(before, after)
     return PhaseResult(
-        peer, load, run, latencies, expected, errors, sent.late_ms_p99, cpu, throughput
+        peer, load, run, latencies, expected, errors, sent.late_ms_p99, cpu, throughput, *split
     )
 
 
@@ -371,6 +400,8 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> None:
                     f"{median([len(r.latencies_ms) for r in runs]):.0f}/{runs[0].expected}",
                     median([r.started_per_s for r in runs]),
                     sum(sum(r.errors.values()) for r in runs),
+                    median([r.to_view_ms for r in runs]),
+                    median([r.view_to_start_ms for r in runs]),
                     median([r.sender_late_ms for r in runs]),
                     cpu["web"],
                     cpu[peer],
@@ -391,6 +422,8 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> None:
             "counted",
             "started/s",
             "errors",
+            "send->view p50",
+            "view->start p50",
             "sender late p99",
             "web CPU%",
             "worker CPU%",
@@ -451,8 +484,15 @@ def progress_line(r: PhaseResult, args: argparse.Namespace) -> str:
 # Main -----------------------------------------------------------------------------------------
 
 
-def start_worker(bench_env: dict[str, str], services: Services, peer: str, slots: int) -> Child:
+def start_worker(
+    bench_env: dict[str, str], services: Services, peer: str, args: argparse.Namespace
+) -> Child:
+    """`peer`'s worker; Conveyor's with the what-if --variants applied, when given."""
+    slots = args.concurrency
     app, queue = ("bench.bare", "bare") if peer == "bare" else ("workers.celery_app", "conveyor")
+    if peer == "conveyor" and args.variants:
+        app = "bench.variants"
+        bench_env = bench_env | {variants.ENV: ",".join(args.variants)}
     cmd = [str(BIN / "celery"), "-A", app, "worker", "--pool", "gevent"]
     cmd += ["--concurrency", str(slots), "-Q", queue, "--loglevel", "WARNING"]
     cmd += ["-n", f"latency-{peer}@%h", "--without-mingle", "--without-gossip"]
@@ -474,7 +514,7 @@ def main() -> int:
         key = create_key(services.settings(openai_api_key="sim"), OWNER)
         web, url = start_web(services, env, args.web_workers)
         stack.callback(web.stop)
-        workers = {peer: start_worker(env, services, peer, args.concurrency) for peer in PEERS}
+        workers = {peer: start_worker(env, services, peer, args) for peer in PEERS}
         for worker in workers.values():
             stack.callback(worker.stop)
         senders = stack.enter_context(
@@ -485,6 +525,8 @@ def main() -> int:
         roots |= {peer: worker.pid for peer, worker in workers.items()}
         bench = Bench(args, services, sim, url, key, web, workers, senders, CpuMeter(roots))
         warm_up(bench)
+        if args.variants:
+            print(f"what-if: Conveyor's worker with variants {args.variants}")
         print(f"services, web and workers ready in {time.monotonic() - began:.1f} s", flush=True)
         for run in range(1, args.runs + 1):
             order = PEERS if run % 2 else tuple(reversed(PEERS))
