@@ -9,16 +9,21 @@ subscribed clients.
           that appends to the job's stream and publishes on the Socket.IO channel); the web
           process (gunicorn, gevent worker, as in the Procfile) relays them; a python-socketio
           client here, subscribed to the job over a WebSocket, receives them
-  fanout  --clients python-socketio AsyncClients connect to ONE web process and subscribe to
-          one job; the emitter sends --fanout-rate events per second; delivered / expected,
-          latency, and the web process's RSS before and after the clients connected
+  fanout  --clients python-socketio AsyncClients, spread over --client-procs processes (so the
+          client side is not what is measured), connect to ONE web process; each subscribes to
+          --subscriptions of --fanout-jobs running jobs; the emitter sends --fanout-rate events
+          per second through the EventBus, round-robin over the jobs, in --runs windows of
+          --fanout-seconds; delivered / expected, latency, the web process's CPU time per
+          1,000 events delivered (from /proc) and its RSS before and after the clients
+          connected
 
 Latency is the receiver's clock minus the timestamp the sender put in the message (one machine,
 one clock). Both peers run the same number of messages at the same rate, interleaved over
 --runs runs; medians over runs are printed.
 
-    python -m bench.events                       # about a minute and a half
+    python -m bench.events                       # about two minutes
     python -m bench.events --runs 1 --clients 200
+    python -m bench.events --fanout-only --profile   # py-spy of the web process, last window
 """
 
 from __future__ import annotations
