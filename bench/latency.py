@@ -13,17 +13,22 @@ against a bare Celery task's `send_task` to the moment its body starts, on the s
             process calls `send_task("bare.started", ...)`; the task's first statement reads
             the clock, then it holds its slot for --hold seconds. Latency = that reading minus
             the client's clock just before `send_task`. No HTTP, no database.
+  commit    not a target's peer, a reading aid: the same sender first stores a job row and its
+            event in one transaction (the dispatch benchmark's raw peer (b), psycopg, no
+            HTTP), then sends the same bare task; its latency starts before the INSERT. What
+            Conveyor takes beyond it is the HTTP request, the intake's hand-offs, the
+            job.queued event's Redis call and its worker's path to the claim.
 
-Both peers' clocks are the same machine's wall clock (`time.time()`). The loads, each
+All peers' clocks are the same machine's wall clock (`time.time()`). The loads, each
 open-loop (sends follow a schedule, never waiting for an answer): idle, one job every
 --idle-interval seconds (each has started and finished before the next is sent), and each of
 --rates jobs per second. The first --warmup seconds of each phase are sent but not counted.
-Phases alternate which peer goes first, run by run; medians over --runs are printed with the
+Each peer goes first in turn, run by run; medians over --runs are printed with the
 ratios against the targets (p50 <= 1.2 x bare, p99 <= 2 x bare), and how many jobs per second
 each peer actually started: a peer that cannot keep up with a rate builds a backlog, and its
 latency is then the backlog's age, not a dispatch time.
 
-    python -m bench.latency                     # about 3.5 minutes
+    python -m bench.latency                     # about 4 minutes
     python -m bench.latency --runs 1 --profile  # py-spy of the web and worker, last rate
     python -m bench.latency --rates "" --variants no-task-events   # idle only, a what-if
 """
@@ -66,7 +71,9 @@ from bench.common import (
 )
 
 OWNER = "bench-latency"
-PEERS = ("conveyor", "bare")
+PEERS = ("conveyor", "bare", "commit")
+# The commit peer's tasks run on the bare peer's worker.
+WORKERS = ("conveyor", "bare")
 TARGET_P50, TARGET_P99 = 1.2, 2.0
 
 
@@ -82,8 +89,8 @@ def parse_args() -> argparse.Namespace:
         default="200,50",
         help="jobs/s of the loaded phases, comma-separated (e.g. 200,50)",
     )
-    parser.add_argument("--seconds", type=float, default=6.0, help="measured s, loaded phases")
-    parser.add_argument("--idle-jobs", type=int, default=40, help="measured jobs, idle phase")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured s, loaded phases")
+    parser.add_argument("--idle-jobs", type=int, default=30, help="measured jobs, idle phase")
     parser.add_argument("--idle-interval", type=float, default=0.2, help="s between idle jobs")
     parser.add_argument("--warmup", type=float, default=1.0, help="s sent, not counted")
     parser.add_argument("--hold", type=float, default=0.05, help="s each job holds its slot")
@@ -166,17 +173,28 @@ async def _post_jobs(url: str, key: str, prompt: str, schedule: Schedule) -> Sen
     return sent
 
 
-def send_bare(redis_url: str, hold: float, schedule: Schedule) -> Sent:
+def send_bare(redis_url: str, hold: float, schedule: Schedule, conninfo: str | None) -> Sent:
+    """`send_task` per scheduled send; given `conninfo` (the commit peer), first the job's
+    row and its event in one transaction, as the dispatch benchmark's raw peer (b) does."""
+    import psycopg
+
     from bench import bare
+    from bench.dispatch import insert_job
 
     bare.app.conf.broker_url = redis_url
     sent = Sent()
     late: list[float] = []
-    with bare.app.producer_or_acquire() as producer:
+    with contextlib.ExitStack() as stack:
+        conn = None
+        if conninfo is not None:
+            conn = stack.enter_context(psycopg.connect(conninfo, autocommit=True))
+        producer = stack.enter_context(bare.app.producer_or_acquire())
         for i in range(schedule.count):
             sleep_until(schedule.at(i))
             began = time.time()
             late.append(began - schedule.at(i))
+            if conn is not None:
+                insert_job(conn)
             bare.started.apply_async((i, began, hold), producer=producer)
             if i >= schedule.warmup:
                 sent.sent_at[str(i)] = began
@@ -240,7 +258,7 @@ class PhaseResult:
 def started_times(bench: Bench, peer: str) -> dict[str, float]:
     """When each job's body started: job.started's `at` in PostgreSQL, or the bare task's
     own reading."""
-    if peer == "bare":
+    if peer != "conveyor":
         import redis
 
         from bench.bare import STARTED_KEY
@@ -299,7 +317,9 @@ def run_phase(
     if peer == "conveyor":
         future = bench.senders.submit(post_jobs, bench.url, bench.key, bench.prompt, schedule)
     else:
-        future = bench.senders.submit(send_bare, bench.services.redis.url, args.hold, schedule)
+        conninfo = bench.services.pg.conninfo() if peer == "commit" else None
+        redis_url = bench.services.redis.url
+        future = bench.senders.submit(send_bare, redis_url, args.hold, schedule, conninfo)
     sleep_until(schedule.at(schedule.warmup))
     before = bench.meter.snapshot()
     sent = future.result(timeout=count / rate + 120)
@@ -404,7 +424,7 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> None:
                     median([r.view_to_start_ms for r in runs]),
                     median([r.sender_late_ms for r in runs]),
                     cpu["web"],
-                    cpu[peer],
+                    cpu["conveyor" if peer == "conveyor" else "bare"],
                     cpu["postgres"],
                     cpu["redis"],
                     cpu["machine"],
@@ -438,31 +458,46 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> None:
             print(f"  ! run {r.run} {r.peer} {r.load}: {r.errors}")
     ratio_rows = []
     for load in args.loads:
-        (c50, c99), (b50, b99) = medians["conveyor", load], medians["bare", load]
-        for name, c, b, target in (("p50", c50, b50, TARGET_P50), ("p99", c99, b99, TARGET_P99)):
-            ratio = c / b if b else float("nan")
-            verdict = "met" if ratio <= target else "MISSED"
-            by_run = [
-                getattr(cr, name) / getattr(br, name)
-                for cr, br in zip(
-                    [r for r in results if r.peer == "conveyor" and r.load == load],
-                    [r for r in results if r.peer == "bare" and r.load == load],
-                    strict=False,
-                )
-            ]
-            ratio_rows.append(
-                [
-                    f"{describe(load, args)}: {name} conveyor / bare",
-                    f"{c:.1f} / {b:.1f} ms",
-                    f"{ratio:.2f}",
-                    " ".join(f"{x:.2f}" for x in by_run),
-                    f"<= {target:g}",
-                    verdict,
-                ]
-            )
+        for peer in PEERS[1:]:
+            ratio_rows += ratio_rows_of(results, medians, load, peer, args)
     print_table(
         "Ratios of medians", ["ratio", "medians", "value", "by run", "target", ""], ratio_rows
     )
+
+
+def ratio_rows_of(
+    results: list[PhaseResult],
+    medians: dict[tuple[str, str], tuple[float, float]],
+    load: str,
+    peer: str,
+    args: argparse.Namespace,
+) -> list[list[str]]:
+    """Conveyor against `peer` at `load`: the targets are against the bare peer; the commit
+    peer's ratios are for reading them (what the commit and the HTTP request cost)."""
+    rows = []
+    (c50, c99), (p50, p99) = medians["conveyor", load], medians[peer, load]
+    for name, c, b, target in (("p50", c50, p50, TARGET_P50), ("p99", c99, p99, TARGET_P99)):
+        ratio = c / b if b else float("nan")
+        verdict = ("met" if ratio <= target else "MISSED") if peer == "bare" else ""
+        by_run = [
+            getattr(cr, name) / getattr(pr, name)
+            for cr, pr in zip(
+                [r for r in results if r.peer == "conveyor" and r.load == load],
+                [r for r in results if r.peer == peer and r.load == load],
+                strict=False,
+            )
+        ]
+        rows.append(
+            [
+                f"{describe(load, args)}: {name} conveyor / {peer}",
+                f"{c:.1f} / {b:.1f} ms",
+                f"{ratio:.2f}",
+                " ".join(f"{x:.2f}" for x in by_run),
+                f"<= {target:g}" if peer == "bare" else "-",
+                verdict,
+            ]
+        )
+    return rows
 
 
 def describe(load: str, args: argparse.Namespace) -> str:
@@ -514,7 +549,7 @@ def main() -> int:
         key = create_key(services.settings(openai_api_key="sim"), OWNER)
         web, url = start_web(services, env, args.web_workers)
         stack.callback(web.stop)
-        workers = {peer: start_worker(env, services, peer, args) for peer in PEERS}
+        workers = {peer: start_worker(env, services, peer, args) for peer in WORKERS}
         for worker in workers.values():
             stack.callback(worker.stop)
         senders = stack.enter_context(
@@ -529,7 +564,9 @@ def main() -> int:
             print(f"what-if: Conveyor's worker with variants {args.variants}")
         print(f"services, web and workers ready in {time.monotonic() - began:.1f} s", flush=True)
         for run in range(1, args.runs + 1):
-            order = PEERS if run % 2 else tuple(reversed(PEERS))
+            # Each peer goes first in turn: none is always measured on a warmer machine.
+            shift = (run - 1) % len(PEERS)
+            order = PEERS[shift:] + PEERS[:shift]
             for load in args.loads:
                 for peer in order:
                     result = run_phase(bench, peer, load, run)
