@@ -87,6 +87,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fanout-seconds", type=float, default=10.0)
     parser.add_argument("--fanout-only", action="store_true", help="skip the raw/socket phases")
     parser.add_argument(
+        "--web-workers", type=int, default=1, help="gunicorn workers (the Procfile runs 2)"
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="py-spy the web process in the last fanout window"
     )
     parser.add_argument("--profile-dir", type=Path, default=RESULTS)
@@ -372,8 +375,8 @@ def run_fanout(
     --subscriptions of the jobs, then runs --runs emission windows of --fanout-seconds at
     --fanout-rate events per second, spread round-robin over the jobs."""
     context = multiprocessing.get_context("spawn")
-    worker_pid = web_worker_pid(web)
-    rss_before = (status_kb(worker_pid, "VmRSS") or 0) / 1024
+    worker_pids = web_worker_pids(web)
+    rss_before = web_rss_mb(worker_pids)
     plans = [
         [(t.job_id, t.key, t.next_seq - 1) for t in plan]
         for plan in subscriptions(args.clients, targets, args.subscriptions)
@@ -397,7 +400,7 @@ def run_fanout(
         for job_id, n in acked.items():
             subscribers[job_id] = subscribers.get(job_id, 0) + n
     time.sleep(1.0)
-    rss_after = (status_kb(worker_pid, "VmRSS") or 0) / 1024
+    rss_after = web_rss_mb(worker_pids)
     count = int(args.fanout_rate * args.fanout_seconds)
     windows = []
     for run in range(1, args.runs + 1):
@@ -408,8 +411,8 @@ def run_fanout(
             args.profile_dir.mkdir(parents=True, exist_ok=True)
             (args.profile_dir / ".gitignore").write_text("*\n")
             path = args.profile_dir / "events-fanout-web.txt"
-            spy = start_pyspy(worker_pid, path, args.fanout_seconds, mode="gil", rate=100)
-        cpu_before, machine_before = cpu_seconds(worker_pid), machine_cpu()
+            spy = start_pyspy(worker_pids[0], path, args.fanout_seconds, mode="gil", rate=100)
+        cpu_before, machine_before = web_cpu_seconds(worker_pids), machine_cpu()
         began = time.time()
         sender = start_sender(
             emit_deltas,
@@ -422,7 +425,7 @@ def run_fanout(
         for index, target in enumerate(targets):
             target.next_seq += len(range(index, count, len(targets)))
         time.sleep(2.0)
-        web_cpu, ended = cpu_seconds(worker_pid) - cpu_before, time.time()
+        web_cpu, ended = web_cpu_seconds(worker_pids) - cpu_before, time.time()
         if spy is not None:
             spy.wait(timeout=60)
         windows.append((run, began, ended, expected, web_cpu, machine_before, machine_cpu()))
@@ -461,30 +464,39 @@ def run_fanout(
 # The web process -------------------------------------------------------------------------------
 
 
-def start_web(services: Services) -> tuple[Child, str]:
+def start_web(services: Services, workers: int = 1) -> tuple[Child, str]:
     import httpx
 
     from devtools.processes import free_port
 
     port = free_port()
     cmd = [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--worker-class", "gevent"]
-    # One web process; more connections than the Procfile's 1,000 for the 1,000-client phase.
-    cmd += ["--workers", "1", "--worker-connections", "3000", "app:create_app()"]
+    # One web process by default; more connections than the Procfile's 1,000 for the
+    # 1,000-client phase.
+    cmd += ["--workers", str(workers), "--worker-connections", "3000", "app:create_app()"]
     web = Child("web", cmd, services.env(), services.workdir).start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/api/v1/live", timeout=1).status_code == 200:
+            live = httpx.get(f"{url}/api/v1/live", timeout=1).status_code == 200
+            if live and len(web_worker_pids(web)) >= workers:
                 return web, url
         except httpx.HTTPError:
             time.sleep(0.2)
     raise RuntimeError(f"the web process did not answer:\n{web.log_tail()}")
 
 
-def web_worker_pid(web: Child) -> int:
-    children = Path(f"/proc/{web.pid}/task/{web.pid}/children").read_text().split()
-    return int(children[0])
+def web_worker_pids(web: Child) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{web.pid}/task/{web.pid}/children").read_text().split()]
+
+
+def web_cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
+def web_rss_mb(pids: list[int]) -> float:
+    return sum(status_kb(pid, "VmRSS") or 0 for pid in pids) / 1024
 
 
 # Main ------------------------------------------------------------------------------------------
@@ -496,7 +508,7 @@ def main() -> int:
     count = int(args.rate * args.seconds)
     began = time.monotonic()
     with private_services() as services:
-        web, url = start_web(services)
+        web, url = start_web(services, args.web_workers)
         try:
             targets = new_targets(services, max(1, args.fanout_jobs))
             target = targets[0]
@@ -613,7 +625,8 @@ def report_fanout(args: argparse.Namespace, fanouts: list[Fanout]) -> None:
     p99 = median([f.p99 for f in fanouts])
     per_job = first.clients * args.subscriptions / max(1, args.fanout_jobs)
     print_table(
-        f"{first.clients} clients over {args.client_procs} processes on one web process, each "
+        f"{first.clients} clients over {args.client_procs} processes on {args.web_workers} "
+        f"web process(es), each "
         f"subscribed to {args.subscriptions} of {args.fanout_jobs} jobs (~{per_job:.0f} "
         f"subscribers per job); {args.fanout_rate:g} events/s round-robin over the jobs for "
         f"{args.fanout_seconds:g} s; medians of {len(fanouts)} windows",
