@@ -348,6 +348,11 @@ def run_phase(
             median([1000 * (created[key] - sent.sent_at[key]) for key in keys]),
             median([1000 * (started[key] - created[key]) for key in keys]),
         )
+    if peer == "conveyor" and sent.errors:
+        # What the web process said about them (its log is gone once the run ends).
+        lines = [line for line in bench.web.log_tail(400).splitlines() if " ERROR " in line]
+        for line in lines[-3:]:
+            print(f"  web: {line[:300]}")
     missing = len(sent.sent_at) - len(latencies)
     errors = dict(sent.errors) | ({"not started": missing} if missing else {})
     cpu = CpuMeter.usage(before, after)
