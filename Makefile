@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test cluster cluster-preflight soak lint format bench-dispatch bench-concurrency bench-events bench-provider-limits bench-fairness bench-retention bench-cpu bench-work bench-reads migrate clean
+.PHONY: dev test cluster cluster-preflight soak lint format bench-dispatch bench-concurrency bench-events bench-provider-limits bench-fairness bench-retention bench-cpu bench-work bench-reads bench-latency migrate clean
 
 $(STAMP): pyproject.toml app/web/package-lock.json tests/node_reader/package-lock.json
 	tools/require npm
@@ -90,6 +90,9 @@ bench-work: $(STAMP)
 
 bench-reads: $(STAMP)
 	$(BIN)/python -m bench.reads
+
+bench-latency: $(STAMP)
+	$(BIN)/python -m bench.latency
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

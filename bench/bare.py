@@ -6,6 +6,8 @@ one UPDATE on a pooled connection. No job row to claim, no lease, no events, no 
 Conveyor does beyond this is its bookkeeping, and `bench.cpu` prices it.
 
     celery -A bench.bare worker --pool gevent --concurrency 50 -Q bare
+
+`bare.started` is the peer of `bench.latency`: it only notes when its body starts.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import time
 from typing import Any
 
 import httpx
@@ -74,3 +77,28 @@ def chat(row_id: int, prompt: str, model: str) -> None:
                 if text:
                     parts.append(text)
     _write(row_id, "".join(parts))
+
+
+# The dispatch-latency peer of `bench.latency` ------------------------------------------------
+
+STARTED_KEY = "bench:bare:started"
+_redis: Any = None
+
+
+def _started_log() -> Any:
+    global _redis  # noqa: PLW0603 - one client per worker process, made at first use
+    if _redis is None:
+        import redis
+
+        _redis = redis.Redis.from_url(os.environ["REDIS_URL"])
+    return _redis
+
+
+@app.task(name="bare.started")
+def started(number: int, sent_at: float, hold: float) -> None:
+    """Notes the moment its body starts (the first thing it does), then holds its slot for
+    `hold` seconds, about as long as the Conveyor job it is compared with."""
+    started_at = time.time()
+    _started_log().rpush(STARTED_KEY, json.dumps([number, sent_at, started_at]))
+    if hold > 0:
+        time.sleep(hold)  # a green sleep under the gevent pool, as the model call's wait is

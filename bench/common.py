@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -332,7 +333,7 @@ def start_pyspy(pid: int, out: Path, seconds: float, *, mode: str, rate: int = 5
     mode "gil": only the thread holding the GIL, i.e. where the process's Python CPU goes
     (the GIL is what a busy Python process runs out of first). mode "wall": every thread, idle
     ones included, i.e. where wall time goes, waits on sockets and locks included."""
-    cmd = [str(BIN / "py-spy"), "record", "--pid", str(pid), "--format", "raw"]
+    cmd = [str(pyspy_path()), "record", "--pid", str(pid), "--format", "raw"]
     cmd += ["--output", str(out), "--duration", str(round(seconds)), "--rate", str(rate)]
     cmd += ["--nonblocking", "--gil" if mode == "gil" else "--idle"]
     return subprocess.Popen(
@@ -343,8 +344,17 @@ def start_pyspy(pid: int, out: Path, seconds: float, *, mode: str, rate: int = 5
     )
 
 
+def pyspy_path() -> Path | None:
+    """The virtualenv's py-spy, else one on PATH (e.g. installed with `pip install --target`
+    outside a shared virtualenv)."""
+    if (BIN / "py-spy").exists():
+        return BIN / "py-spy"
+    found = shutil.which("py-spy")
+    return Path(found) if found else None
+
+
 def have_pyspy() -> bool:
-    return (BIN / "py-spy").exists()
+    return pyspy_path() is not None
 
 
 # A rule: a category and its patterns; a pattern is substrings that must all occur in one

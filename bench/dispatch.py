@@ -279,7 +279,9 @@ def _raw_loop(
                 result.statuses[0] += 1
 
 
-def _raw_dispatch_one(conn: Any, celery: Any, with_event: bool) -> None:
+def insert_job(conn: Any, with_event: bool = True) -> uuid.UUID:
+    """The raw peer's durable work for one job: its row (and its job.queued event, in the same
+    transaction), on an autocommit psycopg connection."""
     from psycopg.types.json import Jsonb
 
     job_id, now = uuid.uuid4(), datetime.now(UTC)
@@ -290,6 +292,11 @@ def _raw_dispatch_one(conn: Any, celery: Any, with_event: bool) -> None:
             conn.execute(INSERT_EVENT, (job_id, now, Jsonb({"kind": "chat", "retry_of": None})))
     else:
         conn.execute(INSERT_JOB, job_args)
+    return job_id
+
+
+def _raw_dispatch_one(conn: Any, celery: Any, with_event: bool) -> None:
+    job_id = insert_job(conn, with_event)
     # Exactly what Jobs.dispatch publishes for a priority-0 job.
     celery.send_task("conveyor.run_job", args=[str(job_id)], countdown=None, priority=9)
 
