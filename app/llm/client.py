@@ -232,8 +232,11 @@ class ModelClient:
         parts: list[str] = []
         try:
             with self._open_stream(request, register_closer) as lines:
+                # Closed at `[DONE]`, one empty chunk before the body's end, so httpx drops the
+                # connection rather than pooling it. Kept that way on purpose: with hundreds of
+                # streams at once, a pool of as many kept connections cost the worker 2 ms of CPU
+                # a job more (httpcore walks its pool at every request; docs/performance.md).
                 finish_reason = _consume(lines, record, parts, on_delta, interrupted, started)
-                _read_to_end(lines)
             if interrupted():
                 raise Interrupted
             if finish_reason is None:
@@ -330,19 +333,6 @@ def _consume(
                 on_delta(text)
             finish_reason = choice.get("finish_reason") or finish_reason
     return finish_reason
-
-
-def _read_to_end(lines: Iterator[str]) -> None:
-    """What follows `[DONE]` (the chunked body's last, empty chunk), read so that the
-    connection goes back to the client's pool: a response closed before its end closes its
-    connection, and every call then paid a new TCP connection (a third of the client's CPU per
-    call, docs/performance.md). The answer is complete by then, so a failure here is not the
-    call's."""
-    try:
-        for _ in lines:
-            pass
-    except Exception as exc:  # httpx's transport errors have no common base with openai's
-        logger.debug("reading past the end of a stream failed: %s", exc)
 
 
 def reported_cost(usage: dict[str, Any]) -> Decimal | None:
