@@ -67,7 +67,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     stats = state.stats
     stats.requests += 1
-    stats.request_from(request.transport.get_extra_info("peername") if request.transport else None)
     try:
         chat = ChatRequest.from_body(await request.json())
         knobs = request_directives(chat.messages, request.headers)
